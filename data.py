@@ -1,0 +1,393 @@
+"""Tokenizer, qwen_math chat template, dataset loaders and SFT examples.
+
+    tok = Tokenizer.load("path/to/qwen2_tokenizer")           # tokenizer.json, or vocab.json + merges.txt
+    train = load_dataset("gsm8k", data_dir, "train")          # list[Example]
+    ids, loss_mask = sft_example(tok, train[0])               # loss on the completion only
+    batch = collate_sft([sft_example(tok, ex) for ex in train[:8]], tok.pad_token_id)
+
+Dataset files are read from `data_dir` at the paths in DATA_FILES (formats: ../shared/data/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers.models import BPE
+from tokenizers.trainers import BpeTrainer
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+# Qwen2 pre-tokenizer split pattern: contractions, letter runs (with one leading non-letter), single digits,
+# punctuation runs (with trailing newlines), newline runs, and whitespace (the last space stays with the next word).
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+
+# Added tokens of the Qwen2 tokenizer family, ids 151643.. in this order, as (content, special).
+# 151643..151664 are Qwen2/Qwen2.5's; 151665..151668 complete the 151,669-entry table that transformers
+# reports for ../shared/data/qwen2_tokenizer. `special` tokens are dropped by decode(skip_special_tokens=True).
+QWEN2_ADDED_TOKENS = [
+    (ENDOFTEXT, True), (IM_START, True), (IM_END, True),
+    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True),
+    ("<|quad_start|>", True), ("<|quad_end|>", True), ("<|vision_start|>", True), ("<|vision_end|>", True),
+    ("<|vision_pad|>", True), ("<|image_pad|>", True), ("<|video_pad|>", True),
+    ("<tool_call>", False), ("</tool_call>", False), ("<|fim_prefix|>", False), ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False), ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
+    ("<tool_response>", False), ("</tool_response>", False), ("<think>", False), ("</think>", False),
+]
+
+
+def _byte_level_pipeline(tk: _HFTokenizer) -> None:
+    """Qwen2's text pipeline: NFC, regex split, byte-level mapping (no prefix space), byte-level decoder."""
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tk.decoder = decoders.ByteLevel()
+
+
+def _add_tokens(tk: _HFTokenizer, tokens: list[tuple[str, bool]]) -> None:
+    """Append added tokens in order (each gets the next free id); never normalised, always matched whole."""
+    for content, special in tokens:
+        t = AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False)
+        (tk.add_special_tokens if special else tk.add_tokens)([t])
+
+
+class Tokenizer:
+    """Thin wrapper over a `tokenizers.Tokenizer` that knows the chat special tokens.
+
+    eos_token_ids = (<|im_end|>, <|endoftext|>) and pad_token_id = <|endoftext|>, resolved by name, so the
+    same code serves the real Qwen2 tokenizer (151645, 151643) and a small demo tokenizer.
+    """
+
+    def __init__(self, tk: _HFTokenizer, source: str = "<memory>"):
+        self.tk = tk
+        vocab = tk.get_vocab(with_added_tokens=True)
+        missing = [t for t in (ENDOFTEXT, IM_START, IM_END) if t not in vocab]
+        if missing:
+            raise ValueError(f"{source}: tokenizer lacks the special tokens {missing}")
+        self.vocab_size = max(vocab.values()) + 1  # valid ids are 0..vocab_size-1 (151669 for Qwen2)
+        self.endoftext_id, self.im_start_id, self.im_end_id = (vocab[t] for t in (ENDOFTEXT, IM_START, IM_END))
+        self.eos_token_ids = (self.im_end_id, self.endoftext_id)
+        self.pad_token_id = self.endoftext_id
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        """tokenizer.json if present, else the Qwen2 byte-level BPE built from vocab.json + merges.txt."""
+        d = Path(path)
+        tj, vj, mt = d / "tokenizer.json", d / "vocab.json", d / "merges.txt"
+        if not (tj.is_file() or (vj.is_file() and mt.is_file())):
+            raise FileNotFoundError(f"{d}: no tokenizer found; expected tokenizer.json, or vocab.json + merges.txt")
+        try:
+            if tj.is_file():
+                tk = _HFTokenizer.from_file(str(tj))
+            else:
+                tk = _HFTokenizer(BPE.from_file(str(vj), str(mt)))
+                _byte_level_pipeline(tk)
+                _add_tokens(tk, QWEN2_ADDED_TOKENS)
+        except Exception as e:  # tokenizers raises plain Exceptions on malformed files
+            raise ValueError(f"{d}: could not read the tokenizer files: {e}") from None
+        return cls(tk, str(tj if tj.is_file() else d))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special tokens written in the text (e.g. <|im_end|>) become their ids."""
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Text of `ids` (a list or 1-D tensor); ids outside the vocabulary are dropped."""
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int:
+        i = self.tk.token_to_id(token)
+        if i is None:
+            raise ValueError(f"token {token!r} is not in the vocabulary")
+        return i
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write `path`/tokenizer.json atomically (temp file in the same dir, then os.replace)."""
+        d = Path(path)
+        d.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(d / "tokenizer.json", self.tk.to_str())
+
+
+def train_tokenizer(texts, vocab_size: int) -> Tokenizer:
+    """Train a small byte-level BPE with Qwen2's pipeline (for the CPU demo).
+
+    The learned vocabulary (256 bytes + merges) has at most vocab_size - 3 entries; <|endoftext|>,
+    <|im_start|>, <|im_end|> follow right after it, so `.vocab_size <= vocab_size`.
+    """
+    if vocab_size < 256 + 3:
+        raise ValueError(f"vocab_size={vocab_size}: must be at least 259 (256 bytes + 3 special tokens)")
+    tk = _HFTokenizer(BPE())
+    _byte_level_pipeline(tk)
+    trainer = BpeTrainer(vocab_size=vocab_size - 3, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                         show_progress=False)
+    tk.train_from_iterator(texts, trainer)
+    _add_tokens(tk, [(ENDOFTEXT, True), (IM_START, True), (IM_END, True)])
+    return Tokenizer(tk)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chat template (spec §6, "qwen_math")
+
+QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def chat_prompt(question: str) -> str:
+    """The qwen_math prompt: system + user turns, then the opened assistant turn the model completes."""
+    return (f"{IM_START}system\n{QWEN_MATH_SYSTEM}{IM_END}\n"
+            f"{IM_START}user\n{question}{IM_END}\n"
+            f"{IM_START}assistant\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets
+
+@dataclass
+class Example:
+    question: str
+    solution: str | None  # chain-of-thought ending in \boxed{...}; None for evaluation-only sets
+    answer: str | list[str]  # gold answer; a list (Minerva, OlympiadBench) matches if any element does
+
+
+# name -> split -> file, relative to data_dir (layout of ../shared/data).
+DATA_FILES = {
+    "gsm8k": {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"},
+    "svamp": {"train": "svamp/reft/svamp_nl.json", "test": "svamp/SVAMP.json"},
+    "math12k": {"train": "math/math12k_train.jsonl"},
+    "math500": {"test": "math/math500_test.jsonl"},
+    "aime": {"test": "eval_suite/understand-r1-zero_jsonl/aime.jsonl"},
+    "amc": {"test": "eval_suite/understand-r1-zero_jsonl/amc.jsonl"},
+    "minerva": {"test": "eval_suite/understand-r1-zero_jsonl/minerva.jsonl"},
+    "olympiad": {"test": "eval_suite/understand-r1-zero_jsonl/olympiad_bench.jsonl"},
+}
+# Where the files come from (printed when one is missing; details in ../shared/data/README.md).
+DATA_SOURCES = {
+    "gsm8k": "github.com/openai/grade-school-math grade_school_math/data/{train,test}.jsonl",
+    "svamp": "train: github.com/lqtrung1998/mwp_ReFT data/svamp_nl.json; test: github.com/arkilpatel/SVAMP SVAMP.json",
+    "math12k": "MATH train+test minus MATH500 with solutions, built as in the data README (hiyouga/math12k + MATH)",
+    "math500": "github.com/openai/prm800k prm800k/math_splits/test.jsonl",
+    **{n: "github.com/sail-sg/understand-r1-zero datasets/evaluation_suite, converted to JSON lines"
+       for n in ("aime", "amc", "minerva", "olympiad")},
+}
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike, split: str) -> list[Example]:
+    """Load one split of a dataset as Examples (question, CoT solution or None, gold answer).
+
+    gsm8k    train/test  CoT without <<calc>> annotations, '#### N' replaced by 'The answer is \\boxed{N}.';
+                         gold N with thousands commas removed.
+    svamp    train       ReFT's 3076 GPT-written CoTs; their final 'the answer is <X>' becomes '\\boxed{X}'
+                         (X as the CoT wrote it, e.g. 3.33 or 6%); gold = answer_value as a clean number.
+             test        the 1000-item SVAMP.json; question = Body + " " + Question; gold 51.0 -> "51".
+    math12k  train       problem / solution / answer, as given (4 source golds are broken: "" at lines 1166
+                         and 8126, "None" at 4013 and 10892; harmless under GRPO, whose all-zero-reward groups
+                         carry no gradient).      math500  test   same fields.
+    aime, amc test       solution None; AMC's float golds (142.0) are stored as clean number strings ("142").
+    minerva, olympiad    solution None; gold = list of strings, whitespace stripped ("9.6\\n" -> "9.6").
+    """
+    if name not in DATA_FILES:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATA_FILES)}")
+    if split not in DATA_FILES[name]:
+        raise ValueError(f"dataset {name!r} has no split {split!r}; expected one of {sorted(DATA_FILES[name])}")
+    path = Path(data_dir) / DATA_FILES[name][split]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: dataset file not found (get it from {DATA_SOURCES[name]}; "
+                                f"see the README's data section)")
+    parse = _PARSERS[(name, split)] if (name, split) in _PARSERS else _PARSERS[name]
+    return [parse(rec, _Where(path, where)) for where, rec in _records(path)]
+
+
+class _Where:
+    """Location of one record for error messages: 'FILE: line N' (JSON lines) or 'FILE: record N' (JSON list)."""
+
+    def __init__(self, path: Path, where: str):
+        self.path, self.where = path, where
+
+    def error(self, msg: str) -> ValueError:
+        return ValueError(f"{self.path}: {self.where}: {msg}")
+
+    def get(self, rec: dict, key: str, types=str):
+        if key not in rec:
+            raise self.error(f"missing field {key!r}")
+        v = rec[key]
+        if not isinstance(v, types) or isinstance(v, bool):
+            raise self.error(f"field {key!r} has type {type(v).__name__}, expected {_type_names(types)}")
+        return v
+
+
+def _type_names(types) -> str:
+    return " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+
+
+def _records(path: Path):
+    """Yield (location, dict) from a JSON-lines file (blank lines skipped) or a file holding one JSON list."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {e.lineno}: bad JSON ({e.msg})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        items = ((f"record {i}", rec) for i, rec in enumerate(data))
+    else:
+        items = _jsonl_items(path, text)
+    for where, rec in items:
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: {where}: expected a JSON object, got {type(rec).__name__}")
+        yield where, rec
+
+
+def _jsonl_items(path: Path, text: str):
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"line {n}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {n}: bad JSON ({e.msg})") from None
+
+
+def _clean_number(x, w: _Where) -> str:
+    """A gold number as a clean string: 51.0 / "51.0" -> "51"; "0.6666666666666666" and 3.5 stay as written."""
+    try:
+        v = float(x)
+    except ValueError:
+        raise w.error(f"answer {x!r} is not a number") from None
+    if math.isfinite(v) and v == int(v) and abs(v) < 1e15:
+        return str(int(v))
+    return x.strip() if isinstance(x, str) else repr(x)
+
+
+_CALC = re.compile(r"<<[^\n]*?>>")  # GSM8K calculator annotations, e.g. <<48/2=24>>
+
+
+def _gsm8k(rec: dict, w: _Where) -> Example:
+    cot, sep, gold = w.get(rec, "answer").rpartition("####")
+    if not sep:
+        raise w.error("field 'answer' has no '#### <answer>' line")
+    gold = gold.strip().replace(",", "")
+    if not gold:
+        raise w.error("empty answer after '####'")
+    cot = _CALC.sub("", cot).rstrip()
+    return Example(w.get(rec, "question"), f"{cot}\nThe answer is \\boxed{{{gold}}}.", gold)
+
+
+_REFT_ANSWER = re.compile(r"answer is <([^<>\n]*)>")  # ReFT CoTs end with 'Therefore, the answer is <203>.'
+
+
+def _svamp_reft(rec: dict, w: _Where) -> Example:
+    cot, gold = w.get(rec, "answer_cot"), _clean_number(w.get(rec, "answer_value"), w)
+    matches = list(_REFT_ANSWER.finditer(cot))
+    if not matches:
+        cot = f"{cot.rstrip()}\nThe answer is \\boxed{{{gold}}}."
+    else:
+        m = matches[-1]
+        cot = f"{cot[:m.start()]}answer is \\boxed{{{m.group(1).strip()}}}{cot[m.end():]}".rstrip()
+    return Example(w.get(rec, "question"), cot, gold)
+
+
+def _svamp_test(rec: dict, w: _Where) -> Example:
+    body, q = w.get(rec, "Body").strip(), w.get(rec, "Question").strip()
+    return Example(f"{body} {q}", None, _clean_number(w.get(rec, "Answer", (int, float, str)), w))
+
+
+def _math(rec: dict, w: _Where) -> Example:
+    return Example(w.get(rec, "problem"), w.get(rec, "solution"), w.get(rec, "answer").strip())
+
+
+def _scalar_gold(rec: dict, w: _Where) -> Example:
+    a = w.get(rec, "answer", (str, int, float))
+    return Example(w.get(rec, "problem"), None, a.strip() if isinstance(a, str) else _clean_number(a, w))
+
+
+def _list_gold(rec: dict, w: _Where) -> Example:
+    a = w.get(rec, "answer", (list, str))
+    a = [a] if isinstance(a, str) else a
+    if not a or not all(isinstance(x, str) for x in a):
+        raise w.error("field 'answer' must be a non-empty list of strings")
+    return Example(w.get(rec, "problem"), None, [x.strip() for x in a])
+
+
+_PARSERS = {
+    "gsm8k": _gsm8k, ("svamp", "train"): _svamp_reft, ("svamp", "test"): _svamp_test,
+    "math12k": _math, "math500": _math, "aime": _scalar_gold, "amc": _scalar_gold,
+    "minerva": _list_gold, "olympiad": _list_gold,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SFT examples and batching
+
+def sft_example(tokenizer: Tokenizer, ex: Example, max_len: int | None = None) -> tuple[list[int], list[int]]:
+    """(ids, loss_mask) for chat_prompt(question) + solution + <|im_end|>.
+
+    Prompt and completion are tokenized separately (the prompt ids are exactly those the sampler is given).
+    loss_mask[t] = 1 iff token t is part of the completion (solution and the closing <|im_end|>), i.e. a
+    target of the next-token loss. With max_len, both are cut to the first max_len tokens.
+    """
+    if ex.solution is None:
+        raise ValueError(f"example has no solution, so it cannot be an SFT example: {ex.question[:60]!r}")
+    prompt = tokenizer.encode(chat_prompt(ex.question))
+    completion = tokenizer.encode(ex.solution) + [tokenizer.im_end_id]
+    ids, mask = prompt + completion, [0] * len(prompt) + [1] * len(completion)
+    return (ids[:max_len], mask[:max_len]) if max_len is not None else (ids, mask)
+
+
+def pad_batch(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """Pad sequences to the longest with `value` on the right (or left) -> [B, T] long."""
+    T = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), T), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            t = torch.tensor(s, dtype=torch.long)
+            if left:
+                out[i, T - len(s):] = t
+            else:
+                out[i, :len(s)] = t
+    return out
+
+
+def collate_sft(batch: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad SFT examples: input_ids [B, T] long, attention_mask [B, T] long (1 = real), loss_mask [B, T] float."""
+    ids = pad_batch([b[0] for b in batch], pad_token_id)
+    attention_mask = pad_batch([[1] * len(b[0]) for b in batch], 0)
+    loss_mask = pad_batch([b[1] for b in batch], 0).float()
+    return {"input_ids": ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts for generation: (input_ids [B, T] long, attention_mask [B, T] long, 0 on padding)."""
+    return pad_batch(prompts, pad_token_id, left=True), pad_batch([[1] * len(p) for p in prompts], 0, left=True)

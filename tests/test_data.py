@@ -1,0 +1,357 @@
+"""data.py: tokenizer parity with transformers, chat template, dataset loaders, SFT examples and collation."""
+
+import json
+import math
+import re
+import unicodedata
+
+import pytest
+import torch
+
+import data
+from data import Example, Tokenizer, chat_prompt, collate_prompts, collate_sft, load_dataset, sft_example
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer: ids equal transformers' Qwen2 tokenizer
+
+SAMPLE = [
+    "Hello world!  It's   a test.\n\n\nNew paragraph\tTAB'S we'LL you've I'm they'd",
+    "$\\frac{1}{2} + \\sqrt{x^2 + y^{10}}$ = 12345.678, 1,000,000 and -3.5e-7; \\boxed{\\dfrac{\\pi}{4}}",
+    "def f(x):\n    return x ** 2  # comment\n\n\tif x != 0: print(f'{x:>10}')\n",
+    "   leading and trailing whitespace   \n \n\n   \t  ",
+    "Windows\r\nline\r\n\r\nendings",
+    "中文测试，日本語のテキスト、한국어 🚀🎉👩‍👩‍👧 café naïve Ωμέγα ½ ² ٣ १२",
+    "e\u0301 (decomposed accent; NFC-normalised) and \u00e9",
+    "Natalia sold 48/2 = 24 clips in May.\nThe answer is \\boxed{72}.<|im_end|><|endoftext|>",
+    "<|im_start|><|im_end|>x<|im_start|>assistant\n<think>\n</think><tool_call><|fim_prefix|>",
+    "<|im_end |> <im_end> <|im_end|",  # near-misses are plain text
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def tok(data_dir):
+    return Tokenizer.load(data_dir / "qwen2_tokenizer")
+
+
+@pytest.fixture(scope="module")
+def ref(data_dir):
+    """transformers' Qwen2 tokenizer from vocab.json + merges.txt, with Qwen2's added-token table.
+
+    The data folder has no tokenizer_config.json, so transformers only knows <|endoftext|>; the other added
+    tokens are registered here, in id order, as the model's tokenizer_config.json does.
+    """
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import AddedToken
+
+    t = transformers.Qwen2TokenizerFast.from_pretrained(str(data_dir / "qwen2_tokenizer"))
+    for content, special in data.QWEN2_ADDED_TOKENS[1:]:
+        t.add_tokens([AddedToken(content, special=special, normalized=False)], special_tokens=special)
+    return t
+
+
+def test_qwen2_special_ids(tok):
+    assert tok.vocab_size == 151669
+    assert (tok.endoftext_id, tok.im_start_id, tok.im_end_id) == (151643, 151644, 151645)
+    assert tok.eos_token_ids == (151645, 151643) and tok.pad_token_id == 151643
+    assert tok.token_to_id("</think>") == 151668
+    assert tok.encode("48") == [19, 23]  # digits are split one per token
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        tok.token_to_id("<|no_such_token|>")
+
+
+def test_ids_match_transformers(tok, ref):
+    assert len(ref) == tok.vocab_size
+    texts = SAMPLE + [chat_prompt(SAMPLE[1]), chat_prompt("What is 1+1?") + "2<|im_end|>"]
+    for t in texts:
+        assert tok.encode(t) == ref.encode(t, add_special_tokens=False), repr(t)
+
+
+def test_ids_match_transformers_on_real_records(tok, ref, data_dir):
+    texts = [e.question + "\n" + e.solution for e in load_dataset("gsm8k", data_dir, "test")[:150]]
+    texts += [e.question + "\n" + e.solution for e in load_dataset("math500", data_dir, "test")[:150]]
+    texts += [e.question for e in load_dataset("olympiad", data_dir, "test")[:100]]
+    assert tok.encode_batch(texts) == [ref.encode(t, add_special_tokens=False) for t in texts]
+
+
+def test_decode_round_trip(tok, ref):
+    for t in SAMPLE:
+        ids = tok.encode(t)
+        assert tok.decode(ids, skip_special_tokens=False) == unicodedata.normalize("NFC", t)
+        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=True)
+        assert tok.decode(torch.tensor(ids, dtype=torch.long)) == tok.decode(ids)  # tensors are accepted
+    ids = tok.encode(chat_prompt("Q?") + "A.<|im_end|>")
+    assert tok.decode(ids) == f"system\n{data.QWEN_MATH_SYSTEM}\nuser\nQ?\nassistant\nA."
+    assert tok.decode(tok.encode("<think>x</think>")) == "<think>x</think>"  # non-special added tokens stay
+
+
+def test_save_and_load_tokenizer_json(tok, tmp_path):
+    tok.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json"]  # no temp file left behind
+    tok2 = Tokenizer.load(tmp_path)
+    assert (tok2.vocab_size, tok2.eos_token_ids, tok2.pad_token_id) == (tok.vocab_size, tok.eos_token_ids,
+                                                                        tok.pad_token_id)
+    for t in SAMPLE:
+        assert tok2.encode(t) == tok.encode(t)
+
+
+def test_missing_tokenizer_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path)) + ".*tokenizer.json.*vocab.json.*merges"):
+        Tokenizer.load(tmp_path)
+    (tmp_path / "vocab.json").write_text("{}")  # merges.txt still missing
+    with pytest.raises(FileNotFoundError):
+        Tokenizer.load(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path))):
+        Tokenizer.load(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Demo tokenizer (no data needed)
+
+CORPUS = [f"Tom has {a} apples and buys {b} more. How many apples does he have?\n"
+          f"Tom has {a} + {b} = {a + b} apples.\nThe answer is \\boxed{{{a + b}}}."
+          for a in range(30) for b in range(7)]
+
+
+@pytest.fixture(scope="module")
+def demo_tok():
+    return train_demo()
+
+
+def train_demo():
+    return data.train_tokenizer(CORPUS + [chat_prompt("")], vocab_size=400)
+
+
+def test_train_tokenizer(demo_tok, tmp_path):
+    t = demo_tok
+    assert t.vocab_size <= 400
+    # special tokens come right after the learned vocabulary, resolved by name
+    assert (t.endoftext_id, t.im_start_id, t.im_end_id) == (t.vocab_size - 3, t.vocab_size - 2, t.vocab_size - 1)
+    assert t.eos_token_ids == (t.im_end_id, t.endoftext_id) and t.pad_token_id == t.endoftext_id
+    assert t.tk.get_vocab_size(with_added_tokens=False) == t.vocab_size - 3
+    text = chat_prompt(CORPUS[5]) + "17<|im_end|>"
+    ids = t.encode(text)
+    assert t.im_start_id in ids and ids[-1] == t.im_end_id
+    assert t.decode(ids, skip_special_tokens=False) == text
+    assert len(t.encode("123")) == 3  # Qwen2 split: one digit per pre-token
+    assert len(t.encode(" apples")) == 1  # merges were learned (the space belongs to the word)
+    assert t.decode(t.encode("unseen: Zürich 東京 ∑")) == "unseen: Zürich 東京 ∑"  # byte-level covers any text
+    t.save(tmp_path)
+    assert Tokenizer.load(tmp_path).encode(text) == ids
+    assert train_demo().encode(text) == ids  # deterministic
+    with pytest.raises(ValueError, match="vocab_size"):
+        data.train_tokenizer(CORPUS, vocab_size=100)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chat template
+
+def test_chat_prompt_exact():
+    assert data.QWEN_MATH_SYSTEM == "Please reason step by step, and put your final answer within \\boxed{}."
+    assert chat_prompt("What is 1+1?") == (
+        "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loaders on fixture files
+
+def write(root, name, split, content):
+    p = root / data.DATA_FILES[name][split]
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if not isinstance(content, str):  # list of records -> JSON lines, or one JSON list for .json files
+        content = json.dumps(content) if p.suffix == ".json" else "".join(json.dumps(r) + "\n" for r in content)
+    p.write_text(content, encoding="utf-8")
+    return p
+
+
+def test_gsm8k_fixture(tmp_path):
+    write(tmp_path, "gsm8k", "train", [
+        {"question": "Q1?",
+         "answer": "She has 3+4 = <<3+4=7>>7 apples.\nThen 1,000 more: <<7+1000=1007>>1007.\n#### 1,007"},
+        {"question": "Q2?", "answer": "It drops by 10.\n#### -10"},
+    ])
+    a, b = load_dataset("gsm8k", tmp_path, "train")
+    assert a == Example("Q1?", "She has 3+4 = 7 apples.\nThen 1,000 more: 1007.\nThe answer is \\boxed{1007}.", "1007")
+    assert b == Example("Q2?", "It drops by 10.\nThe answer is \\boxed{-10}.", "-10")
+
+
+def test_svamp_fixture(tmp_path):
+    write(tmp_path, "svamp", "train", [
+        {"item_id": "a", "question": "q a", "answer_cot": "10 / 3 = 3.33\n\nTherefore, the answer is <3.33>.",
+         "answer_value": "3.3333333333333335"},
+        {"item_id": "b", "question": "q b", "answer_cot": "Therefore, the answer is <14>.", "answer_value": "14.0"},
+        {"item_id": "c", "question": "q c", "answer_cot": "Already answered.", "answer_value": "5.0"},
+    ])
+    a, b, c = load_dataset("svamp", tmp_path, "train")
+    assert a == Example("q a", "10 / 3 = 3.33\n\nTherefore, the answer is \\boxed{3.33}.", "3.3333333333333335")
+    assert b == Example("q b", "Therefore, the answer is \\boxed{14}.", "14")
+    assert c == Example("q c", "Already answered.\nThe answer is \\boxed{5}.", "5")
+    write(tmp_path, "svamp", "test", [
+        {"ID": "chal-1", "Body": "Each pack costs 76 dollars. ", "Question": "How much for 2?", "Answer": 152.0},
+        {"ID": "chal-2", "Body": "B", "Question": "Q", "Answer": 0.5},
+    ])
+    a, b = load_dataset("svamp", tmp_path, "test")
+    assert a == Example("Each pack costs 76 dollars. How much for 2?", None, "152")
+    assert b == Example("B Q", None, "0.5")
+
+
+def test_math_and_eval_suite_fixtures(tmp_path):
+    rec = {"problem": "P", "solution": "so $\\boxed{\\frac12}$", "answer": "\\frac12", "level": 3}
+    for name, split in [("math12k", "train"), ("math500", "test")]:
+        write(tmp_path, name, split, [rec])
+        assert load_dataset(name, tmp_path, split) == [Example("P", "so $\\boxed{\\frac12}$", "\\frac12")]
+    write(tmp_path, "aime", "test", [{"problem": "A", "answer": "025", "difficulty": 1.0}])
+    assert load_dataset("aime", tmp_path, "test") == [Example("A", None, "025")]  # kept as written
+    write(tmp_path, "amc", "test", [{"problem": "B", "answer": 142.0}, {"problem": "C", "answer": 2.5}])
+    assert [e.answer for e in load_dataset("amc", tmp_path, "test")] == ["142", "2.5"]
+    for name in ("minerva", "olympiad"):
+        write(tmp_path, name, "test", [{"problem": "D", "answer": ["9.6\n", " $2^{10}$ "]}])
+        assert load_dataset(name, tmp_path, "test") == [Example("D", None, ["9.6", "$2^{10}$"])]
+
+
+@pytest.mark.parametrize("content, where, what", [
+    ('{"question": "a", "answer": "x\\n#### 1"}\n\n{"question": "b", "answer": "#### 2"}\n{"question": \n',
+     "line 4", "bad JSON"),  # blank lines count
+    ('{"question": "a", "answer": "x\\n#### 1"}\n{"question": "b"}\n', "line 2", "missing field 'answer'"),
+    ('{"question": "a", "answer": "no marker"}\n', "line 1", "####"),
+    ('{"question": 7, "answer": "#### 1"}\n', "line 1", "'question' has type int"),
+    ('["question", "answer"]\n', "line 1", "JSON object"),
+])
+def test_malformed_jsonl(tmp_path, content, where, what):
+    p = write(tmp_path, "gsm8k", "test", content)
+    with pytest.raises(ValueError, match=re.escape(f"{p}: {where}: ") + ".*" + re.escape(what)):
+        load_dataset("gsm8k", tmp_path, "test")
+
+
+def test_malformed_json_list_and_values(tmp_path):
+    p = write(tmp_path, "svamp", "test", '[{"Body": "a", "Question": "b", "Answer": 1.0},\n {"Body": "a"}]')
+    with pytest.raises(ValueError, match=re.escape(f"{p}: record 1: missing field 'Question'")):
+        load_dataset("svamp", tmp_path, "test")
+    p = write(tmp_path, "svamp", "test", '[{"Body": "a",\n "Question": }]')
+    with pytest.raises(ValueError, match=re.escape(f"{p}: line 2: bad JSON")):
+        load_dataset("svamp", tmp_path, "test")
+    p = write(tmp_path, "svamp", "train", [{"question": "q", "answer_cot": "c", "answer_value": "many"}])
+    with pytest.raises(ValueError, match=re.escape(f"{p}: record 0: answer 'many' is not a number")):
+        load_dataset("svamp", tmp_path, "train")
+    p = write(tmp_path, "gsm8k", "test", "")
+    p.write_bytes(b'{"question": "\xff"}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{p}: not UTF-8")):
+        load_dataset("gsm8k", tmp_path, "test")
+    p = write(tmp_path, "minerva", "test", [{"problem": "p", "answer": []}])
+    with pytest.raises(ValueError, match=re.escape(f"{p}: line 1: ") + ".*non-empty list"):
+        load_dataset("minerva", tmp_path, "test")
+
+
+def test_missing_file_and_bad_names(tmp_path):
+    missing = re.escape(str(tmp_path / "gsm8k" / "test.jsonl"))
+    with pytest.raises(FileNotFoundError, match=missing + ".*grade-school-math"):
+        load_dataset("gsm8k", tmp_path, "test")
+    with pytest.raises(ValueError, match="unknown dataset 'gsm9k'.*aime.*svamp"):
+        load_dataset("gsm9k", tmp_path, "test")
+    with pytest.raises(ValueError, match="'math12k' has no split 'test'.*train"):
+        load_dataset("math12k", tmp_path, "test")
+    assert set(data.DATA_FILES) == {"gsm8k", "svamp", "math12k", "math500", "aime", "amc", "minerva", "olympiad"}
+    assert set(data.DATA_SOURCES) == set(data.DATA_FILES)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loaders on the real files
+
+COUNTS = {("gsm8k", "train"): 7473, ("gsm8k", "test"): 1319, ("svamp", "train"): 3076, ("svamp", "test"): 1000,
+          ("math12k", "train"): 12000, ("math500", "test"): 500, ("aime", "test"): 30, ("amc", "test"): 83,
+          ("minerva", "test"): 272, ("olympiad", "test"): 675}
+
+
+@pytest.fixture(scope="module")
+def real(data_dir):
+    return {(n, s): load_dataset(n, data_dir, s) for n, s in COUNTS}
+
+
+def test_real_counts(real):
+    assert {k: len(v) for k, v in real.items()} == COUNTS
+    for (name, split), exs in real.items():
+        for e in exs:
+            assert isinstance(e.question, str) and e.question.strip(), (name, e)
+            if name in ("minerva", "olympiad"):
+                assert e.answer and all(isinstance(a, str) and a == a.strip() and a for a in e.answer), e.answer
+            else:
+                assert isinstance(e.answer, str) and e.answer == e.answer.strip(), (name, e.answer)
+            if name in ("gsm8k", "math12k", "math500") or (name, split) == ("svamp", "train"):
+                assert "\\boxed" in e.solution, (name, e.solution[-100:])
+
+
+def test_real_flawed_math12k_golds(real):
+    """Four Math12k records have a broken gold in the source (kept as given, see load_dataset): two solutions
+    end in an empty \\boxed{} (gold ""), two in '\\boxed 2' / '\\boxed 9' without braces (gold "None")."""
+    bad = {i + 1: e.answer for i, e in enumerate(real["math12k", "train"]) if e.answer in ("", "None")}
+    assert bad == {1166: "", 4013: "None", 8126: "", 10892: "None"}
+    assert all(e.answer not in ("", "None") for k, exs in real.items() if k != ("math12k", "train") for e in exs)
+
+
+def test_real_gsm8k_cots(real):
+    for e in real["gsm8k", "train"] + real["gsm8k", "test"]:
+        assert "<<" not in e.solution and ">>" not in e.solution and "####" not in e.solution
+        assert e.solution.endswith(f"\\boxed{{{e.answer}}}.")
+        assert re.fullmatch(r"-?\d+", e.answer), e.answer  # GSM8K golds are integers once commas are removed
+
+
+def test_real_svamp(real):
+    for e in real["svamp", "train"]:
+        boxed = re.search(r"\\boxed\{([^{}]*)\}\.?$", e.solution)
+        assert boxed, e.solution[-80:]
+        x, gold = float(boxed.group(1).rstrip("%").replace(",", "")), float(e.answer)
+        assert abs(x - gold) <= 1e-2 * max(1.0, abs(gold)), (boxed.group(1), e.answer)  # CoT rounds e.g. 3.33
+    for e in real["svamp", "train"] + real["svamp", "test"]:
+        assert not e.answer.endswith(".0") and math.isfinite(float(e.answer))
+    first = real["svamp", "test"][0]
+    assert first == Example("Each pack of dvds costs 76 dollars. If there is a discount of 25 dollars on each pack "
+                            "How much do you have to pay to buy each pack?", None, "51")
+
+
+def test_real_eval_golds(real):
+    assert real["amc", "test"][0].answer == "142"
+    assert real["minerva", "test"][0].answer == ["9.6"]
+    assert real["aime", "test"][0].answer == "204"
+    assert real["math500", "test"][0].answer == "\\left( 3, \\frac{\\pi}{2} \\right)"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SFT examples and collation
+
+EX = Example("What is 2+3?", "2 + 3 = 5.\nThe answer is \\boxed{5}.", "5")
+
+
+def check_sft(t, ex):
+    ids, mask = sft_example(t, ex)
+    prompt = t.encode(chat_prompt(ex.question))
+    assert len(ids) == len(mask) and ids[: len(prompt)] == prompt
+    assert mask == [0] * len(prompt) + [1] * (len(ids) - len(prompt))  # exactly the completion
+    assert ids[-1] == t.im_end_id
+    assert t.decode(ids[len(prompt):], skip_special_tokens=False) == ex.solution + "<|im_end|>"
+    assert t.decode(ids[: len(prompt)], skip_special_tokens=False) == chat_prompt(ex.question)
+    ids8, mask8 = sft_example(t, ex, max_len=len(prompt) + 2)
+    assert (ids8, mask8) == (ids[: len(prompt) + 2], mask[: len(prompt) + 2]) and sum(mask8) == 2
+
+
+def test_sft_example_demo(demo_tok):
+    check_sft(demo_tok, EX)
+    with pytest.raises(ValueError, match="no solution"):
+        sft_example(demo_tok, Example("q", None, "1"))
+
+
+def test_sft_example_qwen2(tok, real):
+    check_sft(tok, EX)
+    check_sft(tok, real["gsm8k", "train"][0])
+    check_sft(tok, real["math12k", "train"][0])
+
+
+def test_collate():
+    b = collate_sft([([5, 6, 7], [0, 1, 1]), ([8], [1])], pad_token_id=9)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 9, 9]] and b["input_ids"].dtype == torch.long
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["loss_mask"].tolist() == [[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]] and b["loss_mask"].dtype == torch.float32
+    ids, att = collate_prompts([[1, 2, 3], [4], []], pad_token_id=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4], [0, 0, 0]]
+    assert att.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
