@@ -1,0 +1,418 @@
+"""grpo.py: advantages, ratios, the three off-policy weights, loss forms and aggregations, diagnostics.
+
+Golden values are worked out by hand in the comments (not re-derived with the code under test).
+"""
+import math
+
+import pytest
+import torch
+
+import grpo
+from grpo import (aggregate, group_advantages, importance_ratio, loss_normaliser, offpolicy_stats, offpolicy_weight,
+                  policy_loss, reward_stats, token_entropy, token_logprobs)
+
+LN2 = math.log(2.0)
+
+
+def close(a, b, atol=1e-6):
+    return torch.allclose(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
+                          atol=atol, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- advantages
+
+def test_group_advantages_by_hand():
+    # group 1: R = [1, 0, 0, 1]: mean 0.5, unbiased std sqrt((4 * 0.25) / 3) = 0.5773503
+    #          A = +-0.5 / (0.5773503 + 1e-4) = +-0.8658754
+    # group 2: R = [0, 1, 1, 1]: mean 0.75, deviations [-0.75, 0.25, 0.25, 0.25], var = (0.5625 + 3*0.0625)/3 = 0.25
+    #          A = [-0.75, 0.25, 0.25, 0.25] / 0.5001 = [-1.4997001, 0.4999000, ...]
+    # group 3: all equal -> A = 0
+    R = torch.tensor([1., 0., 0., 1., 0., 1., 1., 1., 1., 1., 1., 1.])
+    A = group_advantages(R, 4)
+    expect = [0.8658754, -0.8658754, -0.8658754, 0.8658754,
+              -1.4997001, 0.4999000, 0.4999000, 0.4999000, 0, 0, 0, 0]
+    assert A.dtype == torch.float32 and A.shape == (12,)
+    assert close(A, expect)
+    # Dr. GRPO: no std division
+    assert close(group_advantages(R, 4, scale=False),
+                 [0.5, -0.5, -0.5, 0.5, -0.75, 0.25, 0.25, 0.25, 0, 0, 0, 0])
+    # R = [0, 1, 2]: mean 1, std 1 -> [-1/1.0001, 0, 1/1.0001]
+    assert close(group_advantages(torch.tensor([0., 1., 2.]), 3), [-0.99990001, 0, 0.99990001])
+
+
+def test_group_advantages_errors():
+    with pytest.raises(ValueError, match="multiple of group_size=4"):
+        group_advantages(torch.zeros(6), 4)
+    with pytest.raises(ValueError, match="group_size=1"):
+        group_advantages(torch.zeros(6), 1)
+    assert close(group_advantages(torch.tensor([3., 5.]), 1, scale=False), [0, 0])
+
+
+# ---------------------------------------------------------------------------------------------- log-probs
+
+def test_token_logprobs_by_hand_and_temperature():
+    # one position, logits [0, ln 3]: softmax = [1/4, 3/4]
+    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, math.log(3.0)]]])   # [1, 2, 2]
+    tokens = torch.tensor([[0, 1]])
+    assert close(token_logprobs(logits, tokens), [[math.log(0.25), math.log(0.75)]])
+    # temperature 0.5: logits [0, 2 ln 3] -> softmax [1/10, 9/10]
+    assert close(token_logprobs(logits, tokens, temperature=0.5), [[math.log(0.1), math.log(0.9)]])
+    # bf16 input -> fp32 output
+    out = token_logprobs(logits.bfloat16(), tokens)
+    assert out.dtype == torch.float32
+    # temperature 0 (greedy): the log-probs of the temperature-1 distribution (contract)
+    assert close(token_logprobs(logits, tokens, temperature=0.0), [[math.log(0.25), math.log(0.75)]])
+    with pytest.raises(ValueError, match="temperature=-1"):
+        token_logprobs(logits, tokens, temperature=-1)
+    # valid_vocab_size = 2 masks id 2: logits [0, ln 3, 5] -> softmax over the first two = [1/4, 3/4]
+    wide = torch.tensor([[[0.0, math.log(3.0), 5.0]] * 2])
+    assert close(token_logprobs(wide, tokens, valid_vocab_size=2), [[math.log(0.25), math.log(0.75)]])
+    # top_p = 0.7 on [1/4, 3/4]: only id 1 is kept -> log 1 = 0
+    assert close(token_logprobs(logits, tokens, top_p=0.7)[0, 1], 0.0)
+    # EOS (id 0) banned before min_new_tokens = 1: position 0 -> only id 1 left (log 1 = 0); position 1 unchanged
+    assert close(token_logprobs(logits, torch.tensor([[1, 1]]), eos_token_ids=(0,), min_new_tokens=1),
+                 [[0.0, math.log(0.75)]])
+
+
+def test_token_logprobs_matches_log_softmax_and_grad():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 11, (3, 5), generator=g)
+    ours = token_logprobs(logits, tokens, temperature=0.7)
+    ref = torch.log_softmax(logits.float() / 0.7, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    assert close(ours, ref, atol=1e-5)
+    ours.sum().backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_token_entropy():
+    # uniform over 4 -> ln 4 ; one-hot-ish [0, -1e4] -> ~0
+    logits = torch.tensor([[[0., 0., 0., 0.], [0., -1e4, -1e4, -1e4]]])
+    assert close(token_entropy(logits), [[math.log(4.0), 0.0]])
+
+
+# ---------------------------------------------------------------------------------------------- ratio and f
+
+def test_importance_ratio_and_overflow_guard():
+    assert close(importance_ratio(torch.tensor([LN2, 0.0]), torch.tensor([0.0, LN2])), [2.0, 0.5])
+    rho = importance_ratio(torch.tensor([1000.0]), torch.tensor([0.0]))
+    assert torch.isfinite(rho).all() and close(rho, [math.exp(20.0)], atol=1e3)
+
+
+def test_offpolicy_weights_by_hand():
+    rho = torch.tensor([0.5, 1.0, 2.0])
+    assert close(offpolicy_weight(rho, "base"), [0.5, 1.0, 2.0])                 # rho
+    assert close(offpolicy_weight(rho, "practical"), [1.0, 1.0, 1.0])            # 1
+    assert close(offpolicy_weight(rho, "retrace"), [0.5, 1.0, 1.0])              # min(1, rho)
+    assert close(offpolicy_weight(rho, "retrace", lam=0.5), [0.25, 0.5, 0.5])    # 0.5 * min(1, rho)
+    with pytest.raises(ValueError, match="variant='vtrace'"):
+        offpolicy_weight(rho, "vtrace")
+    with pytest.raises(ValueError, match="lam=1.5"):
+        offpolicy_weight(rho, "retrace", lam=1.5)
+
+
+# ---------------------------------------------------------------------------------------------- the hand example
+# B = 2, T = 3, mask [[1, 1, 1], [1, 1, 0]], A = [2, -1]
+# rho = [[2, 0.5, 1], [4, 0.25, (pad)]]   (the padded slot holds garbage: log-ratio 1000, logp_mu = -inf)
+# per-token -f(rho) A:
+#   base      [[-4, -1, -2], [4, 0.25]]      sum -2.75
+#   retrace   [[-2, -1, -2], [1, 0.25]]      sum -3.75   (w = [1, .5, 1 | 1, .25])
+#   practical [[-2, -2, -2], [1, 1]]         sum -4
+
+def hand_example():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.5, -0.7]], requires_grad=True)
+    log_rho = torch.tensor([[LN2, -LN2, 0.0], [2 * LN2, -2 * LN2, 0.0]])
+    logp_mu = logp.detach() - log_rho
+    logp_mu[1, 2] = -math.inf                                        # garbage on padding must not leak
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    adv = torch.tensor([2.0, -1.0])
+    return logp, logp_mu, adv, mask
+
+
+@pytest.mark.parametrize("variant, lam, aggregation, expect", [
+    ("base", 1.0, "token_mean", -2.75 / 5),                      # -0.55
+    ("base", 1.0, "seq_mean", (-7 / 3 + 4.25 / 2) / 2),          # -5/48
+    ("base", 1.0, "dr_grpo", -2.75 / (2 * 4)),                   # max_len 4: -0.34375
+    ("retrace", 1.0, "token_mean", -3.75 / 5),                   # -0.75
+    ("retrace", 1.0, "seq_mean", (-5 / 3 + 1.25 / 2) / 2),       # -25/48
+    ("retrace", 1.0, "dr_grpo", -3.75 / 8),
+    ("retrace", 0.5, "token_mean", -0.375),
+    ("practical", 1.0, "token_mean", -4 / 5),
+    ("practical", 1.0, "seq_mean", (-6 / 3 + 2 / 2) / 2),        # -0.5
+    ("practical", 1.0, "dr_grpo", -4 / 8),
+])
+def test_loss_values_by_hand(variant, lam, aggregation, expect):
+    for grad in ("detached", "surrogate"):
+        logp, logp_mu, adv, mask = hand_example()
+        loss, stats = policy_loss(logp, logp_mu, adv, mask, variant=variant, lam=lam, grad=grad,
+                                  aggregation=aggregation, max_len=4)
+        assert close(loss.item(), expect), (grad, loss.item(), expect)
+        assert close(stats["loss"], expect)
+
+
+# d loss / d logp, token_mean (1/5). Detached: -sg[f] A. Surrogate: -f'(rho) rho A  (d rho / d logp = rho):
+#   base: -rho A for both; retrace surrogate: min(1, rho) is flat for rho > 1 (rho = 1 passes: clamp is inclusive);
+#   practical: -A for both (its surrogate is pi / sg[pi]).
+HAND_GRADS = {
+    ("base", "detached"): [[-4, -1, -2], [4, 0.25, 0]],
+    ("base", "surrogate"): [[-4, -1, -2], [4, 0.25, 0]],
+    ("retrace", "detached"): [[-2, -1, -2], [1, 0.25, 0]],
+    ("retrace", "surrogate"): [[0, -1, -2], [0, 0.25, 0]],
+    ("practical", "detached"): [[-2, -2, -2], [1, 1, 0]],
+    ("practical", "surrogate"): [[-2, -2, -2], [1, 1, 0]],
+}
+
+
+@pytest.mark.parametrize("variant, grad", list(HAND_GRADS))
+def test_gradients_by_hand(variant, grad):
+    logp, logp_mu, adv, mask = hand_example()
+    loss, _ = policy_loss(logp, logp_mu, adv, mask, variant=variant, grad=grad)
+    loss.backward()
+    assert close(logp.grad, torch.tensor(HAND_GRADS[variant, grad]) / 5)
+
+
+def test_gradients_other_aggregations_by_hand():
+    logp, logp_mu, adv, mask = hand_example()
+    policy_loss(logp, logp_mu, adv, mask, variant="base", aggregation="seq_mean")[0].backward()
+    # seq_mean: row 1 has 3 tokens, row 2 has 2, B = 2 -> weights 1/6 and 1/4
+    assert close(logp.grad, [[-4 / 6, -1 / 6, -2 / 6], [4 / 4, 0.25 / 4, 0]])
+    logp, logp_mu, adv, mask = hand_example()
+    policy_loss(logp, logp_mu, adv, mask, variant="base", aggregation="dr_grpo", max_len=4)[0].backward()
+    assert close(logp.grad, [[-4 / 8, -1 / 8, -2 / 8], [4 / 8, 0.25 / 8, 0]])   # 1 / (B * max_len)
+
+
+# eps = 0.2. Clip active where (A > 0, rho > 1.2) -> token (0,0), or (A < 0, rho < 0.8) -> token (1,1).
+# There the token's value is -f(clip(rho)) A and its gradient 0:
+# The unclipped tokens keep their gradient of HAND_GRADS (retrace surrogate: 0 at rho = 4 as min(1, rho) is flat there):
+#   base:      values [-1.2*2, -1, -2 | 4, -0.8*(-1)] = [-2.4, -1, -2, 4, 0.8]  sum -0.6   grad [[0,-1,-2],[4,0,0]]
+#   retrace:   values [-1*2, -1, -2 | 1, 0.8]                                  sum -3.2   grad [[0,-1,-2],[1,0,0]]
+#                                                                               (surrogate)     [[0,-1,-2],[0,0,0]]
+#   practical: values [-2, -2, -2 | 1, 1]                                      sum -4     grad [[0,-2,-2],[1,0,0]]
+@pytest.mark.parametrize("variant, grad, value, grad_", [
+    ("base", "detached", -0.6 / 5, [[0, -1, -2], [4, 0, 0]]),
+    ("base", "surrogate", -0.6 / 5, [[0, -1, -2], [4, 0, 0]]),
+    ("retrace", "detached", -3.2 / 5, [[0, -1, -2], [1, 0, 0]]),
+    ("retrace", "surrogate", -3.2 / 5, [[0, -1, -2], [0, 0, 0]]),
+    ("practical", "detached", -4 / 5, [[0, -2, -2], [1, 0, 0]]),
+    ("practical", "surrogate", -4 / 5, [[0, -2, -2], [1, 0, 0]]),
+])
+def test_ppo_clip_by_hand(variant, grad, value, grad_):
+    logp, logp_mu, adv, mask = hand_example()
+    loss, stats = policy_loss(logp, logp_mu, adv, mask, variant=variant, grad=grad, clip_eps=0.2)
+    loss.backward()
+    assert close(loss.item(), value) and close(logp.grad, torch.tensor(grad_) / 5)
+    assert close(stats["clip_frac"], 2 / 5)
+
+
+def test_ppo_clip_base_matches_trl_formula():
+    # independent implementation of TRL's clipped objective: -min(rho A, clip(rho, 1-eps, 1+eps) A), token mean
+    g = torch.Generator().manual_seed(1)
+    logp0 = -torch.rand(4, 6, generator=g) * 3
+    logp_mu = logp0 + 0.6 * torch.randn(4, 6, generator=g)
+    adv = torch.randn(4, generator=g)
+    mask = torch.rand(4, 6, generator=g) < 0.8
+    a = logp0.clone().requires_grad_()
+    rho = torch.exp(a - logp_mu)
+    trl = -torch.min(rho * adv[:, None], torch.clamp(rho, 0.8, 1.2) * adv[:, None])
+    ref = (trl * mask).sum() / mask.sum()
+    ref.backward()
+    for grad in ("detached", "surrogate"):
+        b = logp0.clone().requires_grad_()
+        loss, _ = policy_loss(b, logp_mu, adv, mask, variant="base", grad=grad, clip_eps=0.2)
+        loss.backward()
+        assert close(loss.item(), ref.item()) and close(b.grad, a.grad)
+
+
+def test_kl_k3_by_hand():
+    # d = ref - logp = [[ln2, -ln2, 0], [0, ln2, pad]];  k3 = e^d - d - 1 = [1-ln2, ln2-1/2, 0 | 0, 1-ln2]
+    # mean over 5 tokens = (2(1-ln2) + ln2 - 1/2)/5 = 0.16137056;  beta = 0.1 -> 0.016137056
+    # d k3 / d logp = 1 - e^d = [[-1, 0.5, 0], [0, -1, 0]] -> grad = 0.1/5 * that
+    logp, logp_mu, _, mask = hand_example()
+    d = torch.tensor([[LN2, -LN2, 0.0], [0.0, LN2, 5.0]])
+    ref = logp.detach() + d
+    adv = torch.zeros(2)                                              # isolate the KL term
+    loss, stats = policy_loss(logp, logp_mu, adv, mask, variant="practical", ref_logp=ref, beta=0.1)
+    loss.backward()
+    assert close(loss.item(), 0.016137056) and close(stats["kl_ref"], 0.16137056)
+    assert close(logp.grad, [[-0.02, 0.01, 0.0], [0.0, -0.02, 0.0]])
+    with pytest.raises(ValueError, match="ref_logp"):
+        policy_loss(logp, logp_mu, adv, mask, variant="base", beta=0.1)
+
+
+def test_overflow_guard_in_loss():
+    # log pi - log mu = 1000 on a real token: rho would be inf in fp32; loss and gradient must stay finite
+    for variant in grpo.VARIANTS:
+        for grad in grpo.GRADS:
+            logp = torch.tensor([[0.0, -1.0]], requires_grad=True)
+            logp_mu = torch.tensor([[-1000.0, -1.0]])
+            loss, stats = policy_loss(logp, logp_mu, torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool),
+                                      variant=variant, grad=grad)
+            loss.backward()
+            assert torch.isfinite(loss) and torch.isfinite(logp.grad).all(), (variant, grad)
+            assert math.isfinite(stats["ratio_max"]) and math.isfinite(stats["ess_ratio"])
+
+
+# ---------------------------------------------------------------------------------------------- sanity facts
+
+def random_batch(seed, B=6, T=7, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(B, T, generator=g, dtype=dtype) * 3
+    logp_mu = logp + 0.7 * torch.randn(B, T, generator=g, dtype=dtype)
+    lengths = torch.tensor([7, 3, 0, 5, 1, 6])[:B]                   # includes an empty completion
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    adv = torch.randn(B, generator=g, dtype=dtype)
+    ref = logp + 0.3 * torch.randn(B, T, generator=g, dtype=dtype)
+    return logp, logp_mu, adv, mask, ref
+
+
+@pytest.mark.parametrize("clip_eps", [None, 0.2])
+def test_r0_all_variants_equal_plain_grpo(clip_eps):
+    # mu = pi_theta_old = pi_theta in value (r = 0): every variant, both gradient forms, must give
+    # d L / d logp = -A m / #tokens (plain GRPO, token mean) and L = -sum A m / #tokens.
+    logp0, _, adv, mask, _ = random_batch(2)
+    n = mask.sum()
+    expect_grad = -(adv[:, None] * mask) / n
+    expect_loss = -(adv[:, None] * mask).sum() / n
+    for variant in grpo.VARIANTS:
+        for grad in grpo.GRADS:
+            logp = logp0.clone().requires_grad_()
+            loss, stats = policy_loss(logp, logp0.clone(), adv, mask, variant=variant, lam=1.0, grad=grad,
+                                      clip_eps=clip_eps)
+            loss.backward()
+            assert close(loss.item(), expect_loss.item()), (variant, grad)
+            assert close(logp.grad, expect_grad), (variant, grad)
+            assert stats["ratio_min"] == stats["ratio_max"] == 1.0 and stats["trunc_frac"] == 0.0
+
+
+@pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
+@pytest.mark.parametrize("variant, grad, clip_eps, beta", [
+    ("base", "detached", None, 0.0), ("retrace", "surrogate", 0.2, 0.0), ("practical", "detached", None, 0.05),
+])
+def test_micro_batch_accumulation_equals_full_batch(aggregation, variant, grad, clip_eps, beta):
+    logp0, logp_mu, adv, mask, ref = random_batch(3)
+    kw = dict(variant=variant, grad=grad, clip_eps=clip_eps, aggregation=aggregation, max_len=7,
+              ref_logp=ref, beta=beta)
+    full = logp0.clone().requires_grad_()
+    full_loss, _ = policy_loss(full, logp_mu, adv, mask, **{**kw, "ref_logp": ref})
+    full_loss.backward()
+
+    splits = [(0, 2), (2, 5), (5, 6)]
+    Z = loss_normaliser(mask, aggregation, max_len=7)
+    assert Z == sum(loss_normaliser(mask[a:b], aggregation, max_len=7) for a, b in splits)   # additive
+    part = logp0.clone().requires_grad_()
+    total = 0.0
+    for a, b in splits:
+        T = max(int(mask[a:b].sum(1).max()), 1)                        # trim each micro-batch to its longest row
+        loss, _ = policy_loss(part[a:b, :T], logp_mu[a:b, :T], adv[a:b], mask[a:b, :T],
+                              **{**kw, "ref_logp": ref[a:b, :T]}, token_normaliser=Z)
+        loss.backward()                                                 # gradients accumulate in part.grad
+        total += loss.item()
+    assert close(total, full_loss.item(), atol=1e-12)
+    assert close(part.grad, full.grad, atol=1e-12)
+
+
+def test_aggregate_direct():
+    per_token = torch.tensor([[1.0, 2.0, 99.0], [3.0, 99.0, 99.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    assert close(aggregate(per_token, mask, "token_mean"), 6 / 3)
+    assert close(aggregate(per_token, mask, "seq_mean"), (1.5 + 3) / 2)
+    assert close(aggregate(per_token, mask, "dr_grpo", max_len=5), 6 / 10)
+    assert close(aggregate(per_token, mask, "token_mean", token_normaliser=12), 6 / 12)
+    assert close(aggregate(per_token, torch.zeros_like(mask), "token_mean"), 0.0)      # empty batch -> 0
+    with pytest.raises(ValueError, match="max_len"):
+        aggregate(per_token, mask, "dr_grpo")
+    with pytest.raises(ValueError, match="max_len=2"):
+        aggregate(per_token, mask, "dr_grpo", max_len=2)
+    with pytest.raises(ValueError, match="aggregation='mean'"):
+        aggregate(per_token, mask, "mean")
+
+
+def test_policy_loss_errors():
+    logp, logp_mu, adv, mask = hand_example()
+    with pytest.raises(ValueError, match="grad='exact'"):
+        policy_loss(logp, logp_mu, adv, mask, variant="base", grad="exact")
+    with pytest.raises(ValueError, match="clip_eps=1.5"):
+        policy_loss(logp, logp_mu, adv, mask, variant="base", clip_eps=1.5)
+    with pytest.raises(ValueError, match="advantages"):
+        policy_loss(logp, logp_mu, torch.zeros(3), mask, variant="base")
+    with pytest.raises(ValueError, match=r"logp \(2, 3\)"):
+        policy_loss(logp, logp_mu[:, :2], adv, mask, variant="base")
+
+
+# ---------------------------------------------------------------------------------------------- diagnostics
+
+def test_offpolicy_stats_by_hand():
+    logp, logp_mu, adv, mask = hand_example()
+    s = offpolicy_stats(logp, logp_mu, mask, adv, variant="retrace")
+    # rho over the 5 real tokens = [2, 0.5, 1, 4, 0.25]
+    assert close(s["ratio_min"], 0.25) and close(s["ratio_max"], 4.0) and close(s["ratio_mean"], 7.75 / 5)
+    assert close(s["trunc_frac"], 2 / 5) and s["clip_frac"] == 0.0           # retrace: rho > 1 at 2 and 4
+    # ESS of rho: (7.75)^2 / (5 * (4 + .25 + 1 + 16 + .0625)) = 60.0625 / 106.5625
+    assert close(s["ess_ratio"], 60.0625 / 106.5625)
+    # ESS of w = [1, .5, 1, 1, .25]: 3.75^2 / (5 * 3.3125)
+    assert close(s["ess_weight"], 14.0625 / 16.5625)
+    # KL(mu||pi) k1 = mean(-log rho) = -(ln2 - ln2 + 0 + 2ln2 - 2ln2)/5 = 0
+    assert close(s["kl_mu_pi"], 0.0)
+    # k3 = mean(rho - 1 - log rho) = ((1 - ln2) + (-.5 + ln2) + 0 + (3 - 2ln2) + (-.75 + 2ln2)) / 5 = 2.75 / 5
+    assert close(s["kl_mu_pi_k3"], 0.55)
+    assert close(s["neg_logp"], (1.0 + 2.0 + 0.5 + 0.3 + 1.5) / 5)
+    assert close(s["completion_len"], 2.5) and s["n_tokens"] == 5 and s["n_seqs"] == 2
+    assert "entropy" not in s
+    s = offpolicy_stats(logp, logp_mu, mask, adv, variant="base", clip_eps=0.2,
+                        logits=torch.zeros(2, 3, 4))                       # uniform over 4 -> entropy ln 4
+    assert close(s["trunc_frac"], 2 / 5) and close(s["clip_frac"], 2 / 5)
+    assert close(s["entropy"], math.log(4.0))
+    # equal weights -> ESS 1; one weight dominating -> 1/n
+    m = torch.ones(1, 4, dtype=torch.bool)
+    assert close(offpolicy_stats(torch.zeros(1, 4), torch.zeros(1, 4), m)["ess_ratio"], 1.0)
+    lp = torch.tensor([[0.0, -50.0, -50.0, -50.0]])
+    assert close(offpolicy_stats(lp, torch.zeros(1, 4), m)["ess_ratio"], 0.25)
+
+
+def test_reward_stats_by_hand():
+    R = torch.tensor([1., 0., 0., 1., 1., 1., 1., 1., 0., 0., 0., 0.])
+    s = reward_stats(R, 4)
+    assert close(s["reward_mean"], 6 / 12)
+    assert close(s["zero_std_frac"], 2 / 3)                               # groups 2 and 3 have all-equal rewards
+    assert close(s["reward_std"], math.sqrt(12 * 0.25 / 11))             # unbiased std of six 1s and six 0s
+
+
+# ---------------------------------------------------------------------------------------------- Monte-Carlo
+
+def test_monte_carlo_base_unbiased_retrace_biased_lower_variance():
+    """Toy categorical policy pi = softmax(theta) over K = 4 actions, behaviour mu != pi (full support), reward r.
+
+    Each sample a ~ mu is a one-token completion with advantage r_a; -d loss / d theta of the token-mean loss is the
+    mean of the per-sample estimates f(rho_a) r_a grad log pi(a). Base's mean must match the exact gradient
+    grad_theta E_pi[r] (within 5 standard errors); Retrace's mean matches its own exact expectation
+    sum_a min(mu_a, pi_a) r_a grad log pi(a), which is far from the truth, with lower per-sample variance.
+    """
+    theta = torch.tensor([0.5, -0.3, 1.0, 0.0], dtype=torch.float64)
+    theta_mu = torch.tensor([0.0, 0.8, -0.5, 0.3], dtype=torch.float64)
+    r = torch.tensor([1.0, 0.0, 2.0, -0.5], dtype=torch.float64)
+    pi, mu = theta.softmax(0), theta_mu.softmax(0)
+
+    th = theta.clone().requires_grad_()
+    (th.softmax(0) * r).sum().backward()                                 # exact: grad_theta sum_a pi_a r_a
+    true_grad = th.grad.clone()
+
+    n = 100_000
+    actions = torch.multinomial(mu, n, replacement=True, generator=torch.Generator().manual_seed(0))
+
+    def per_sample_grads(variant):
+        Th = theta.repeat(n, 1).requires_grad_()                       # one copy of theta per sample [n, K]
+        logp = torch.log_softmax(Th, -1).gather(1, actions[:, None])    # [n, 1]
+        logp_mu = torch.log(mu)[actions][:, None]                       # [n, 1]
+        loss, _ = policy_loss(logp, logp_mu, r[actions], torch.ones(n, 1, dtype=torch.bool), variant=variant)
+        loss.backward()
+        return -n * Th.grad                                             # [n, K] per-sample ascent directions
+
+    g_base, g_ret = per_sample_grads("base"), per_sample_grads("retrace")
+    se_base, se_ret = g_base.std(0) / math.sqrt(n), g_ret.std(0) / math.sqrt(n)
+    assert ((g_base.mean(0) - true_grad).abs() < 5 * se_base).all()      # Base: unbiased
+
+    score = torch.eye(4, dtype=torch.float64) - pi                        # row a: grad log pi(a) = e_a - pi
+    ret_expect = (torch.minimum(mu, pi)[:, None] * r[:, None] * score).sum(0)
+    assert ((g_ret.mean(0) - ret_expect).abs() < 5 * se_ret).all()        # Retrace: estimates its own target ...
+    assert ((g_ret.mean(0) - true_grad).abs() > 20 * se_ret).any()         # ... which is not the true gradient
+    assert g_ret.var(0).sum() < 0.5 * g_base.var(0).sum()                 # ... with lower variance
