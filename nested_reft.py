@@ -1,0 +1,702 @@
+"""Nested-ReFT (arXiv 2508.10123): GRPO fine-tuning whose rollouts come from the model with k of its N layers
+skipped, corrected by importance sampling. Spec: ../shared/paper/NESTED_REFT.md.
+
+This file is the entry point (config, Algorithm 1, training loop, checkpoint/resume). Importing it has no side
+effects.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import numbers
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from eval import reward, run_benchmarks
+from data import Example, Tokenizer, chat_prompt, collate_sft, load_dataset, sft_example
+from grpo import (group_advantages, loss_normaliser, offpolicy_stats, policy_loss, reward_stats, token_entropy,
+                  token_logprobs)
+from qwen2 import Qwen2, Qwen2Config
+
+# ======================================================================================================
+# Layer skipping (Definitions 1–3, spec §2)
+#
+# The paper indexes layers 1..N; we use the 0-based indices of `model.layers.{i}` (paper layer l = index + 1).
+#   border e:     paper layers 1..e and N-e+1..N are never skipped
+#   valid set V:  paper {e+1, ..., N-e}  ==  0-based {e, ..., N-e-1},   |V| = N - 2e
+#   k:            k = round(r * N)        (from N, not |V|: Table 1, N = 28: r = 5/10/15 % -> k = 1/3/4)
+#   skip set:     a uniform random k-subset of V, drawn without replacement, redrawn every training step
+# A mask is a list of N host-side bools, True = layer skipped (identity on the residual stream).
+# ======================================================================================================
+
+
+def num_skipped(ratio: float, n_layers: int) -> int:
+    """k = round(r * N), exact for the decimal the user wrote.
+
+    r * N is evaluated in decimal arithmetic on the shortest repr of r, so float noise cannot move the result
+    (0.1 * 28 is 2.8, not 2.8000000000000003; 0.58 * 25 is 14.5, not 14.499999999999998). Exact halves round
+    UP (0.125 * 20 = 2.5 -> 3), i.e. floor(r * N + 1/2), unlike Python's round() which rounds halves to even.
+    """
+    _check_ratio(ratio)
+    _check_n_layers(n_layers)
+    x = Decimal(repr(float(ratio))) * n_layers                      # r * N, exact in decimal
+    return int(x.quantize(Decimal(1), rounding=ROUND_HALF_UP))      # round half up
+
+
+def valid_layers(n_layers: int, border: int) -> list[int]:
+    """V = 0-based indices at least `border` away from either end: [e, N - e). Empty when 2e >= N."""
+    _check_n_layers(n_layers)
+    if isinstance(border, bool) or not isinstance(border, int) or border < 0:
+        raise ValueError(f"skip border e={border!r}: expected an integer >= 0 (layers kept at each end)")
+    return list(range(border, n_layers - border))
+
+
+def draw_skip_mask(n_layers: int, ratio: float, border: int, generator: torch.Generator) -> list[bool]:
+    """One skip mask: a uniform k-subset of V without replacement (torch.randperm on the given CPU generator).
+
+    r = 0 (k = 0) returns all False and draws nothing from the generator.
+    """
+    k, valid = _k_and_valid(n_layers, ratio, border)
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise ValueError(f"generator={generator!r}: expected a CPU torch.Generator")
+    mask = [False] * n_layers
+    if k == 0:
+        return mask
+    perm = torch.randperm(len(valid), generator=generator)         # uniform permutation of V
+    for j in perm[:k].tolist():                                     # its first k = uniform k-subset
+        mask[valid[j]] = True
+    return mask
+
+
+def skipped_layers(mask: list[bool]) -> list[int]:
+    """The skip set of a mask as sorted 0-based layer indices (for logging)."""
+    return [i for i, s in enumerate(mask) if s]
+
+
+class SkipSampler:
+    """Draws one skip mask per training step from its own seeded generator (the global RNG is untouched).
+
+    state_dict() / load_state_dict() capture the generator state, so a resumed run draws the same masks as an
+    uninterrupted one.
+    """
+
+    def __init__(self, n_layers: int, ratio: float, border: int, seed: int):
+        self.k, self.valid = _k_and_valid(n_layers, ratio, border)  # validates everything up front
+        self.n_layers, self.ratio, self.border, self.seed = n_layers, ratio, border, int(seed)
+        self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        self.draws = 0                                              # masks drawn so far
+
+    def next(self) -> list[bool]:
+        self.draws += 1
+        return draw_skip_mask(self.n_layers, self.ratio, self.border, self.generator)
+
+    def state_dict(self) -> dict:
+        return {"n_layers": self.n_layers, "ratio": self.ratio, "border": self.border, "seed": self.seed,
+                "draws": self.draws, "generator": self.generator.get_state().clone()}   # uint8 tensor
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("n_layers", "ratio", "border"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"skip sampler state has {key}={state.get(key)!r} but this run has "
+                                 f"{key}={getattr(self, key)!r}: resume with the same skip settings")
+        g = state["generator"]
+        self.generator.set_state(torch.as_tensor(g, dtype=torch.uint8).clone())
+        self.seed, self.draws = int(state["seed"]), int(state["draws"])
+
+    def __repr__(self) -> str:
+        return (f"SkipSampler(N={self.n_layers}, r={self.ratio}, e={self.border}, k={self.k}, "
+                f"|V|={len(self.valid)}, seed={self.seed})")
+
+
+def _check_ratio(ratio) -> None:
+    ok = isinstance(ratio, numbers.Real) and not isinstance(ratio, bool) and math.isfinite(ratio)
+    if not ok or not 0 <= ratio < 1:
+        raise ValueError(f"skip ratio r={ratio!r}: expected a number in [0, 1)")
+
+
+def _check_n_layers(n_layers) -> None:
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+        raise ValueError(f"number of layers N={n_layers!r}: expected an integer >= 1")
+
+
+def _k_and_valid(n_layers: int, ratio: float, border: int) -> tuple[int, list[int]]:
+    k, valid = num_skipped(ratio, n_layers), valid_layers(n_layers, border)
+    if k > len(valid):
+        raise ValueError(f"skip ratio r={ratio} gives k=round(r*N)={k} skipped layers but N={n_layers} with "
+                         f"border e={border} leaves only |V|=N-2e={len(valid)} valid layers: "
+                         f"expected k <= |V| (lower r or e)")
+    return k, valid
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration. Every field: its meaning and where its default comes from ([paper], [TRL] default of the
+# paper's era, or [ours] where the paper is silent). configs/NAME.json overrides the defaults; --key=value
+# overrides the file.
+
+def _f(default, help, src):
+    return field(default=default, metadata={"help": help, "src": src})
+
+
+@dataclass
+class Config:
+    # --- model and data
+    model: str = _f("", "HF-layout checkpoint dir (config.json + *.safetensors); empty: build `model_config` "
+                    "with random weights (CPU demo)", "paper: Qwen2.5-Math-{1.5B,7B}-Instruct")
+    model_config: str = _f("", "JSON file with a Qwen2 config.json, used when `model` is empty", "ours")
+    tokenizer: str = _f("", "tokenizer dir (tokenizer.json or vocab.json+merges.txt); empty: same as `model`",
+                        "ours")
+    dataset: str = _f("gsm8k", "fine-tuning set: gsm8k, svamp, math12k (or synthetic for the demo)",
+                      "paper: SVAMP, GSM8K, Math12k")
+    data_dir: str = _f("", "folder with the datasets (layout of README 'Data'); empty: $NESTED_REFT_DATA",
+                       "ours")
+    out_dir: str = _f("runs/default", "run folder: metrics.jsonl, checkpoints, eval results", "ours")
+    seed: int = _f(0, "seed of data order, skip masks and sampling", "ours")
+    device: str = _f("auto", "auto (cuda if available), cpu, cuda, cuda:N", "ours")
+    dtype: str = _f("auto", "compute dtype: auto (bfloat16 on a bf16 GPU, else float32), float32, bfloat16; "
+                    "parameters and optimizer state stay float32", "ours")
+    # --- SFT warm-up (ReFT stage 1)
+    sft_epochs: float = _f(2.0, "E_sft: epochs of supervised fine-tuning on (prompt, CoT); 0 skips it",
+                           "[U] ReFT: 2")
+    sft_lr: float = _f(1e-5, "SFT learning rate (AdamW, linear decay)", "[U] ours")
+    sft_batch_size: int = _f(64, "SFT sequences per optimizer step", "[U] ours")
+    sft_micro_batch: int = _f(8, "SFT sequences per forward/backward (gradient accumulation)", "ours")
+    max_seq_len: int = _f(1024, "SFT: truncate prompt + CoT to this many tokens", "ours")
+    # --- ReFT (GRPO) stage
+    steps: int = _f(500, "T: number of ReFT optimizer steps", "[U] one fixed number for all datasets")
+    prompts_per_step: int = _f(64, "prompts per step (each with `group_size` rollouts)", "[U] ours: 64")
+    group_size: int = _f(8, "G: rollouts per prompt", "paper / TRL: 8")
+    micro_batch: int = _f(16, "sequences per forward/backward in the loss pass (gradient accumulation)",
+                          "ours")
+    rollout_batch: int = _f(128, "sequences per generate() call", "ours")
+    lr: float = _f(1e-6, "ReFT learning rate (AdamW)", "TRL: 1e-6")
+    lr_schedule: str = _f("linear", "linear (decay to 0) or constant", "TRL: linear")
+    warmup_steps: int = _f(0, "linear warm-up steps", "TRL: 0")
+    weight_decay: float = _f(0.0, "AdamW weight decay", "TRL: 0.0")
+    adam_betas: str = _f("0.9,0.999", "AdamW betas", "TRL: 0.9,0.999")
+    grad_clip: float = _f(1.0, "max global gradient norm (0 = off)", "TRL: 1.0")
+    temperature: float = _f(0.9, "rollout sampling temperature; the full model's log-probs use the same",
+                            "TRL 0.16-0.17: 0.9")
+    top_p: float = _f(1.0, "rollout nucleus sampling", "TRL: 1.0")
+    max_prompt_len: int = _f(512, "prompts are truncated (left) to this many tokens", "TRL: 512")
+    max_new_tokens: int = _f(256, "completion length", "TRL: 256")
+    fixed_length: bool = _f(True, "min_new_tokens = max_new_tokens (EOS suppressed): fixed-length rollouts",
+                            "paper: min length = max length")
+    # --- the nested behaviour model and the off-policy correction
+    skip_ratio: float = _f(0.0, "r: k = round(r*N) layers skipped per step (0 = plain ReFT)",
+                           "paper: 0.05, 0.10, 0.15")
+    skip_border: int = _f(0, "e: layers within e of either end are never skipped", "paper: 1")
+    variant: str = _f("retrace", "off-policy weight f(rho): base (rho), practical (1), retrace (lam*min(1,rho))",
+                      "paper: all three")
+    lam: float = _f(1.0, "lambda of Retrace", "[M] 1.0")
+    weight_grad: str = _f("detached", "detached: grad = -sg[f]*A*grad log pi; surrogate: grad through f(rho)",
+                          "[M] detached")
+    clip_eps: float = _f(0.0, "PPO epsilon-clip of the ratio (0 = off)", "[M] off (TRL: 0.2)")
+    aggregation: str = _f("token_mean", "loss normaliser: token_mean (TRL bnpo), seq_mean (grpo), dr_grpo",
+                          "TRL: bnpo")
+    scale_rewards: bool = _f(True, "divide advantages by the group std (+1e-4); False = Dr. GRPO", "TRL: True")
+    beta: float = _f(0.0, "weight of the k3 KL to a frozen reference model (0 = no reference loaded)",
+                     "paper: 0")
+    # --- bookkeeping
+    log_every: int = _f(1, "print a progress line every N steps (metrics.jsonl gets every step)", "ours")
+    save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)", "ours")
+    eval_benchmarks: str = _f("", "comma list evaluated at the end (e.g. gsm8k_test,math500,aime); empty = none",
+                              "ours")
+    eval_max_new_tokens: int = _f(3000, "evaluation: max new tokens (greedy)", "Liu et al.: 3000")
+    eval_batch_size: int = _f(32, "evaluation: prompts per generate() call", "ours")
+    eval_limit: int = _f(0, "evaluation: first N problems per benchmark (0 = all)", "ours")
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, path, value): printed as one line, no traceback."""
+
+
+def _coerce(name: str, value, typ, source: str):
+    """Convert `value` (from JSON or the command line) to the field type, or raise a one-line UserError."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"{source}: key '{name}' expects {typ.__name__}, got {value!r}")
+
+
+def _fields() -> dict:
+    types = {"int": int, "float": float, "str": str, "bool": bool}
+    return {f.name: (f, types.get(f.type, f.type) if isinstance(f.type, str) else f.type) for f in fields(Config)}
+
+
+def load_config(name: str = "", overrides: dict | None = None) -> Config:
+    """Config from configs/NAME.json (or a path to a .json) with `overrides` applied; every key type-checked."""
+    values, known = {}, _fields()
+    if name:
+        path = Path(name) if name.endswith(".json") else CONFIG_DIR / f"{name}.json"
+        if not path.is_file():
+            avail = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+            raise UserError(f"config '{name}': {path} not found (available: {avail})")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: expected a JSON object of config keys")
+        for k, v in raw.items():
+            if k.startswith("_"):
+                continue  # "_comment" keys
+            if k not in known:
+                raise UserError(f"{path}: unknown key '{k}' (see python nested_reft.py --help)")
+            values[k] = _coerce(k, v, known[k][1], str(path))
+    for k, v in (overrides or {}).items():
+        if k not in known:
+            raise UserError(f"command line: unknown key '--{k}' (see python nested_reft.py --help)")
+        values[k] = _coerce(k, v, known[k][1], "command line")
+    cfg = Config(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a type check cannot do."""
+    choices = {"variant": ("base", "practical", "retrace"), "weight_grad": ("detached", "surrogate"),
+               "aggregation": ("token_mean", "seq_mean", "dr_grpo"), "lr_schedule": ("linear", "constant"),
+               "dtype": ("auto", "float32", "bfloat16")}
+    for key, ok in choices.items():
+        if getattr(cfg, key) not in ok:
+            raise UserError(f"config key '{key}' = {getattr(cfg, key)!r}: expected one of {', '.join(ok)}")
+    for key in ("steps", "prompts_per_step", "group_size", "micro_batch", "rollout_batch", "max_new_tokens"):
+        if getattr(cfg, key) < 1 and not (key == "steps" and getattr(cfg, key) == 0):
+            raise UserError(f"config key '{key}' = {getattr(cfg, key)}: expected a positive integer")
+    if cfg.group_size < 2:
+        raise UserError(f"config key 'group_size' = {cfg.group_size}: GRPO needs at least 2 rollouts per prompt")
+    if not cfg.model and not cfg.model_config:
+        raise UserError("config: set 'model' (a checkpoint dir) or 'model_config' (a config.json to build)")
+    if not 0.0 <= cfg.skip_ratio < 1.0:
+        raise UserError(f"config key 'skip_ratio' = {cfg.skip_ratio}: expected 0 <= r < 1")
+
+
+def help_text() -> str:
+    lines = ["usage: python nested_reft.py [--config NAME] [--resume RUN_DIR] [--key=value ...]", "",
+             "Nested-ReFT (Algorithm 1): SFT warm-up, then GRPO on rollouts of the nested model.", "",
+             f"configs ({CONFIG_DIR}): " + ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json"))), "",
+             "keys (default) -- meaning [source]:"]
+    for f in fields(Config):
+        lines.append(f"  --{f.name}={f.default!r}")
+        lines.append(f"      {f.metadata['help']} [{f.metadata['src']}]")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> tuple[Config, str]:
+    """Command line -> (config, resume dir). Accepts --key=value and --key value."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text())
+        raise SystemExit(0)
+    name, resume, overrides, i = "", "", {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise UserError(f"command line: unexpected argument {arg!r} (expected --key=value)")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise UserError(f"command line: --{key} needs a value")
+            value, i = argv[i + 1], i + 1
+        key = key.replace("-", "_")
+        if key == "config":
+            name = value
+        elif key == "resume":
+            resume = value
+        else:
+            overrides[key] = value
+        i += 1
+    if resume:  # the run's own saved config, then the command line on top
+        saved = Path(resume) / "run_config.json"
+        if not saved.is_file():
+            raise UserError(f"--resume {resume}: {saved} not found (expected a run folder written by nested_reft.py)")
+        name = str(saved)
+    return load_config(name, overrides), resume
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Setup: device, model, data order, optimizer
+
+
+def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
+    """(device, compute dtype). Parameters and AdamW state stay float32; bfloat16 only through autocast."""
+    if cfg.device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(cfg.device)
+    if cfg.dtype == "auto":
+        bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+        return dev, torch.bfloat16 if bf16 else torch.float32
+    return dev, getattr(torch, cfg.dtype)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16 autocast for the matmuls (RMSNorm and the log-softmax stay fp32), nothing for fp32."""
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+def resolve_data_dir(cfg: Config) -> Path:
+    d = cfg.data_dir or os.environ.get("NESTED_REFT_DATA", "")
+    if not d and cfg.dataset != "synthetic":
+        raise UserError("no data folder: set --data_dir=DIR or $NESTED_REFT_DATA (see README 'Data')")
+    return Path(d)
+
+
+def load_model(cfg: Config, device: torch.device, model_dir: str = "") -> tuple[Qwen2, Tokenizer]:
+    """The checkpoint `model_dir or cfg.model` (float32 master weights), or a random model from `model_config`."""
+    path = model_dir or cfg.model
+    if path:
+        model = Qwen2.from_pretrained(path, dtype=torch.float32, device=device)
+    else:
+        torch.manual_seed(cfg.seed)
+        model = Qwen2(Qwen2Config.from_json(cfg.model_config)).to(device)
+    tok_dir = cfg.tokenizer or cfg.model
+    if not tok_dir:
+        raise UserError("config: set 'tokenizer' (a dir with tokenizer.json) when 'model' is empty")
+    return model, Tokenizer.load(tok_dir)
+
+
+class DataOrder:
+    """Shuffled passes over n items: pass e is randperm(n) seeded with seed + e. Its state is (epoch, pos)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+        self._perm = self._make_perm()
+
+    def _make_perm(self) -> list[int]:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._make_perm()
+            n = min(k - len(out), self.n - self.pos)
+            out += self._perm[self.pos:self.pos + n]
+            self.pos += n
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._perm = self._make_perm()
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config, lr: float, total_steps: int):
+    """AdamW with linear warm-up and then linear decay to 0 over total_steps (or a constant rate)."""
+    betas = tuple(float(b) for b in cfg.adam_betas.split(","))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=cfg.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        return max(0.0, (total_steps - step) / max(1, total_steps - cfg.warmup_steps))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def optimizer_step(model, opt, sched, grad_clip: float) -> float:
+    """Clip the global gradient norm (0 = no clipping), step, zero the gradients. Returns the pre-clip norm."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 1 -- SFT warm-up:  L_sft = -(1 / #completion tokens) * sum_t log pi(y_t | x, y_<t)  (prompt masked)
+
+
+def sft(model: Qwen2, tok: Tokenizer, examples: list[Example], cfg: Config, device, dtype, log) -> None:
+    pairs = [sft_example(tok, ex, max_len=cfg.max_seq_len) for ex in examples]
+    steps = math.ceil(len(pairs) * cfg.sft_epochs / cfg.sft_batch_size)
+    opt, sched = make_optimizer(model, cfg, cfg.sft_lr, steps)
+    order, t0 = DataOrder(len(pairs), cfg.seed), time.perf_counter()
+    model.train()
+    for step in range(1, steps + 1):
+        idx = order.take(cfg.sft_batch_size)
+        n_tok = sum(sum(pairs[i][1][1:]) for i in idx)      # normaliser: predicted completion tokens, whole batch
+        loss_sum = 0.0
+        for j in range(0, len(idx), cfg.sft_micro_batch):
+            b = collate_sft([pairs[i] for i in idx[j:j + cfg.sft_micro_batch]], tok.pad_token_id)
+            ids, attn, lmask = b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"].to(device)
+            with autocast(device, dtype):
+                logits = model(ids[:, :-1], attention_mask=attn[:, :-1])          # [b, T-1, V]
+            logp = token_logprobs(logits, ids[:, 1:])                             # [b, T-1]
+            loss = -(logp * lmask[:, 1:]).sum() / max(n_tok, 1)
+            loss.backward()
+            loss_sum += loss.item()
+        lr = sched.get_last_lr()[0]
+        grad_norm = optimizer_step(model, opt, sched, cfg.grad_clip)
+        log({"stage": "sft", "step": step, "steps": steps, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr,
+             "runtime": time.perf_counter() - t0})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 2 -- ReFT. One step of Algorithm 1: skip mask s_t -> G rollouts per prompt from the nested model
+# mu_t -> 0/1 rewards -> group advantages -> full-model log-probs -> f(rho)-weighted loss -> one AdamW step.
+
+
+@dataclass
+class Rollouts:
+    prompt_tokens: torch.Tensor  # [S, Tp] left-padded; S = prompts * G, the G rows of a prompt consecutive
+    prompt_mask: torch.Tensor    # [S, Tp] bool
+    tokens: torch.Tensor         # [S, Tn] sampled completion tokens
+    mask: torch.Tensor           # [S, Tn] bool: completion tokens (EOS kept, after it False)
+    logp_mu: torch.Tensor        # [S, Tn] log mu_t(y_t | s_t), recorded at sampling time
+    rewards: torch.Tensor        # [S] 0/1
+    texts: list[str]
+
+
+def sampling_kwargs(cfg: Config, tok: Tokenizer) -> dict:
+    """The behaviour distribution's logit processing; pi_theta is scored with exactly the same (so rho = 1 at
+    r = 0): vocab masked to the tokenizer, EOS banned before min_new_tokens, / temperature, top-p."""
+    return {"temperature": cfg.temperature, "top_p": cfg.top_p, "valid_vocab_size": tok.vocab_size,
+            "eos_token_ids": tok.eos_token_ids, "min_new_tokens": cfg.max_new_tokens if cfg.fixed_length else 0}
+
+
+def rollout(model: Qwen2, tok: Tokenizer, batch: list[Example], skip_mask: list[bool], cfg: Config,
+            gen: torch.Generator, device, dtype) -> Rollouts:
+    """Steps 3-4: G completions per prompt from the nested model (no gradient), their log mu and rewards."""
+    G = cfg.group_size
+    prompts = [tok.encode(chat_prompt(ex.question))[-cfg.max_prompt_len:] for ex in batch for _ in range(G)]
+    golds = [ex.answer for ex in batch for _ in range(G)]
+    kw = sampling_kwargs(cfg, tok)
+    model.eval()
+    parts = []
+    for i in range(0, len(prompts), cfg.rollout_batch):
+        with torch.no_grad(), autocast(device, dtype):
+            parts.append(model.generate(prompts[i:i + cfg.rollout_batch], max_new_tokens=cfg.max_new_tokens,
+                                        skip_mask=skip_mask, pad_token_id=tok.pad_token_id, generator=gen, **kw))
+    cat = lambda name, pad, left: _cat_padded([getattr(p, name).cpu() for p in parts], pad, left)
+    tokens, mask = cat("tokens", tok.pad_token_id, False), cat("mask", False, False)
+    texts = [tok.decode(t[m].tolist()) for t, m in zip(tokens, mask)]
+    rewards = torch.tensor([reward(t, g) for t, g in zip(texts, golds)], dtype=torch.float32)   # step 5: R
+    return Rollouts(cat("prompt_tokens", tok.pad_token_id, True), cat("prompt_mask", False, True), tokens, mask,
+                    cat("logprobs", 0.0, False), rewards, texts)
+
+
+def _cat_padded(ts: list[torch.Tensor], pad, left: bool) -> torch.Tensor:
+    """Concatenate [b_i, T_i] tensors along the batch, padding T to the longest (left or right)."""
+    T = max(t.shape[1] for t in ts)
+    return torch.cat([F.pad(t, (T - t.shape[1], 0) if left else (0, T - t.shape[1]), value=pad) for t in ts])
+
+
+def policy_logits(model: Qwen2, r: Rollouts, rows: slice, device, dtype) -> torch.Tensor:
+    """Logits of the FULL model (no skipping) at the completion positions: [b, Tn, V], with gradient."""
+    pt, pm, ct = r.prompt_tokens[rows].to(device), r.prompt_mask[rows].to(device), r.tokens[rows].to(device)
+    ids = torch.cat([pt, ct], 1)                                              # [b, Tp + Tn]
+    attn = torch.cat([pm, torch.ones_like(ct, dtype=torch.bool)], 1)
+    with autocast(device, dtype):
+        return model(ids[:, :-1], attention_mask=attn[:, :-1], logits_from=pt.shape[1] - 1)   # [b, Tn, V]
+
+
+def reft_step(model: Qwen2, opt, sched, r: Rollouts, cfg: Config, tok: Tokenizer, device, dtype) -> dict:
+    """Steps 5-9 on one rollout batch, in micro-batches whose losses sum to the full-batch loss."""
+    adv = group_advantages(r.rewards, cfg.group_size, scale=cfg.scale_rewards)          # [S] step 5
+    kw = sampling_kwargs(cfg, tok)
+    Z = loss_normaliser(r.mask, cfg.aggregation, cfg.max_new_tokens)                    # whole-batch denominator
+    S = r.tokens.shape[0]
+    logp_all, entropy = torch.zeros(r.tokens.shape), torch.zeros(r.tokens.shape)
+    model.train()
+    loss_sum = 0.0
+    for i in range(0, S, cfg.micro_batch):
+        rows = slice(i, i + cfg.micro_batch)
+        logits = policy_logits(model, r, rows, device, dtype)                           # [b, Tn, V]
+        logp = token_logprobs(logits, r.tokens[rows].to(device), **kw)                  # step 6: log pi_theta
+        loss, _ = policy_loss(logp, r.logp_mu[rows].to(device), adv[rows].to(device), r.mask[rows].to(device),
+                              variant=cfg.variant, lam=cfg.lam, grad=cfg.weight_grad, clip_eps=cfg.clip_eps or None,
+                              aggregation=cfg.aggregation, max_len=cfg.max_new_tokens, token_normaliser=Z)  # 7-8
+        loss.backward()
+        loss_sum += loss.item()
+        logp_all[rows] = logp.detach().cpu()
+        entropy[rows] = token_entropy(logits, cfg.temperature).cpu()
+        del logits, logp, loss
+    lr = sched.get_last_lr()[0]
+    grad_norm = optimizer_step(model, opt, sched, cfg.grad_clip)                         # step 9
+    stats = offpolicy_stats(logp_all, r.logp_mu, r.mask, adv, variant=cfg.variant, lam=cfg.lam,
+                            clip_eps=cfg.clip_eps or None)
+    stats["entropy"] = float((entropy * r.mask).sum() / r.mask.sum().clamp(min=1))
+    return {"loss": loss_sum, "grad_norm": grad_norm, "lr": lr, **stats}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics, checkpoints, the training run
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per step, both stages) plus a progress line on the terminal."""
+
+    def __init__(self, path: Path, log_every: int = 1, quiet: bool = False):
+        self.path, self.log_every, self.quiet = path, log_every, quiet
+
+    def __call__(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if not self.quiet and (row["step"] % self.log_every == 0 or row["step"] == row["steps"]):
+            print(progress_line(row), flush=True)
+
+    def truncate(self, stage: str, step: int) -> None:
+        """Drop rows of `stage` after `step` (written after the checkpoint a resumed run restarts from)."""
+        if not self.path.exists():
+            return
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        keep = [r for r in rows if not (r.get("stage") == stage and r["step"] > step)]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, self.path)
+
+
+def progress_line(row: dict) -> str:
+    runtime, step, steps = row["runtime"], row["step"], row["steps"]
+    eta = runtime / step * (steps - step)
+    line = f"[{row['stage']}] step {step}/{steps}  loss {row['loss']:+.4f}"
+    if row["stage"] == "reft":
+        line += (f"  reward {row['reward_mean']:.3f}  skip {row['skip']}  rollout {row['rollout_tok_s']:.0f} tok/s"
+                 f"  total {row['tok_s']:.0f} tok/s")
+    return line + f"  {runtime:.0f}s  ETA {eta:.0f}s"
+
+
+def save_checkpoint(run_dir: Path, model: Qwen2, opt, sched, state: dict) -> None:
+    """<run>/checkpoint = the model in the HF layout + trainer_state.pt, written beside and renamed into place."""
+    final, tmp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **state}, tmp / "trainer_state.pt")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | None = None) -> dict:
+    """Algorithm 1 end to end: SFT warm-up (sft_epochs), `steps` ReFT steps, optional evaluation.
+
+    Writes <out_dir>/run_config.json, metrics.jsonl, sft/ (the warm-up model), checkpoint/ (model + trainer
+    state, every save_every steps and at the end) and eval.jsonl. resume=RUN_DIR continues from its checkpoint
+    with the same skip masks, rollouts and losses as an uninterrupted run. stop_after=N checkpoints and returns
+    after ReFT step N, as an interrupted run would (for time-limited jobs and the resume test).
+    Returns the summary dict.
+    """
+    run_dir = Path(resume or cfg.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device, dtype = resolve_device(cfg)
+    ckpt = run_dir / "checkpoint"
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False) if resume else None
+    if resume and state is None:
+        raise UserError(f"--resume {resume}: no checkpoint/trainer_state.pt in it")
+    write_json_atomic(run_dir / "run_config.json", asdict(cfg))
+    log = MetricsLog(run_dir / "metrics.jsonl", cfg.log_every, quiet)
+    model, tok = load_model(cfg, device, str(ckpt) if state else "")
+    data_dir = resolve_data_dir(cfg)
+    train_set = load_dataset(cfg.dataset, data_dir, "train")
+
+    if state is None and cfg.sft_epochs > 0:
+        sft(model, tok, train_set, cfg, device, dtype, log)
+        model.save_pretrained(run_dir / "sft")
+
+    opt, sched = make_optimizer(model, cfg, cfg.lr, cfg.steps)
+    order = DataOrder(len(train_set), cfg.seed)
+    skipper = SkipSampler(model.config.num_hidden_layers, cfg.skip_ratio, cfg.skip_border, cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)              # rollout sampling
+    step, totals = 0, {"tokens": 0, "rollout_tokens": 0, "runtime": 0.0, "rollout_s": 0.0}
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        order.load_state_dict(state["data_order"])
+        skipper.load_state_dict(state["skip_sampler"])
+        gen.set_state(state["sample_rng"])
+        step, totals = state["step"], state["totals"]
+        log.truncate("reft", step)
+
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        batch = [train_set[i] for i in order.take(cfg.prompts_per_step)]
+        skip = skipper.next()                                                   # step 2: s_t
+        r = rollout(model, tok, batch, skip, cfg, gen, device, dtype)           # steps 3-5
+        t_roll = time.perf_counter() - t0
+        out = reft_step(model, opt, sched, r, cfg, tok, device, dtype)          # steps 5-9
+        dt, step = time.perf_counter() - t0, step + 1
+        n_gen, n_prompt = int(r.mask.sum()), int(r.prompt_mask.sum())
+        totals = {"tokens": totals["tokens"] + n_gen + n_prompt, "rollout_tokens": totals["rollout_tokens"] + n_gen,
+                  "runtime": totals["runtime"] + dt, "rollout_s": totals["rollout_s"] + t_roll}
+        log({"stage": "reft", "step": step, "steps": cfg.steps, **out, **reward_stats(r.rewards, cfg.group_size),
+             "skip": skipped_layers(skip), "completion_len": n_gen / len(r.texts), "step_s": dt, "rollout_s": t_roll,
+             "rollout_tok_s": n_gen / t_roll, "tok_s": totals["tokens"] / totals["runtime"],
+             "runtime": totals["runtime"]})
+        if (cfg.save_every and step % cfg.save_every == 0) or step in (cfg.steps, stop_after):
+            save_checkpoint(run_dir, model, opt, sched, {
+                "step": step, "totals": totals, "data_order": order.state_dict(),
+                "skip_sampler": skipper.state_dict(), "sample_rng": gen.get_state()})
+        if step == stop_after:
+            return {"steps": step, "interrupted": True}
+
+    summary = {"steps": step, "runtime": totals["runtime"], "tok_s": totals["tokens"] / max(totals["runtime"], 1e-9),
+               "rollout_tok_s": totals["rollout_tokens"] / max(totals["rollout_s"], 1e-9), **totals}
+    if cfg.eval_benchmarks:
+        summary["eval"] = run_benchmarks(
+            model, tok, data_dir, cfg.eval_benchmarks, run_dir / "eval.jsonl",
+            limit=cfg.eval_limit or None, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
+            print_fn=(lambda *a: None) if quiet else print)
+    write_json_atomic(run_dir / "summary.json", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, resume = parse_args(sys.argv[1:] if argv is None else argv)
+        train(cfg, resume)
+    except (UserError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("NESTED_REFT_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

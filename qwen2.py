@@ -1,0 +1,607 @@
+"""A handwritten Qwen2 (the architecture of Qwen2.5-Math-1.5B/7B) with a native layer-skip mask,
+HF-compatible safetensors checkpoint I/O and a batched KV-cache sampler.
+
+    logits = model(input_ids, skip_mask=None, attention_mask=None, logits_from=0)   # [B, T - logits_from, V]
+    out = model.generate(prompts, max_new_tokens=256, temperature=1.0, skip_mask=mask, eos_token_ids=(...))
+
+The nested behaviour model of Nested-ReFT (spec §2) is the same module called with `skip_mask`: a host-side
+sequence of N bools, True = that decoder layer is the identity on the residual stream. The mask never goes to
+the device, so there is no per-layer sync; the KV cache of a generate() call holds only the active layers.
+
+Architecture (pre-norm decoder, per layer l):
+    h = x + o_proj(Attn(RoPE(q_proj(RMSNorm(x))), RoPE(k_proj(.)), v_proj(.)))    q/k/v with bias, GQA
+    x' = h + down_proj(silu(gate_proj(RMSNorm(h))) * up_proj(RMSNorm(h)))         SwiGLU, no bias
+    RMSNorm(x) = w * (x / sqrt(mean(x^2) + eps))  computed in fp32, cast back before the weight multiply
+    logits = lm_head(RMSNorm(x_N))    lm_head tied to embed_tokens when tie_word_embeddings
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------
+# config
+
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16, "fp16": torch.float16}
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    """torch.dtype or its name ("bfloat16", "float32", ...) -> torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_DTYPES)} or a torch.dtype")
+
+
+@dataclass
+class Qwen2Config:
+    """The fields of a Hugging Face Qwen2 config.json that this implementation uses."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    torch_dtype: str = "float32"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self, source: str = "Qwen2Config"):
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{source}: {k}={v!r}, expected a positive integer")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"{source}: hidden_size={self.hidden_size} is not divisible by "
+                             f"num_attention_heads={self.num_attention_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"{source}: head_dim={self.head_dim} must be even for RoPE")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"{source}: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        for k in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{source}: {k}={v!r}, expected a positive number")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(f"{source}: tie_word_embeddings={self.tie_word_embeddings!r}, expected true/false")
+        _as_dtype(self.torch_dtype)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "<dict>") -> "Qwen2Config":
+        """Build from the content of an HF config.json (transformers 4.x or 5.x layout); unknown keys are
+        ignored. A missing required key, a model_type other than "qwen2" or an unsupported feature (sliding
+        window, rope scaling, a non-silu activation) raises ValueError naming `source` and the key."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        if "model_type" in d and d["model_type"] != "qwen2":
+            raise ValueError(f"{source}: model_type={d['model_type']!r}, expected 'qwen2'")
+        kw = {}
+        for f in fields(cls):
+            if f.name in d:
+                kw[f.name] = d[f.name]
+        rope = d.get("rope_parameters") or {}          # transformers 5 layout
+        if "rope_theta" not in kw and "rope_theta" in rope:
+            kw["rope_theta"] = rope["rope_theta"]
+        if "torch_dtype" not in kw and d.get("dtype") is not None:
+            kw["torch_dtype"] = d["dtype"]
+        if kw.get("torch_dtype") is None:
+            kw.pop("torch_dtype", None)
+        for k in (f.name for f in fields(cls) if f.default is MISSING):
+            if k not in kw:
+                raise ValueError(f"{source}: missing required key {k!r}")
+        # features of the HF Qwen2 family that this implementation does not have
+        for key, ok in (("hidden_act", lambda v: v == "silu"),
+                        ("use_sliding_window", lambda v: not v),
+                        ("rope_scaling", lambda v: v is None or v.get("rope_type", v.get("type")) == "default"),
+                        ("rope_parameters", lambda v: v is None or v.get("rope_type", "default") == "default"),
+                        ("head_dim", lambda v: v is None or v == d["hidden_size"] // d["num_attention_heads"])):
+            if key in d and not ok(d[key]):
+                raise ValueError(f"{source}: {key}={d[key]!r} is not supported by this Qwen2 implementation")
+        cfg = cls.__new__(cls)
+        for f in fields(cls):
+            setattr(cfg, f.name, kw.get(f.name, f.default))
+        cfg.torch_dtype = str(cfg.torch_dtype).removeprefix("torch.")
+        cfg.validate(source)
+        return cfg
+
+    @classmethod
+    def from_json(cls, path) -> "Qwen2Config":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: config file not found")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=str(path))
+
+    def to_dict(self) -> dict:
+        """HF-compatible config.json content (read by transformers 4.x and 5.x, and vLLM)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu",
+                 rope_scaling=None, rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default"},
+                 use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers,
+                 attention_dropout=0.0, use_cache=True, initializer_range=0.02)
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------------
+# modules (parameter names follow the HF layout so checkpoints load with no renaming)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):                                               # [..., D]
+        # x / sqrt(mean(x^2) + eps) in fp32, cast back to the model dtype, then the gain
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype) * self.weight
+
+
+def rope_cos_sin(positions, inv_freq, dtype):
+    """positions [B, T] long -> cos, sin [B, 1, T, hd] with angle(p, i) = p * theta^(-2i/hd) for both halves;
+    the sin of the first half is negated so that RoPE(x) = x * cos + roll(x, hd/2) * sin equals the usual
+    rotate-half form x * cos + cat(-x2, x1) * sin exactly (a sign flip is exact in floating point)."""
+    freqs = positions[..., None].float() * inv_freq.float()            # [B, T, hd/2] fp32
+    cos, sin = freqs.cos(), freqs.sin()
+    cos, sin = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)  # [B, T, hd]
+    return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+
+
+def apply_rope(x, cos, sin):                                            # x [B, h, T, hd]
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        D, H, Hkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.H, self.Hkv, self.hd = H, Hkv, hd
+        self.q_proj = nn.Linear(D, H * hd, bias=True)
+        self.k_proj = nn.Linear(D, Hkv * hd, bias=True)
+        self.v_proj = nn.Linear(D, Hkv * hd, bias=True)
+        self.o_proj = nn.Linear(H * hd, D, bias=False)
+
+    def forward(self, x, cos, sin, mask, kv=None, start=0):
+        """x [B, T, D]; cos/sin [B, 1, T, hd]; mask: None (plain causal) or bool [B, 1, T, S] (True = attend);
+        kv: None or this layer's cache (k, v) each [B, Hkv, S_max, hd], written at columns [start, start+T)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.hd).transpose(1, 2)      # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.Hkv, self.hd).transpose(1, 2)    # [B, Hkv, T, hd]
+        v = self.v_proj(x).view(B, T, self.Hkv, self.hd).transpose(1, 2)    # [B, Hkv, T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            kc, vc = kv
+            kc[:, :, start:start + T] = k
+            vc[:, :, start:start + T] = v
+            k, v = kc[:, :, :start + T], vc[:, :, :start + T]                  # [B, Hkv, S, hd] views
+        G = self.H // self.Hkv
+        if T == 1 and G > 1:
+            # decode: fold the G query heads of a kv head into the query axis, no repeated K/V in memory
+            y = F.scaled_dot_product_attention(q.view(B, self.Hkv, G, self.hd), k, v, attn_mask=mask)
+        elif mask is None and start == 0:                                    # no padding: plain causal
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G > 1)
+        else:
+            if mask is None:                                                 # chunk after cached columns
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G > 1)
+        return self.o_proj(y.reshape(B, self.H, T, self.hd).transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):                                               # [B, T, D]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv=None, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Holds the `model.*` parameters of the HF layout."""
+
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class KVCache:
+    """Preallocated K/V for the ACTIVE layers only: k, v [L_active, B, Hkv, S_max, hd].
+    `mask` [B, S_max] marks real key columns (False = left padding); `next_pos` [B] is each row's next RoPE
+    position; `length` (host int) is the number of columns written; `active` the layer indices it serves."""
+
+    def __init__(self, cfg: Qwen2Config, active: tuple[int, ...], batch: int, max_len: int, dtype, device):
+        shape = (len(active), batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.mask = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.has_padding = False                                        # host flag: any False in mask?
+        self.active, self.length, self.max_len = active, 0, max_len
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+@dataclass
+class GenerateOutput:
+    tokens: torch.Tensor          # [B, Tn] long, pad_token_id after EOS
+    mask: torch.Tensor            # [B, Tn] bool, True up to and including EOS
+    logprobs: torch.Tensor        # [B, Tn] float32, log-prob of each token under the distribution it was drawn from
+    prompt_tokens: torch.Tensor   # [B, Tp] long, left-padded with pad_token_id
+    prompt_mask: torch.Tensor     # [B, Tp] bool
+
+
+# ----------------------------------------------------------------------------------------------------------
+# logit processing: THE single place (sampler and teacher-forced recompute both use it)
+
+
+def process_logits(logits, temperature=1.0, top_p=1.0, valid_vocab_size=None, banned_ids=None):
+    """logits [..., V] -> log-probs [..., V] float32 of the distribution the sampler draws from:
+    ids >= valid_vocab_size and `banned_ids` (1-D long tensor, e.g. EOS before min_new_tokens) get -inf,
+    then logits / temperature (temperature 0 = greedy: the log-probs are those of the temperature-1
+    distribution), then top-p: keep the smallest set of most likely ids whose mass reaches top_p, renormalise."""
+    x = logits.float()
+    if valid_vocab_size is not None and valid_vocab_size < x.shape[-1]:
+        x = x.clone()
+        x[..., valid_vocab_size:] = float("-inf")
+    if banned_ids is not None:
+        x = x.index_fill(-1, banned_ids, float("-inf"))
+    if temperature > 0 and temperature != 1.0:
+        x = x / temperature
+    logp = torch.log_softmax(x, dim=-1)
+    if top_p < 1.0:
+        sorted_logp, idx = logp.sort(dim=-1, descending=True)
+        before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()      # mass strictly before each id
+        drop = before >= top_p                                          # the first id is always kept
+        logp = torch.log_softmax(x.masked_fill(drop.scatter(-1, idx, drop), float("-inf")), dim=-1)
+    return logp
+
+
+def logprobs_from_logits(logits, tokens, temperature=1.0, top_p=1.0, valid_vocab_size=None,
+                         eos_token_ids=(), min_new_tokens=0):
+    """logits [B, T, V] (position t predicts tokens[:, t]), tokens [B, T] -> [B, T] float32 log-probs under
+    `process_logits`, exactly what generate() records. To reproduce a run with min_new_tokens > 0 pass the
+    same eos_token_ids/min_new_tokens (EOS is banned at completion positions t < min_new_tokens)."""
+    logp = process_logits(logits, temperature, top_p, valid_vocab_size)
+    out = logp.gather(-1, tokens[..., None]).squeeze(-1)
+    m = min(min_new_tokens, logits.shape[-2])
+    if m > 0 and len(eos_token_ids):
+        banned = torch.as_tensor(list(eos_token_ids), dtype=torch.long, device=logits.device)
+        head = process_logits(logits[..., :m, :], temperature, top_p, valid_vocab_size, banned)
+        out = out.clone()
+        out[..., :m] = head.gather(-1, tokens[..., :m, None]).squeeze(-1)
+    return out
+
+
+def sample_from_logprobs(logp, temperature, generator=None):
+    """logp [B, V] -> token ids [B]: argmax when temperature == 0, else a draw from exp(logp)."""
+    if temperature == 0:
+        return logp.argmax(-1)
+    return torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the model
+
+
+class Qwen2(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        self.apply(self._init_weights)
+
+    def _inv_freq(self, device=None):
+        hd = self.config.head_dim                                       # theta^(-2i/hd), i = 0..hd/2-1
+        return 1.0 / (self.config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=device) / hd))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    @property
+    def dtype(self):
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self):
+        return self.lm_head.weight.device
+
+    def active_layers(self, skip_mask=None) -> tuple[int, ...]:
+        """Host-side skip mask (N bools, True = skipped) -> indices of the layers that run."""
+        N = self.config.num_hidden_layers
+        if skip_mask is None:
+            return tuple(range(N))
+        if isinstance(skip_mask, torch.Tensor):
+            skip_mask = skip_mask.tolist()
+        skip_mask = list(skip_mask)
+        if len(skip_mask) != N:
+            raise ValueError(f"skip_mask has {len(skip_mask)} entries, expected num_hidden_layers={N}")
+        if any(s not in (True, False) for s in skip_mask):
+            raise ValueError(f"skip_mask={skip_mask!r}: expected booleans (True = layer skipped)")
+        return tuple(i for i, s in enumerate(skip_mask) if not s)
+
+    def new_cache(self, batch: int, max_len: int, skip_mask=None) -> KVCache:
+        return KVCache(self.config, self.active_layers(skip_mask), batch, max_len, self.dtype, self.device)
+
+    def forward(self, input_ids, skip_mask=None, attention_mask=None, logits_from: int = 0, cache=None):
+        """input_ids [B, T] long; skip_mask: N host bools (True = layer is identity); attention_mask [B, T]
+        (1 = token, 0 = padding; positions = number of real tokens before, so left padding is exact);
+        logits_from: logits only for positions >= logits_from; cache: a KVCache from new_cache() with the
+        same skip_mask, appended at its current length (prefill, then decode one token at a time).
+        Returns logits [B, T - logits_from, V] in the model dtype."""
+        B, T = input_ids.shape
+        active = self.active_layers(skip_mask)
+        am = None if attention_mask is None else attention_mask.to(device=input_ids.device, dtype=torch.bool)
+        if am is not None and am.shape != (B, T):
+            raise ValueError(f"attention_mask has shape {tuple(am.shape)}, expected {(B, T)}")
+        if cache is None:
+            start = 0
+            if am is None:
+                pos, mask = torch.arange(T, device=input_ids.device).expand(B, T), None
+            else:
+                pos = (am.long().cumsum(-1) - 1).clamp(min=0)                            # [B, T]
+                causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+                # a padding query attends to itself only, so no softmax row is empty (its output is unused)
+                mask = (causal & am[:, None, :]) | torch.eye(T, dtype=torch.bool, device=input_ids.device)
+                mask = mask[:, None]                                                     # [B, 1, T, T]
+        else:
+            if cache.active != active:
+                raise ValueError("forward(cache=...) got a skip_mask different from the one the cache was built for")
+            start = cache.length
+            if start + T > cache.max_len:
+                raise ValueError(f"KV cache overflow: {start}+{T} > max_len={cache.max_len}")
+            if am is None:
+                am = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+            else:
+                cache.mask[:, start:start + T] = am
+                cache.has_padding = cache.has_padding or not bool(am.all())
+            pos = cache.next_pos[:, None] + am.long().cumsum(-1) - 1                      # [B, T]
+            cache.next_pos += am.long().sum(-1)
+            cache.length = start + T
+            mask = None
+            if cache.has_padding and T == 1:                                             # decode: a view
+                mask = cache.mask[:, None, None, :start + 1]                             # [B, 1, 1, S]
+            elif cache.has_padding:
+                S = start + T
+                causal = torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(start)
+                mask = causal & cache.mask[:, None, :S]                                  # [B, T, S]
+                mask[:, :, start:] |= torch.eye(T, dtype=torch.bool, device=input_ids.device)
+                mask = mask[:, None]                                                     # [B, 1, T, S]
+        cos, sin = rope_cos_sin(pos.clamp(min=0), self.inv_freq, self.dtype)
+        x = self.model.embed_tokens(input_ids)                                           # [B, T, D]
+        for j, i in enumerate(active):
+            kv = None if cache is None else (cache.k[j], cache.v[j])
+            x = self.model.layers[i](x, cos, sin, mask, kv, start)
+        x = self.model.norm(x[:, logits_from:])
+        return self.lm_head(x)                                                           # [B, T', V]
+
+    # ------------------------------------------------------------------------------------------------------
+    # sampling
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, min_new_tokens: int = 0,
+                 temperature: float = 1.0, top_p: float = 1.0, skip_mask=None, eos_token_ids=(),
+                 pad_token_id: int = 0, generator: torch.Generator | None = None,
+                 valid_vocab_size: int | None = None) -> GenerateOutput:
+        """Batched sampling from prompts of different lengths (left-padded; positions from the mask).
+        Prefill, then one token per step with a preallocated KV cache of the active layers only.
+        temperature 0 = greedy; the recorded log-probs are then those of the temperature-1 distribution
+        (after vocab masking, EOS ban and top-p). Otherwise the log-probs are those of the exact distribution
+        each token was drawn from (vocab masking, EOS ban before min_new_tokens, /temperature, top-p); they
+        equal logprobs_from_logits(model(seq, skip_mask)[...], ...) with the same arguments.
+        A row stops after its first EOS id: later tokens are pad_token_id, mask False, logprob 0."""
+        V = self.config.vocab_size
+        if not isinstance(prompts, (list, tuple)) or not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prompts: expected a non-empty list of non-empty token-id lists")
+        if max_new_tokens < 1 or not 0 <= min_new_tokens <= max_new_tokens:
+            raise ValueError(f"need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens, "
+                             f"got max_new_tokens={max_new_tokens}, min_new_tokens={min_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        if valid_vocab_size is not None and not 0 < valid_vocab_size <= V:
+            raise ValueError(f"valid_vocab_size={valid_vocab_size}, expected 1..{V}")
+        dev = self.device
+        B, Tp = len(prompts), max(len(p) for p in prompts)
+        prompt_tokens = torch.full((B, Tp), pad_token_id, dtype=torch.long)
+        prompt_mask = torch.zeros(B, Tp, dtype=torch.bool)
+        for b, p in enumerate(prompts):
+            prompt_tokens[b, Tp - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            prompt_mask[b, Tp - len(p):] = True
+        if int(prompt_tokens.min()) < 0 or int(prompt_tokens.max()) >= V:
+            raise ValueError(f"prompt token ids must be in [0, {V})")
+        prompt_tokens, prompt_mask = prompt_tokens.to(dev), prompt_mask.to(dev)
+        eos = torch.as_tensor(list(eos_token_ids), dtype=torch.long, device=dev)
+        banned = eos if len(eos) and min_new_tokens > 0 else None
+
+        cache = self.new_cache(B, Tp + max_new_tokens - 1, skip_mask)
+        tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
+        logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev)
+        alive = torch.ones(B, dtype=torch.bool, device=dev)
+        mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=dev)
+        logits = self(prompt_tokens, skip_mask, prompt_mask, logits_from=Tp - 1, cache=cache)[:, -1]  # [B, V]
+        n = max_new_tokens
+        for t in range(max_new_tokens):
+            logp = process_logits(logits, temperature, top_p, valid_vocab_size,
+                                  banned if t < min_new_tokens else None)         # [B, V] fp32
+            tok = sample_from_logprobs(logp, temperature, generator)           # [B]
+            lp = logp.gather(-1, tok[:, None]).squeeze(-1)                     # [B]
+            tokens[:, t] = torch.where(alive, tok, pad_token_id)
+            logprobs[:, t] = torch.where(alive, lp, 0.0)
+            mask[:, t] = alive
+            if len(eos):
+                alive = alive & ~torch.isin(tok, eos)
+                if not bool(alive.any()):                                      # one host sync per step
+                    n = t + 1
+                    break
+            if t + 1 < max_new_tokens:
+                logits = self(tok[:, None], skip_mask, cache=cache)[:, -1]
+        return GenerateOutput(tokens[:, :n], mask[:, :n], logprobs[:, :n], prompt_tokens, prompt_mask)
+
+    # ------------------------------------------------------------------------------------------------------
+    # checkpoint I/O (HF layout: config.json + model.safetensors or shards + model.safetensors.index.json)
+
+    def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        sd = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            sd.pop("lm_head.weight")
+        return sd
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> "Qwen2":
+        """Load an HF-layout checkpoint directory strictly: every missing, unexpected or mis-shaped tensor is
+        an error naming it. dtype: torch dtype or name (default float32); device: default cpu.
+        A tied checkpoint (tie_word_embeddings) has no lm_head.weight; if one is present it is ignored."""
+        from safetensors import safe_open
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: checkpoint directory not found")
+        cfg = Qwen2Config.from_json(path / "config.json")
+        dtype = torch.float32 if dtype is None else _as_dtype(dtype)
+        device = torch.device("cpu" if device is None else device)
+        index = path / "model.safetensors.index.json"
+        if (path / "model.safetensors").is_file():
+            files = [path / "model.safetensors"]
+        elif index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{index}: expected JSON with a 'weight_map' object") from None
+            files = [path / f for f in sorted(set(weight_map.values()))]
+            for f in files:
+                if not f.is_file():
+                    raise FileNotFoundError(f"{f}: shard listed in {index} not found")
+        else:
+            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = model._expected_shapes()
+        sd = {}
+        for f in files:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                for name in st.keys():
+                    if name == "lm_head.weight" and cfg.tie_word_embeddings or name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    if name not in expected:
+                        raise ValueError(f"{f}: unexpected tensor {name!r}")
+                    shape = tuple(st.get_slice(name).get_shape())
+                    if shape != expected[name]:
+                        raise ValueError(f"{f}: tensor {name!r} has shape {shape}, expected {expected[name]}")
+                    sd[name] = st.get_tensor(name).to(device=device, dtype=dtype)
+        missing = [k for k in expected if k not in sd]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ValueError(f"{path}: missing tensor {missing[0]!r}{more}")
+        if cfg.tie_word_embeddings:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        model.load_state_dict(sd, strict=True, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.inv_freq = model._inv_freq(device)
+        return model
+
+    def save_pretrained(self, path, max_shard_size_bytes: int = 5_000_000_000):
+        """Write config.json + model.safetensors (or model-0000i-of-0000n.safetensors shards and
+        model.safetensors.index.json when the weights exceed max_shard_size_bytes) in the HF layout, loadable
+        by transformers and vLLM. Atomic: everything is written to a temp dir beside `path` which is then
+        renamed to `path`; if `path` already exists, each file is moved in with os.replace (other files in
+        it, e.g. a tokenizer, are kept; stale weight files of an earlier save are removed)."""
+        from safetensors.torch import save_file
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            sd.pop("lm_head.weight")
+        shards, cur, size = [], {}, 0
+        for k, v in sd.items():
+            if cur and size + v.nbytes > max_shard_size_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k], size = v, size + v.nbytes
+        shards.append(cur)
+        cfg = self.config.to_dict()
+        cfg["torch_dtype"] = str(self.dtype).removeprefix("torch.")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            if len(shards) == 1:
+                save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            else:
+                weight_map = {}
+                for i, shard in enumerate(shards):
+                    name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                    save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                    weight_map.update({k: name for k in shard})
+                index = {"metadata": {"total_size": sum(v.nbytes for v in sd.values())}, "weight_map": weight_map}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+            if not path.exists():
+                os.replace(tmp, path)
+                return
+            new = set(os.listdir(tmp))
+            for f in os.listdir(path):                                  # stale weights of an earlier save
+                if f not in new and (f.startswith("model") and f.endswith(".safetensors")
+                                     or f == "model.safetensors.index.json"):
+                    os.remove(path / f)
+            for f in sorted(new, key=lambda f: f == "config.json"):     # config.json last
+                os.replace(tmp / f, path / f)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,367 @@
+"""qwen2.py: parity with transformers' Qwen2ForCausalLM (the independent oracle, test-only), checkpoint I/O,
+layer skipping, the KV-cache sampler and its behaviour log-probs. Tiny random models, CPU, fp32."""
+import json
+import math
+
+import pytest
+import torch
+
+from qwen2 import GenerateOutput, Qwen2, Qwen2Config, logprobs_from_logits, process_logits
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, rope_theta=1000.0, rms_norm_eps=1e-5)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0):
+    """Large random weights (incl. biases and norm gains) so that every part of the math shows in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def ours(seed=0, **kw) -> Qwen2:
+    return randomize_(Qwen2(Qwen2Config(**{**TINY, **kw})), seed).eval()
+
+
+def hf_model(seed=0, **kw):
+    cfg = transformers.Qwen2Config(**{**TINY, **kw}, attn_implementation="eager")
+    return randomize_(transformers.Qwen2ForCausalLM(cfg), seed).eval()
+
+
+def left_pad(prompts, pad=0):
+    T = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+PROMPTS = [[5, 17, 3, 44, 9, 60, 2], [7, 7, 81], [90, 1, 33, 12, 56]]
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_config_from_hf_config_json(tmp_path):
+    hf = transformers.Qwen2Config(**TINY, tie_word_embeddings=True, max_position_embeddings=4096)
+    hf.save_pretrained(tmp_path)
+    cfg = Qwen2Config.from_json(tmp_path / "config.json")
+    assert cfg == Qwen2Config(**TINY, tie_word_embeddings=True, max_position_embeddings=4096)
+    assert cfg.head_dim == 16
+    # transformers 4.x layout (rope_theta / torch_dtype at top level), unknown keys ignored
+    d = {**TINY, "model_type": "qwen2", "torch_dtype": "bfloat16", "rope_theta": 5.0, "some_new_key": [1]}
+    cfg = Qwen2Config.from_dict(d)
+    assert cfg.rope_theta == 5.0 and cfg.torch_dtype == "bfloat16"
+    assert Qwen2Config.from_dict(cfg.to_dict()) == cfg
+    assert cfg.to_dict()["model_type"] == "qwen2" and cfg.to_dict()["architectures"] == ["Qwen2ForCausalLM"]
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"hidden_size": None}, ["'hidden_size'", "missing"]),
+    ({"num_key_value_heads": None}, ["'num_key_value_heads'"]),
+    ({"model_type": "llama"}, ["model_type", "llama"]),
+    ({"use_sliding_window": True}, ["use_sliding_window"]),
+    ({"hidden_act": "gelu"}, ["hidden_act"]),
+    ({"num_key_value_heads": 3}, ["num_key_value_heads"]),
+    ({"vocab_size": -1}, ["vocab_size"]),
+])
+def test_config_errors_name_file_and_key(tmp_path, change, words):
+    d = {**TINY, "model_type": "qwen2"}
+    for k, v in change.items():
+        if v is None:
+            d.pop(k)
+        else:
+            d[k] = v
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError) as e:
+        Qwen2Config.from_json(tmp_path / "config.json")
+    msg = str(e.value)
+    assert str(tmp_path / "config.json") in msg and all(w in msg for w in words), msg
+
+
+def test_config_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config"):
+        Qwen2Config.from_json(tmp_path / "nope.json")
+
+
+# ---------------------------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_hf_checkpoint_loads_with_logit_parity(tmp_path, tied):
+    hf = hf_model(tie_word_embeddings=tied)
+    hf.save_pretrained(tmp_path)
+    m = Qwen2.from_pretrained(tmp_path, dtype=torch.float32)
+    assert m.config.tie_word_embeddings == tied
+    assert (m.lm_head.weight is m.model.embed_tokens.weight) == tied
+    ids = torch.randint(0, TINY["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = m(ids)
+    assert got.shape == (2, 11, TINY["vocab_size"])
+    assert ref.abs().max() > 1.0                     # logits are far from trivial
+    assert (got - ref).abs().max() <= 1e-4
+    # left-padded batch: positions from the mask (HF takes them explicitly)
+    ids, am = left_pad(PROMPTS)
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=am, position_ids=pos).logits
+        got = m(ids, attention_mask=am)
+    real = am.bool()
+    assert (got - ref)[real].abs().max() <= 1e-4
+    # logits_from: only the tail
+    with torch.no_grad():
+        tail = m(ids, attention_mask=am, logits_from=4)
+    assert tail.shape == (3, ids.shape[1] - 4, TINY["vocab_size"])
+    torch.testing.assert_close(tail, got[:, 4:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tied, shard", [(False, False), (True, True), (False, True)])
+def test_our_checkpoint_loads_in_transformers(tmp_path, tied, shard):
+    m = ours(seed=3, tie_word_embeddings=tied, num_key_value_heads=1)      # GQA with 4 query heads per kv head
+    m.save_pretrained(tmp_path / "ck", max_shard_size_bytes=40_000 if shard else 5_000_000_000)
+    files = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    if shard:
+        assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
+    else:
+        assert files == ["config.json", "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name != "ck"]           # no temp dir left behind
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32,
+                                                       attn_implementation="eager").eval()
+    ids = torch.randint(0, TINY["vocab_size"], (3, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (m(ids) - hf(ids).logits).abs().max() <= 1e-4
+    # and back: our loader reads the (sharded) checkpoint into identical weights
+    m2 = Qwen2.from_pretrained(tmp_path / "ck")
+    for (k, a), (k2, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+
+
+def test_hf_sharded_checkpoint_and_dtype(tmp_path):
+    hf = hf_model(seed=4)
+    hf.save_pretrained(tmp_path, max_shard_size="60KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    m = Qwen2.from_pretrained(tmp_path)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (m(ids) - hf(ids).logits).abs().max() <= 1e-4
+    mb = Qwen2.from_pretrained(tmp_path, dtype="bfloat16", device="cpu")
+    assert mb.dtype == torch.bfloat16 and mb.inv_freq.dtype == torch.float32
+    with torch.no_grad():
+        assert mb(ids).dtype == torch.bfloat16
+
+
+def test_save_into_existing_dir_keeps_other_files(tmp_path):
+    m = ours()
+    m.save_pretrained(tmp_path / "ck", max_shard_size_bytes=40_000)
+    (tmp_path / "ck" / "tokenizer.json").write_text("{}")
+    m.save_pretrained(tmp_path / "ck")                                     # now unsharded
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors",
+                                                                  "tokenizer.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+    Qwen2.from_pretrained(tmp_path / "ck")
+
+
+def _edit_checkpoint(tmp_path, edit):
+    from safetensors.torch import load_file, save_file
+    ours().save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    edit(sd)
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_load_errors_name_the_tensor(tmp_path):
+    _edit_checkpoint(tmp_path, lambda sd: sd.pop("model.layers.2.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing tensor 'model.layers.2.mlp.up_proj.weight'"):
+        Qwen2.from_pretrained(tmp_path)
+    _edit_checkpoint(tmp_path, lambda sd: sd.update({"model.layers.9.extra": torch.zeros(2)}))
+    with pytest.raises(ValueError, match=r"unexpected tensor 'model.layers.9.extra'"):
+        Qwen2.from_pretrained(tmp_path)
+    _edit_checkpoint(tmp_path, lambda sd: sd.update({"model.layers.0.self_attn.k_proj.bias": torch.zeros(7)}))
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.k_proj.bias' has shape \(7,\), expected \(32,\)"):
+        Qwen2.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        Qwen2.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        Qwen2.from_pretrained(tmp_path / "absent")
+
+
+def test_missing_shard_is_an_error(tmp_path):
+    ours().save_pretrained(tmp_path, max_shard_size_bytes=40_000)
+    next(tmp_path.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002"):
+        Qwen2.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- skipping
+
+
+@pytest.mark.parametrize("i", [0, 2])
+def test_skipping_layer_equals_model_without_it(i):
+    m = ours(seed=6)
+    N = m.config.num_hidden_layers
+    small = Qwen2(Qwen2Config(**{**TINY, "num_hidden_layers": N - 1}))
+    sd = {k: v for k, v in m.state_dict().items() if not k.startswith(f"model.layers.{i}.")}
+    sd = {(f"model.layers.{int(k.split('.')[2]) - (int(k.split('.')[2]) > i)}." + k.split(".", 3)[3]
+           if k.startswith("model.layers.") else k): v for k, v in sd.items()}
+    small.load_state_dict(sd, strict=True)
+    ids, am = left_pad(PROMPTS)
+    skip = [j == i for j in range(N)]
+    with torch.no_grad():
+        a, b, full = m(ids, skip, am), small(ids, attention_mask=am), m(ids, attention_mask=am)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert (a - full).abs().max() > 0.1                                    # skipping changes the output
+
+
+def test_all_false_mask_equals_no_mask_and_mask_validation():
+    m = ours()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 6))
+    with torch.no_grad():
+        assert torch.equal(m(ids, [False] * 4), m(ids))
+        assert torch.equal(m(ids, (True, False, False, True)), m(ids, torch.tensor([1, 0, 0, 1]).bool()))
+    with pytest.raises(ValueError, match="skip_mask has 3 entries, expected num_hidden_layers=4"):
+        m(ids, [False] * 3)
+    with pytest.raises(ValueError, match="skip_mask"):
+        m(ids, [0.5, 0, 0, 0])
+    with pytest.raises(ValueError, match="attention_mask"):
+        m(ids, attention_mask=torch.ones(2, 5))
+
+
+def test_kv_cache_holds_active_layers_only():
+    m = ours()
+    full = m.new_cache(4, 32)
+    nested = m.new_cache(4, 32, [False, True, True, False])
+    assert full.k.shape == (4, 4, 2, 32, 16)
+    assert nested.nbytes * 2 == full.nbytes
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+
+
+def teacher_forced(m, out: GenerateOutput, skip, **kw):
+    """Full (no cache) forward over prompt + completion -> log-probs of the completion and the logits."""
+    seq = torch.cat([out.prompt_tokens, out.tokens], 1)
+    am = torch.cat([out.prompt_mask, out.mask], 1)
+    Tp = out.prompt_tokens.shape[1]
+    with torch.no_grad():
+        logits = m(seq, skip, am, logits_from=Tp - 1)[:, :-1]              # position t predicts token t
+    return logprobs_from_logits(logits, out.tokens, **kw), logits
+
+
+@pytest.mark.parametrize("skip", [None, [False, True, False, False], [False, True, True, False]])
+def test_greedy_kv_cache_decoding_equals_full_forward(skip):
+    m = ours(seed=7)
+    out = m.generate(PROMPTS, max_new_tokens=12, temperature=0.0, skip_mask=skip)
+    assert out.tokens.shape == out.mask.shape == out.logprobs.shape == (3, 12)
+    assert out.mask.all() and out.logprobs.dtype == torch.float32
+    assert torch.equal(out.prompt_tokens, left_pad(PROMPTS)[0]) and torch.equal(out.prompt_mask,
+                                                                               left_pad(PROMPTS)[1].bool())
+    lp, logits = teacher_forced(m, out, skip, temperature=0.0)
+    assert torch.equal(logits.argmax(-1), out.tokens)
+    torch.testing.assert_close(out.logprobs, lp, atol=1e-4, rtol=0)
+    # temperature 0 records the log-probs of the temperature-1 distribution
+    torch.testing.assert_close(out.logprobs, torch.log_softmax(logits.float(), -1).gather(
+        -1, out.tokens[..., None]).squeeze(-1), atol=1e-4, rtol=0)
+    # each row equals generating it alone (no padding at all)
+    for b, p in enumerate(PROMPTS):
+        alone = m.generate([p], max_new_tokens=12, temperature=0.0, skip_mask=skip)
+        assert torch.equal(alone.tokens[0], out.tokens[b])
+
+
+@pytest.mark.parametrize("skip, temperature, top_p", [(None, 1.0, 1.0), ([False, False, True, False], 0.7, 0.9),
+                                                      ([True, False, True, False], 1.3, 0.6)])
+def test_sampled_logprobs_equal_teacher_forced(skip, temperature, top_p):
+    m = ours(seed=8)
+    eos = (3, 11)
+    kw = dict(temperature=temperature, top_p=top_p, valid_vocab_size=90)
+    out = m.generate(PROMPTS * 3, max_new_tokens=16, min_new_tokens=2, skip_mask=skip, eos_token_ids=eos,
+                     pad_token_id=0, generator=torch.Generator().manual_seed(0), **kw)
+    lp, _ = teacher_forced(m, out, skip, eos_token_ids=eos, min_new_tokens=2, **kw)
+    torch.testing.assert_close(out.logprobs[out.mask], lp[out.mask], atol=1e-4, rtol=0)
+    assert torch.isfinite(lp[out.mask]).all()
+    assert (out.logprobs[~out.mask] == 0).all() and (out.tokens[~out.mask] == 0).all()
+    # EOS kept in the mask, everything after it masked
+    for b in range(out.tokens.shape[0]):
+        row = out.tokens[b][out.mask[b]].tolist()
+        assert all(t not in eos for t in row[:-1])
+        if out.mask[b].sum() < out.tokens.shape[1]:
+            assert row[-1] in eos
+    if top_p < 1:   # the recorded distribution really is truncated: lower log-probs would have been sampled else
+        plain, _ = teacher_forced(m, out, skip, temperature=temperature, valid_vocab_size=90)
+        assert (lp[out.mask] >= plain[out.mask] - 1e-5).all() and (lp[out.mask] > plain[out.mask] + 1e-3).any()
+
+
+def test_same_seed_same_tokens():
+    m = ours(seed=9)
+    run = lambda s: m.generate(PROMPTS, max_new_tokens=10, temperature=1.0, top_p=0.95,
+                               generator=torch.Generator().manual_seed(s))
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_min_new_tokens_suppresses_eos_and_rows_stop():
+    m = ours(seed=10)
+    eos = tuple(range(0, 96, 2))                                         # half the vocabulary is EOS
+    g = torch.Generator().manual_seed(0)
+    free = m.generate(PROMPTS * 4, max_new_tokens=12, eos_token_ids=eos, pad_token_id=1, generator=g)
+    assert free.tokens.shape[1] < 12                                     # every row stopped early -> Tn shrinks
+    assert free.mask.sum(1).min() == 1
+    lens = free.mask.sum(1)
+    assert all(free.tokens[b, lens[b] - 1] in eos for b in range(12))
+    assert (free.tokens[~free.mask] == 1).all()
+    held = m.generate(PROMPTS * 4, max_new_tokens=12, min_new_tokens=6, eos_token_ids=eos, generator=g)
+    assert held.mask[:, :6].all()
+    assert not torch.isin(held.tokens[:, :5], torch.tensor(eos)).any()
+    fixed = m.generate(PROMPTS, max_new_tokens=8, min_new_tokens=8, eos_token_ids=eos, generator=g)
+    assert fixed.mask.all() and fixed.tokens.shape == (3, 8)
+    assert not torch.isin(fixed.tokens, torch.tensor(eos)).any()
+
+
+def test_masked_vocab_is_never_sampled():
+    m = ours(seed=11)
+    out = m.generate(PROMPTS, max_new_tokens=40, temperature=3.0, valid_vocab_size=20,
+                     generator=torch.Generator().manual_seed(0))
+    assert out.tokens.max() < 20
+    assert len(out.tokens.unique()) > 5
+
+
+def test_process_logits_golden_values():
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = p.log()[None] + 3.0                                         # shift: softmax is invariant
+    torch.testing.assert_close(process_logits(logits).exp()[0], p)
+    # top-p keeps the smallest prefix of most likely ids whose mass reaches top_p, renormalised
+    torch.testing.assert_close(process_logits(logits, top_p=0.8).exp()[0], torch.tensor([0.625, 0.375, 0, 0]))
+    torch.testing.assert_close(process_logits(logits, top_p=0.45).exp()[0], torch.tensor([1.0, 0, 0, 0]))
+    torch.testing.assert_close(process_logits(logits, top_p=0.81).exp()[0],
+                               torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95)
+    # temperature: logits [0, ln 2] at T = 0.5 -> [0, 2 ln 2] -> probs [1/5, 4/5]
+    two = torch.tensor([[0.0, math.log(2.0)]])
+    torch.testing.assert_close(process_logits(two, temperature=0.5).exp()[0], torch.tensor([0.2, 0.8]))
+    torch.testing.assert_close(process_logits(two, temperature=0.0).exp()[0], torch.tensor([1 / 3, 2 / 3]))
+    # vocab masking and banned ids renormalise over the rest
+    torch.testing.assert_close(process_logits(logits, valid_vocab_size=2).exp()[0],
+                               torch.tensor([0.625, 0.375, 0, 0]))
+    torch.testing.assert_close(process_logits(logits, banned_ids=torch.tensor([0])).exp()[0],
+                               torch.tensor([0, 0.6, 0.3, 0.1]))
+    lp = logprobs_from_logits(logits[None].expand(1, 3, 4), torch.tensor([[1, 0, 2]]), top_p=0.8)
+    torch.testing.assert_close(lp, torch.tensor([[math.log(0.375), math.log(0.625), -math.inf]]))
+
+
+def test_generate_argument_errors():
+    m = ours()
+    with pytest.raises(ValueError, match="prompts"):
+        m.generate([], max_new_tokens=2)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        m.generate([[1]], max_new_tokens=2, min_new_tokens=3)
+    with pytest.raises(ValueError, match="token ids"):
+        m.generate([[1, 96]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="skip_mask"):
+        m.generate([[1]], max_new_tokens=2, skip_mask=[True])

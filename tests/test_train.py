@@ -1,0 +1,173 @@
+"""The training loop (nested_reft.py): config handling, a tiny SFT + ReFT run, exact resume."""
+import json
+import subprocess
+import zlib
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import nested_reft as nr
+from data import train_tokenizer
+from qwen2 import Qwen2, Qwen2Config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A toy GSM8K-format training set: "a plus b" with the CoT ending in #### answer.
+PROBLEMS = [(a, b) for a in range(1, 7) for b in range(1, 5)]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """data/gsm8k/train.jsonl, a trained byte-level BPE tokenizer and a random 4-layer Qwen2, all on disk."""
+    root = tmp_path_factory.mktemp("ws")
+    (root / "data" / "gsm8k").mkdir(parents=True)
+    lines = [json.dumps({"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"})
+             for a, b in PROBLEMS]
+    (root / "data" / "gsm8k" / "train.jsonl").write_text("\n".join(lines) + "\n")
+    texts = [l for l in lines] + [nr.chat_prompt("x") + "The answer is \\boxed{12}."]
+    tok = train_tokenizer(texts, 300)
+    tok.save(root / "tok")
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    Qwen2(cfg).save_pretrained(root / "model")
+    return root
+
+
+def tiny_config(ws: Path, out: Path, **kw) -> nr.Config:
+    base = dict(model=str(ws / "model"), tokenizer=str(ws / "tok"), dataset="gsm8k", data_dir=str(ws / "data"),
+                out_dir=str(out), sft_epochs=1, sft_batch_size=8, sft_micro_batch=4, steps=4, prompts_per_step=2,
+                group_size=4, micro_batch=3, rollout_batch=5, max_new_tokens=6, temperature=1.0, lr=1e-3,
+                skip_ratio=0.25, skip_border=1, variant="retrace", device="cpu", dtype="float32")
+    base.update(kw)
+    return nr.load_config("", {k: str(v) for k, v in base.items()})
+
+
+@pytest.fixture
+def coin_reward(monkeypatch):
+    """A deterministic reward that is 1 for about half of all texts, so that a random tiny model gets non-zero
+    advantages and gradients (the graders themselves are tested in test_graders.py)."""
+    monkeypatch.setattr(nr, "reward", lambda text, gold: float(zlib.crc32(text.encode()) % 2))
+
+
+def read_metrics(run: Path, stage: str = "reft") -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["stage"] == stage]
+
+
+# ---------------------------------------------------------------------------------------------------------- config
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.json")))
+def test_named_configs_load(name):
+    cfg = nr.load_config(name)
+    assert cfg.group_size >= 2
+
+
+@pytest.mark.parametrize("name", ["gsm8k_1p5b", "svamp_1p5b", "math12k_1p5b", "gsm8k_7b", "svamp_7b", "math12k_7b"])
+def test_paper_configs_keep_paper_settings(name):
+    cfg = nr.load_config(name)
+    assert (cfg.skip_border, cfg.beta, cfg.group_size, cfg.lr, cfg.fixed_length) == (1, 0.0, 8, 1e-6, True)
+    assert ("7B" in cfg.model) == name.endswith("_7b")
+
+
+def test_overrides_are_type_checked():
+    cfg, resume = nr.parse_args(["--config", "gsm8k_1p5b", "--skip_ratio=0.15", "--group-size", "4",
+                                 "--fixed_length=false", "--variant=base"])
+    assert (cfg.skip_ratio, cfg.group_size, cfg.fixed_length, cfg.variant, resume) == (0.15, 4, False, "base", "")
+    with pytest.raises(nr.UserError, match="'group_size' expects int"):
+        nr.parse_args(["--config=gsm8k_1p5b", "--group_size=four"])
+    with pytest.raises(nr.UserError, match="unknown key '--learning_rate'"):
+        nr.parse_args(["--config=gsm8k_1p5b", "--learning_rate=1"])
+    with pytest.raises(nr.UserError, match="'variant'.*expected one of base, practical, retrace"):
+        nr.parse_args(["--config=gsm8k_1p5b", "--variant=vtrace"])
+    with pytest.raises(nr.UserError, match="skip_ratio"):
+        nr.parse_args(["--config=gsm8k_1p5b", "--skip_ratio=1.5"])
+
+
+def test_config_file_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model": "m", "dataset": "gsm8k", "lrr": 1}')
+    with pytest.raises(nr.UserError, match=r"bad.json: unknown key 'lrr'"):
+        nr.load_config(str(bad))
+    bad.write_text('{"model": "m",\n "steps": }')
+    with pytest.raises(nr.UserError, match=r"bad.json: invalid JSON at line 2"):
+        nr.load_config(str(bad))
+    with pytest.raises(nr.UserError, match="config 'nope'.*not found"):
+        nr.load_config("nope")
+
+
+def test_help_lists_every_field():
+    text = nr.help_text()
+    for f in fields(nr.Config):
+        assert f"--{f.name}=" in text
+
+
+def test_cli_user_error_is_one_line():
+    p = subprocess.run([sys.executable, "nested_reft.py", "--config=gsm8k_1p5b", "--steps=x"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "Traceback" not in p.stderr
+    assert "'steps' expects int" in p.stderr
+
+
+def test_data_order_reshuffles_each_epoch_and_resumes():
+    a = nr.DataOrder(5, seed=3)
+    first, second = a.take(5), a.take(5)
+    assert sorted(first) == sorted(second) == list(range(5)) and first != second
+    b = nr.DataOrder(5, seed=3)
+    b.take(7)
+    c = nr.DataOrder(5, seed=3)
+    c.load_state_dict(b.state_dict())
+    assert b.take(6) == c.take(6)
+
+
+# ---------------------------------------------------------------------------------------------------------- runs
+
+def test_end_to_end_sft_then_nested_reft(workspace, tmp_path, coin_reward):
+    cfg = tiny_config(workspace, tmp_path / "run")
+    summary = nr.train(cfg, quiet=True)
+    run = tmp_path / "run"
+    sft_rows, rows = read_metrics(run, "sft"), read_metrics(run)
+    assert len(sft_rows) == 3 and len(rows) == 4 and summary["steps"] == 4   # ceil(24 * 1 / 8) SFT steps
+    for r in rows:
+        assert len(r["skip"]) == 1 and r["skip"][0] in (1, 2)                # k = round(.25 * 4) = 1, e = 1
+        for key in ("reward_mean", "zero_std_frac", "ratio_min", "ratio_mean", "ratio_max", "trunc_frac",
+                    "ess_ratio", "kl_mu_pi", "entropy", "completion_len", "rollout_tok_s", "tok_s", "runtime"):
+            assert key in r and r[key] == r[key], key                        # present and not NaN
+        assert r["completion_len"] == 6                                      # fixed-length rollouts
+        assert r["grad_norm"] > 0 and r["loss"] != 0
+    # the nested behaviour model differs from the full model: some ratio is not 1
+    assert any(abs(r["ratio_max"] - 1) > 1e-6 or abs(r["ratio_min"] - 1) > 1e-6 for r in rows)
+    loaded = Qwen2.from_pretrained(run / "checkpoint")
+    assert loaded.config.num_hidden_layers == 4 and (run / "sft" / "config.json").is_file()
+
+
+def test_plain_reft_is_on_policy(workspace, tmp_path):
+    """r = 0, e = 0: mu = pi_theta_old, so every recorded ratio is 1 (same logit processing on both sides)."""
+    cfg = tiny_config(workspace, tmp_path / "run", skip_ratio=0, skip_border=0, sft_epochs=0, steps=2)
+    nr.train(cfg, quiet=True)
+    for r in read_metrics(tmp_path / "run"):
+        assert r["skip"] == []
+        assert abs(r["ratio_min"] - 1) < 1e-4 and abs(r["ratio_max"] - 1) < 1e-4
+
+
+def test_resume_reproduces_an_uninterrupted_run(workspace, tmp_path, coin_reward):
+    full, part = tmp_path / "full", tmp_path / "part"
+    nr.train(tiny_config(workspace, full), quiet=True)
+    nr.train(tiny_config(workspace, part), quiet=True, stop_after=2)
+    assert len(read_metrics(part)) == 2
+    cfg, resume = nr.parse_args(["--resume", str(part)])
+    nr.train(cfg, resume=resume, quiet=True)
+    a, b = read_metrics(full), read_metrics(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert ra["skip"] == rb["skip"]
+        assert ra["reward_mean"] == rb["reward_mean"]
+        assert ra["loss"] == rb["loss"]
+        assert ra["ratio_mean"] == rb["ratio_mean"]
+    assert any(r["grad_norm"] > 0 for r in a)                                # the steps did change the model
+    wa = Qwen2.from_pretrained(full / "checkpoint").state_dict()
+    wb = Qwen2.from_pretrained(part / "checkpoint").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
