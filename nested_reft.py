@@ -7,6 +7,7 @@ effects.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import numbers
@@ -209,7 +210,7 @@ class Config:
     # --- bookkeeping
     log_every: int = _f(1, "print a progress line every N steps (metrics.jsonl gets every step)", "ours")
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)", "ours")
-    eval_benchmarks: str = _f("", "comma list evaluated at the end (e.g. gsm8k_test,math500,aime); empty = none",
+    eval_benchmarks: str = _f("", "comma list of test sets evaluated at the end (aime, amc, math500, minerva, olympiad, gsm8k, svamp); empty = none",
                               "ours")
     eval_max_new_tokens: int = _f(3000, "evaluation: max new tokens (greedy)", "Liu et al.: 3000")
     eval_batch_size: int = _f(32, "evaluation: prompts per generate() call", "ours")
@@ -529,8 +530,10 @@ def policy_logits(model: Qwen2, r: Rollouts, rows: slice, device, dtype) -> torc
         return model(ids[:, :-1], attention_mask=attn[:, :-1], logits_from=pt.shape[1] - 1)   # [b, Tn, V]
 
 
-def reft_step(model: Qwen2, opt, sched, r: Rollouts, cfg: Config, tok: Tokenizer, device, dtype) -> dict:
-    """Steps 5-9 on one rollout batch, in micro-batches whose losses sum to the full-batch loss."""
+def reft_step(model: Qwen2, opt, sched, r: Rollouts, cfg: Config, tok: Tokenizer, device, dtype,
+              ref_model: Qwen2 | None = None) -> dict:
+    """Steps 5-9 on one rollout batch, in micro-batches whose losses sum to the full-batch loss.
+    ref_model (only when beta > 0): the frozen initial model of the k3 KL penalty beta * KL(pi_theta || pi_ref)."""
     adv = group_advantages(r.rewards, cfg.group_size, scale=cfg.scale_rewards)          # [S] step 5
     kw = sampling_kwargs(cfg, tok)
     Z = loss_normaliser(r.mask, cfg.aggregation, cfg.max_new_tokens)                    # whole-batch denominator
@@ -542,9 +545,14 @@ def reft_step(model: Qwen2, opt, sched, r: Rollouts, cfg: Config, tok: Tokenizer
         rows = slice(i, i + cfg.micro_batch)
         logits = policy_logits(model, r, rows, device, dtype)                           # [b, Tn, V]
         logp = token_logprobs(logits, r.tokens[rows].to(device), **kw)                  # step 6: log pi_theta
+        ref_logp = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref_logp = token_logprobs(policy_logits(ref_model, r, rows, device, dtype), r.tokens[rows].to(device), **kw)
         loss, _ = policy_loss(logp, r.logp_mu[rows].to(device), adv[rows].to(device), r.mask[rows].to(device),
                               variant=cfg.variant, lam=cfg.lam, grad=cfg.weight_grad, clip_eps=cfg.clip_eps or None,
-                              aggregation=cfg.aggregation, max_len=cfg.max_new_tokens, token_normaliser=Z)  # 7-8
+                              aggregation=cfg.aggregation, max_len=cfg.max_new_tokens, token_normaliser=Z,
+                              ref_logp=ref_logp, beta=cfg.beta)                                 # steps 7-8
         loss.backward()
         loss_sum += loss.item()
         logp_all[rows] = logp.detach().cpu()
@@ -613,6 +621,15 @@ def save_checkpoint(run_dir: Path, model: Qwen2, opt, sched, state: dict) -> Non
     shutil.rmtree(old, ignore_errors=True)
 
 
+def load_reference(cfg: Config, run_dir: Path, device) -> Qwen2:
+    """On resume, the KL reference is the model ReFT started from: the run's sft/ checkpoint, else `model`."""
+    ref_dir = run_dir / "sft" if (run_dir / "sft").is_dir() else cfg.model
+    if not ref_dir:
+        raise UserError(f"--resume {run_dir}: beta > 0 needs the reference model, but the run has no sft/ and "
+                        "no 'model' checkpoint (it started from random weights)")
+    return Qwen2.from_pretrained(ref_dir, device=device)
+
+
 def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | None = None) -> dict:
     """Algorithm 1 end to end: SFT warm-up (sft_epochs), `steps` ReFT steps, optional evaluation.
 
@@ -639,6 +656,10 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
         sft(model, tok, train_set, cfg, device, dtype, log)
         model.save_pretrained(run_dir / "sft")
 
+    ref_model = None
+    if cfg.beta > 0:  # frozen reference = the model ReFT starts from: a copy now, or sft/ (else `model`) on resume
+        ref_model = copy.deepcopy(model) if state is None else load_reference(cfg, run_dir, device)
+        ref_model.requires_grad_(False).eval()
     opt, sched = make_optimizer(model, cfg, cfg.lr, cfg.steps)
     order = DataOrder(len(train_set), cfg.seed)
     skipper = SkipSampler(model.config.num_hidden_layers, cfg.skip_ratio, cfg.skip_border, cfg.seed)
@@ -659,7 +680,7 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
         skip = skipper.next()                                                   # step 2: s_t
         r = rollout(model, tok, batch, skip, cfg, gen, device, dtype)           # steps 3-5
         t_roll = time.perf_counter() - t0
-        out = reft_step(model, opt, sched, r, cfg, tok, device, dtype)          # steps 5-9
+        out = reft_step(model, opt, sched, r, cfg, tok, device, dtype, ref_model)  # steps 5-9
         dt, step = time.perf_counter() - t0, step + 1
         n_gen, n_prompt = int(r.mask.sum()), int(r.prompt_mask.sum())
         totals = {"tokens": totals["tokens"] + n_gen + n_prompt, "rollout_tokens": totals["rollout_tokens"] + n_gen,

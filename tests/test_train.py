@@ -171,3 +171,14 @@ def test_resume_reproduces_an_uninterrupted_run(workspace, tmp_path, coin_reward
     wa = Qwen2.from_pretrained(full / "checkpoint").state_dict()
     wb = Qwen2.from_pretrained(part / "checkpoint").state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_kl_penalty_uses_a_frozen_reference(workspace, tmp_path, coin_reward):
+    """beta > 0 loads a reference (the start model) and the loss gains beta * k3 KL; resume reloads it."""
+    cfg = tiny_config(workspace, tmp_path / "run", beta=0.5, sft_epochs=0, steps=3, lr=1e-2)
+    nr.train(cfg, quiet=True, stop_after=2)
+    cfg2, resume = nr.parse_args(["--resume", str(tmp_path / "run")])
+    nr.train(cfg2, resume=resume, quiet=True)
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["grad_norm"] > 0 for r in rows)

@@ -1,0 +1,1035 @@
+"""Answer graders and benchmark evaluation (spec §1 reward, §6 evaluation).
+
+    extract_answer(text)            content of the last \\boxed{...} / \\fbox{...} (braces matched), or None
+    grade(pred, gold) -> bool       is the extracted answer equivalent to the gold answer?
+    reward(text, gold) -> float     1.0 / 0.0 = grade(extract_answer(text), gold)   (the RL reward, spec §1)
+    evaluate(model, tok, examples)  batched generation + grading -> (accuracy, records)
+    run_benchmarks(...)             pass@1 per benchmark + macro average, every prediction to a JSONL file
+
+    python eval.py --model DIR --benchmarks aime,amc,math500,minerva,olympiad [--skip-ratio 0.1 --skip-border 1]
+
+How grade() decides (each rule is documented where it is implemented):
+  1. pred None -> False; a list gold matches if any element does; int/float golds compare as numbers.
+  2. Both sides are normalised (Hendrycks-style: \\text{}, units, \\left/\\right, \\dfrac, \\frac12, spaces,
+     degrees, %, $, thousands separators, x= prefixes, ...). Equal strings -> True (the fast path).
+  3. Structure: matrices cell by cell; tuples/points/intervals in order with the same brackets; sets
+     \\{..\\}, unions and bare comma lists as unordered multisets ("a \\pm b" is the list a+b, a-b).
+  4. Scalars: a small hand-written recursive-descent parser (numbers, + - * / ^, \\frac, \\sqrt, \\pi, e, i,
+     functions, single-letter variables) turns both sides into expression trees evaluated with complex floats,
+     at fixed pseudo-random points when variables occur. Never eval/exec; no sympy.
+     Tolerance decision: a gold that is an integer literal (204, -3, 142.0, 1,000) needs an exact match
+     (relative 1e-9, i.e. float round-off only): pass@1 on AIME/AMC must not reward 204.01 for 204.
+     Any other constant gold allows a relative error of 1e-4 (rounded decimals: 0.866 for \\frac{\\sqrt3}{2},
+     Minerva's 3-significant-digit physics answers); expressions with variables must agree to 1e-6 at every
+     point. A gold equal to 0 needs |pred| <= 1e-12.
+     Percent decision: the % sign is dropped, so "10\\%" == "10"; when exactly one side wrote %, that side's
+     value / 100 is accepted too, so "50\\%" == "0.5" (and "50\\%" == "50").
+  5. Bounded time on any input: answers longer than MAX_ANSWER_CHARS are compared as stripped strings only,
+     the parser stops at MAX_TOKENS tokens / MAX_DEPTH nesting, exponents above MAX_EXPONENT in magnitude,
+     factorials above 170 and non-finite values make an expression "not comparable" (-> not equal).
+"""
+from __future__ import annotations
+
+import argparse
+import cmath
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from functools import lru_cache
+
+MAX_ANSWER_CHARS = 1000   # longer answers: exact (stripped) string comparison only
+MAX_TOKENS = 400          # parser input limit (tokens)
+MAX_DEPTH = 40            # parser nesting limit
+MAX_EXPONENT = 1000       # |b| limit in a^b
+MAX_LIST = 64             # more elements than this in a list/tuple/set/matrix: string comparison only
+
+# ======================================================================================================
+# Extraction
+# ======================================================================================================
+
+_BRACE_RE = re.compile(r"\\.|[{}]", re.S)   # an escaped char (\{ \} \\) or a brace
+
+
+def extract_answer(text: str | None, fallback: bool = False) -> str | None:
+    """The content of the last \\boxed{...} or \\fbox{...} of `text`, nested braces matched (escaped \\{ \\}
+    do not count), stripped. Also the brace-less form "\\boxed 5" (content up to the next $ or line end).
+    An unbalanced last box (e.g. a truncated completion) gives None. Linear time in len(text).
+
+    fallback=True (documented option, GSM8K style, for models that do not box their answer): when there is
+    no usable box, the text after the last "####" or "answer is" on its line (its leading number when it
+    starts with one), else the last number of the text (thousands commas removed), else None.
+    """
+    if text is None:
+        return None
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    ans = _box_content(text, start) if start >= 0 else None
+    if ans is None and fallback:
+        ans = _fallback_answer(text)
+    return ans
+
+
+def _box_content(text: str, start: int) -> str | None:
+    i = start + (6 if text.startswith("\\boxed", start) else 5)
+    j = i
+    while j < len(text) and text[j] in " \t":
+        j += 1
+    if j < len(text) and text[j] == "{":
+        depth = 0
+        for m in _BRACE_RE.finditer(text, j):       # visits only braces and escapes: linear
+            c = m.group()
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[j + 1:m.start()].strip()
+        return None                                  # unbalanced
+    if j > i:                                        # "\boxed 5$" form
+        end = len(text)
+        for stop in ("$", "\n"):
+            k = text.find(stop, j)
+            if k >= 0:
+                end = min(end, k)
+        ans = text[j:end].strip().rstrip(".").strip()
+        return ans or None
+    return None
+
+
+_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_LEADING_NUMBER_RE = re.compile(r"[\s$:*]*(-?\d[\d,]*(?:\.\d+)?)(?![\d/^]|\.\d)")
+_WORD_AFTER_RE = re.compile(r"[A-Za-z]{2,}|[.,;!]|$")      # "72 apples." / "72." / "72": the number is the answer
+
+
+def _fallback_answer(text: str) -> str | None:
+    low = text.lower()
+    for key in ("####", "answer is"):
+        k = low.rfind(key)
+        if k >= 0:
+            seg = text[k + len(key):].split("\n", 1)[0]
+            m = _LEADING_NUMBER_RE.match(seg)
+            if m and _WORD_AFTER_RE.match(seg[m.end():].strip(" $*")):
+                return m.group(1).replace(",", "")
+            seg = seg.strip(" \t:*$").rstrip(".").strip(" $")
+            if seg:
+                return seg
+    nums = _NUMBER_RE.findall(text)
+    return nums[-1].replace(",", "").rstrip(",") if nums else None
+
+
+# ======================================================================================================
+# Normalisation (Hendrycks et al. 2021 style, extended)
+# ======================================================================================================
+
+_UNICODE = [("\u2212", "-"), ("\u2013", "-"), ("\u221e", "\\infty"), ("\u03c0", "\\pi"), ("\u221a", "\\sqrt"),
+            ("\u00d7", "\\times"), ("\u22c5", "\\cdot"), ("\u00b7", "\\cdot"), ("\u00b0", "^\\circ"),
+            ("\u2264", "\\leq"), ("\u2265", "\\geq"), ("\u00b1", "\\pm")]
+# command aliases, applied as whole command names
+_ALIASES = {"dfrac": "\\frac", "tfrac": "\\frac", "cfrac": "\\frac", "dbinom": "\\binom", "tbinom": "\\binom",
+            "ge": "\\geq", "geqslant": "\\geq", "le": "\\leq", "leqslant": "\\leq", "ne": "\\neq",
+            "lbrace": "\\{", "rbrace": "\\}", "varnothing": "\\emptyset", "vert": "|", "lvert": "|",
+            "rvert": "|", "varepsilon": "\\epsilon", "infin": "\\infty"}
+_ALIAS_RE = re.compile(r"\\(" + "|".join(sorted(_ALIASES, key=len, reverse=True)) + r")(?![a-zA-Z])")
+_DROP_RE = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg|displaystyle|"
+                      r"textstyle|limits|nolimits)(?![a-zA-Z])\.?")
+_SPACE_CMD_RE = re.compile(r"\\[!,;:>]|(?<!\\)\\ |\\q?quad(?![a-zA-Z])|~")
+_WRAP_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mathit|mathsf|mbox|"
+                      r"operatorname|boldsymbol|bm|hbox)\s*\{([^{}]*)\}")
+# a trailing unit: \text{ cm}, \mbox{ inches}^2, \mathrm{m/s}^{-1}, after something else
+_UNIT_GROUP_RE = re.compile(r"\\(?:text|mbox|mathrm|textrm)\s*\{\s*[A-Za-z][A-Za-z./ ]*\}"
+                            r"(?:\^\{?-?\d+\}?)?\s*$")
+_UNIT_WORDS = ("units", "unit", "sq", "square", "cubic", "cm", "mm", "km", "m", "meters", "meter", "metres",
+               "centimeters", "centimeter", "inches", "inch", "feet", "foot", "ft", "yards", "yard", "miles",
+               "mile", "mph", "degrees", "degree", "dollars", "dollar", "cents", "cent", "hours", "hour", "hrs",
+               "minutes", "minute", "min", "seconds", "second", "sec", "days", "day", "weeks", "week", "years",
+               "year", "kg", "grams", "gram", "g", "pounds", "pound", "lbs", "ounces", "oz", "liters", "liter",
+               "ml", "gallons", "gallon", "cups", "people", "students", "percent")
+# bare unit words at the end, after a digit / } / ) and at least one space: "17 meters", "5 sq ft"
+_UNIT_WORD_RE = re.compile(r"(?<=[\d}).])(?:\s+(?:" + "|".join(_UNIT_WORDS) + r")\.?)+(?:\^\d)?\s*$")
+_DEGREE_RE = re.compile(r"(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree)(?:\s*[CF](?![a-zA-Z]))?")
+_PRIME_RE = re.compile(r"\^\s*\{?\s*((?:\\prime\s*)+)\}?")                  # x^{\prime} -> x'
+_ARCSEC_RE = re.compile(r"(?<=\d)(?:'+|\^\s*\{?\s*(?:\\prime\s*)+\}?)\s*$")  # 0.003^{\prime\prime} -> 0.003
+
+_FRAC_BOTH_RE = re.compile(r"\\frac\s*([0-9a-zA-Z])\s*([0-9a-zA-Z])")       # \frac12 -> \frac{1}{2}
+_FRAC_NUM_RE = re.compile(r"\\frac\s*([0-9a-zA-Z])\s*(?=\{)")                # \frac1{2}
+_FRAC_DEN_RE = re.compile(r"\\frac\s*(\{[^{}]*\})\s*([0-9a-zA-Z])")          # \frac{270}7
+_SQRT_RE = re.compile(r"\\sqrt\s*([0-9a-zA-Z])")                              # \sqrt2 -> \sqrt{2}
+_MIXED_RE = re.compile(r"(?<![\w.}^_{\\])(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}")  # 137 \frac{1}{2} -> (137+..)
+_LEADING_DOT_RE = re.compile(r"(?<!\d)\.(?=\d)")                              # .5 -> 0.5
+_SPACES_RE = re.compile(r"(\\[a-zA-Z]+)?\s+(?=(.?))", re.S)
+_BRACED_SCRIPT_RE = re.compile(r"([_^])\{(\w)\}")                            # x^{2} -> x^2
+_IN_PREFIX_RE = re.compile(r"^[a-zA-Z]\\in(?![a-zA-Z])")                    # x \in [1,2] -> [1,2]
+_CHOICE_RE = re.compile(r"^\(([A-E])\)$")                                    # (C) -> C
+_AND_RE = re.compile(r"\s+(?:and|or)\s+")
+
+
+@lru_cache(maxsize=1 << 14)
+def normalize(s: str) -> str:
+    """Canonical string form of an answer. Rules, in order:
+
+    - unicode math symbols -> LaTeX (− ∞ π √ × · ° ≤ ≥ ±); newlines -> spaces
+    - explicit thousands separators removed: "10,\\!080", "24{,}000" -> 10080, 24000
+    - math delimiters $ \\( \\) \\[ \\] and the dollar sign \\$ removed
+    - \\left \\right \\big... \\displaystyle removed (with \\left. / \\right.);
+      spacing \\! \\, \\; \\: \\quad ~ -> space
+    - command aliases: \\dfrac \\tfrac \\cfrac -> \\frac, \\dbinom -> \\binom, \\ge \\geqslant -> \\geq, ...
+    - units: trailing \\text{ cm} / \\mbox{ inches}^2 groups and bare unit words ("17 meters") after a value
+      are dropped; then \\text{X} \\mathrm{X} \\mbox{X} \\textbf{X} ... are unwrapped to X ("\\text{(C)}" -> "(C)")
+    - degrees: ^\\circ, ^{\\circ}, \\circ, \\degree removed (with a following C/F: "1950^\\circ C" -> 1950); a
+      trailing arc-minute/second mark after a number removed (0.003^{\\prime\\prime} -> 0.003); other
+      ^{\\prime} -> ' (derivatives); percent signs \\% and % removed (see grade())
+    - " and " / " or " between answers -> "," ("x=2 \\text{ or } x=3" is the list x=2, x=3)
+    - \\frac12, \\frac1{2}, \\frac{270}7 -> \\frac{1}{2}, ...; \\sqrt2 -> \\sqrt{2}; mixed numbers
+      "137 \\frac{1}{2}" -> "(137+\\frac{1}{2})"; a leading-dot decimal .5 -> 0.5
+    - all whitespace removed, except one space between a command and a following letter ("\\cot x")
+    - single-character scripts unbraced: x^{2} -> x^2, 4210_{5} -> 4210_5
+    - "x \\in" prefix removed; \\approx read as "=" (a leading one dropped); trailing "." removed;
+      a choice "(C)" -> "C"; "\\{\\}" -> \\emptyset
+    """
+    s = str(s)
+    for a, b in _UNICODE:
+        s = s.replace(a, b)
+    s = s.replace("\n", " ").replace("\r", " ").replace("\t", " ").strip()
+    s = s.replace("{,}", "")
+    s = re.sub(r",\\!\s*(?=\d)", "", s)
+    s = s.replace("\\$", "").replace("$", "")
+    s = s.replace("\\(", "").replace("\\)", "").replace("\\[", "").replace("\\]", "")
+    s = _DROP_RE.sub("", s)
+    s = _SPACE_CMD_RE.sub(" ", s)
+    s = _ALIAS_RE.sub(lambda m: _ALIASES[m.group(1)], s)
+    s = _DEGREE_RE.sub("", s)
+    s = _ARCSEC_RE.sub("", s)
+    s = _PRIME_RE.sub(lambda m: "'" * m.group(1).count("prime"), s)
+    s = s.replace("\\%", "").replace("%", "").strip()
+    s = _strip_units(s)
+    for _ in range(4):                               # unwrap nested \text{\textbf{..}} a few levels deep
+        t = _WRAP_RE.sub(r"\1", s)
+        if t == s:
+            break
+        s = t
+    s = _strip_units(s).strip()
+    s = _AND_RE.sub(",", s)
+    s = _FRAC_BOTH_RE.sub(r"\\frac{\1}{\2}", s)
+    s = _FRAC_NUM_RE.sub(r"\\frac{\1}", s)
+    s = _FRAC_DEN_RE.sub(r"\\frac\1{\2}", s)
+    s = _SQRT_RE.sub(r"\\sqrt{\1}", s)
+    s = _MIXED_RE.sub(r"(\1+\\frac{\2}{\3})", s)
+    s = _LEADING_DOT_RE.sub("0.", s)
+    s = _SPACES_RE.sub(lambda m: (m.group(1) + " ") if m.group(1) and m.group(2).isalpha()
+                       else (m.group(1) or ""), s)
+    s = _BRACED_SCRIPT_RE.sub(r"\1\2", s)
+    s = _IN_PREFIX_RE.sub("", s)
+    s = s.replace("\\approx", "=").lstrip("=")      # "x \approx 1.6" -> "x=1.6";  "\approx 1.6" -> "1.6"
+    while len(s) > 1 and s[0] == "{" and s[-1] == "}" and _spans(s):   # {5} -> 5
+        s = s[1:-1]
+    s = s.rstrip(".").strip()
+    s = _CHOICE_RE.sub(r"\1", s)
+    if s == "\\{\\}":                               # the empty set written as braces
+        s = "\\emptyset"
+    if s.startswith("+") and len(s) > 1:
+        s = s[1:]
+    return s
+
+
+def _strip_units(s: str) -> str:
+    """Drop trailing unit groups / unit words that follow a value (never the whole answer)."""
+    for _ in range(4):
+        m = _UNIT_GROUP_RE.search(s) or _UNIT_WORD_RE.search(s)
+        if not m or not s[:m.start()].strip():
+            break
+        s = s[:m.start()].rstrip()
+    return s
+
+
+# ======================================================================================================
+# Structure: lists, sets, tuples, intervals, matrices
+# ======================================================================================================
+
+_OPEN, _CLOSE = "([{", ")]}"
+_MATRIX_RE = re.compile(r"^\\begin\{([pbBvV]?matrix|array)\}(?:\{[lcr|]*\})?(.*)\\end\{\1\}$", re.S)
+
+
+def _split_top(s: str, sep: str) -> list[str]:
+    """Split at occurrences of `sep` outside any (), [], {} (brackets counted generically, so "[1,2)" works)."""
+    parts, depth, last, i, n = [], 0, 0, 0, len(s)
+    while i < n:
+        c = s[i]
+        if c == "\\" and i + 1 < n and s[i + 1] in "{}":   # \{ \} count as brackets too
+            depth += 1 if s[i + 1] == "{" else -1
+            i += 2
+            continue
+        if c in _OPEN:
+            depth += 1
+        elif c in _CLOSE:
+            depth -= 1
+        elif depth == 0 and s.startswith(sep, i):
+            parts.append(s[last:i])
+            i += len(sep)
+            last = i
+            continue
+        i += 1
+    parts.append(s[last:])
+    return parts
+
+
+def _spans(s: str) -> bool:
+    """Does the bracket opening at s[0] close exactly at the end of s? (\\{ \\} count as brackets.)"""
+    depth, i, n = 0, 0, len(s)
+    while i < n:
+        c, w = s[i], 1
+        if c == "\\" and i + 1 < n and s[i + 1] in "{}":
+            c, w = s[i + 1], 2
+        if c in _OPEN:
+            depth += 1
+        elif c in _CLOSE:
+            depth -= 1
+            if depth == 0:
+                return i + w == n
+        i += w
+    return False
+
+
+def _expand_pm(items: list[str]) -> list[str]:
+    """'a \\pm b' (one \\pm or \\mp) stands for the two answers a+b and a-b."""
+    out = []
+    for x in items:
+        k = x.count("\\pm") + x.count("\\mp")
+        if k == 1:
+            out += [x.replace("\\pm", "+").replace("\\mp", "+"), x.replace("\\pm", "-").replace("\\mp", "-")]
+        else:
+            out.append(x)
+    return out
+
+
+def _structure(s: str):
+    """('matrix', rows) | ('tuple', open, close, items) | ('set', items) | ('scalar', s).
+
+    sets: \\{a,b\\}, unions A \\cup B, bare comma lists "1,-2" and a \\pm b are unordered;
+    tuples/points/intervals "(1,2)", "[a,b)" keep their order and their brackets."""
+    m = _MATRIX_RE.match(s)
+    if m:
+        rows = [r for r in m.group(2).split("\\\\") if r.strip() != ""]
+        return ("matrix", [[c.strip() for c in r.split("&")] for r in rows])
+    if s.startswith("\\{") and s.endswith("\\}") and _spans(s):
+        inner = s[2:-2]
+        return ("set", _expand_pm([x for x in _split_top(inner, ",") if x] if inner else []))
+    for sep in ("\\cup", ","):
+        parts = _split_top(s, sep)
+        if len(parts) > 1:
+            return ("set", _expand_pm(parts))
+    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _spans(s):
+        items = _split_top(s[1:-1], ",")
+        if len(items) > 1:
+            return ("tuple", s[0], s[-1], items)
+    if s.count("\\pm") + s.count("\\mp") == 1:
+        return ("set", _expand_pm([s]))
+    return ("scalar", s)
+
+
+class _Budget:
+    """Caps the number of pairwise comparisons of one grade() call (lists of lists cost len^2 each level)."""
+
+    def __init__(self, left: int = 4000):
+        self.left = left
+
+    def spend(self):
+        self.left -= 1
+        if self.left < 0:
+            raise _NotComparable("comparison budget exhausted")
+
+
+def _equiv(p: str, g: str, budget: _Budget, depth: int = 0) -> bool:
+    """Equivalence of two normalised answers (structure first, then scalars)."""
+    if p == g:
+        return True
+    budget.spend()
+    if depth > 6:
+        return False
+    sp, sg = _structure(p), _structure(g)
+    kp, kg = sp[0], sg[0]
+    if kp == "matrix" or kg == "matrix":
+        if kp != kg or len(sp[1]) != len(sg[1]) or any(len(a) != len(b) for a, b in zip(sp[1], sg[1])):
+            return False
+        cells = [(a, b) for ra, rb in zip(sp[1], sg[1]) for a, b in zip(ra, rb)]
+        return len(cells) <= MAX_LIST and all(_equiv(a, b, budget, depth + 1) for a, b in cells)
+    if kp == "set" or kg == "set":                   # a lone answer is a one-element set: \{(1,2)\} == (1,2)
+        ip = sp[1] if kp == "set" else [p]
+        ig = sg[1] if kg == "set" else [g]
+        return _match_unordered(ip, ig, budget, depth)
+    if kp == "tuple" or kg == "tuple":
+        if kp != kg or sp[1:3] != sg[1:3] or len(sp[3]) != len(sg[3]) or len(sp[3]) > MAX_LIST:
+            return False
+        return all(_equiv(a, b, budget, depth + 1) for a, b in zip(sp[3], sg[3]))
+    return _scalar_equiv(p, g)
+
+
+def _match_unordered(ps: list[str], gs: list[str], budget: _Budget, depth: int) -> bool:
+    """Multiset equality under _equiv (greedy matching; exact for any equivalence relation)."""
+    if len(ps) != len(gs) or len(ps) > MAX_LIST:
+        return False
+    left = list(gs)
+    for a in ps:
+        for j, b in enumerate(left):
+            if _equiv(a, b, budget, depth + 1):
+                del left[j]
+                break
+        else:
+            return False
+    return True
+
+
+# ======================================================================================================
+# Scalars: equations, words, and the expression parser
+# ======================================================================================================
+
+_LHS_RE = re.compile(r"^(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\w|_\{[^{}]*\})?(?:\([a-zA-Z0-9,]*\))?'*$")
+_WORD_RE = re.compile(r"^[A-Za-z]{2,}$")
+
+
+def _scalar_equiv(p: str, g: str, p_scale: float = 1.0, g_scale: float = 1.0) -> bool:
+    """Equivalence of two single answers.
+
+    - words ("Evelyn", "yes") compare case-insensitively
+    - equations "L = R" on both sides: equal when L1 - R1 == ±(L2 - R2) as expressions (so "x = 5" == "5 = x")
+    - an equation on one side only whose left side is a variable, a subscripted variable or a function call
+      ("x = 5", "k=3", "f(n) = 2n+1", "m_{\\max} = 7") is replaced by its right side
+    - otherwise numeric/symbolic comparison of the parsed expressions (tolerances: module docstring)
+    """
+    if p == g and p_scale == g_scale:
+        return True
+    if _WORD_RE.match(p) and _WORD_RE.match(g) and p.lower() == g.lower():
+        return True
+    pe, ge = _split_top(p, "="), _split_top(g, "=")
+    if len(pe) == 2 and len(ge) == 2:
+        ap, ag = _parse_pair(*pe), _parse_pair(*ge)
+        if ap is None or ag is None:
+            return False
+        return _values_equal(ap, ag, rel=1e-6) or _values_equal(("neg", ap), ag, rel=1e-6)
+    if len(pe) == 2 and len(ge) == 1 and _LHS_RE.match(pe[0]):
+        p = pe[1]
+    elif len(ge) == 2 and len(pe) == 1 and _LHS_RE.match(ge[0]):
+        g = ge[1]
+    if p == g and p_scale == g_scale:
+        return True
+    ap, ag = _parse(p), _parse(g)
+    if ap is None or ag is None:
+        return False
+    if p_scale != 1.0:
+        ap = ("*", ap, ("num", complex(p_scale)))
+    if g_scale != 1.0:
+        ag = ("*", ag, ("num", complex(g_scale)))
+    rel = 1e-9 if _is_integer_literal(g) else 1e-4
+    return _values_equal(ap, ag, rel=rel)
+
+
+_INT_LITERAL_RE = re.compile(r"^-?\d+(?:\.0*)?$")
+
+
+def _is_integer_literal(g: str) -> bool:
+    return bool(_INT_LITERAL_RE.match(g))
+
+
+def _parse_pair(lhs: str, rhs: str):
+    a, b = _parse(lhs), _parse(rhs)
+    return None if a is None or b is None else ("-", a, b)
+
+
+# ---------------- tokenizer + recursive-descent parser -------------------------------------------------
+
+_TOKEN_RE = re.compile(r"\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+|\\[a-zA-Z]+|\\[{}|]|\S")
+_FUNCS = {"sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh",
+          "ln", "log", "exp"}
+_GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "vartheta", "iota", "kappa",
+          "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "upsilon", "phi", "varphi", "chi", "psi",
+          "omega", "Gamma", "Delta", "Theta", "Lambda", "Xi", "Sigma", "Phi", "Psi", "Omega", "ell", "hbar"}
+_MUL_OPS = {"*", "\\cdot", "\\times", "\\ast"}
+_DIV_OPS = {"/", "\\div"}
+
+
+class _NotComparable(Exception):
+    """The expression cannot be parsed or evaluated safely."""
+
+
+class _Parser:
+    """Recursive descent over the token list; builds a tuple tree:
+    ('num', complex) ('var', name) ('+'|'-'|'*'|'/'|'^', a, b) ('neg', a) ('fn', name, a) ('!', a)
+    ('binom', a, b) ('floor'|'ceil'|'abs', a).
+
+        expr    := term (('+'|'-') term)*
+        term    := unary (('*'|'\\cdot'|'\\times'|'/'|'\\div') unary | <implicit> power)*
+        unary   := ('-'|'+') unary | power
+        power   := postfix ('^' exponent)?          exponent := ('-'|'+') exponent | postfix
+        postfix := atom '!'*
+        atom    := number | letter[_sub] | \\greek[_sub] | \\pi | ( expr ) | { expr } | \\frac{a}{b} | \\sqrt[n]{a}
+                 | \\binom{a}{b} | \\func[^k] arg | \\lfloor expr \\rfloor | \\lceil expr \\rceil | | expr |
+    `e` is Euler's number and `i` the imaginary unit; other letters are variables.
+    """
+
+    def __init__(self, tokens: list[str]):
+        self.t, self.i, self.depth = tokens, 0, 0
+
+    def peek(self):
+        return self.t[self.i] if self.i < len(self.t) else None
+
+    def take(self):
+        tok = self.peek()
+        if tok is None:
+            raise _NotComparable("unexpected end")
+        self.i += 1
+        return tok
+
+    def expect(self, tok):
+        if self.take() != tok:
+            raise _NotComparable(f"expected {tok}")
+
+    def enter(self):
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise _NotComparable("too deep")
+
+    def parse(self):
+        node = self.expr()
+        if self.i != len(self.t):
+            raise _NotComparable("trailing tokens")
+        return node
+
+    def expr(self):
+        self.enter()
+        node = self.term()
+        while self.peek() in ("+", "-"):
+            op = self.take()
+            node = (op, node, self.term())
+        self.depth -= 1
+        return node
+
+    def term(self):
+        node = self.unary()
+        while True:
+            tok = self.peek()
+            if tok in _MUL_OPS:
+                self.take()
+                node = ("*", node, self.unary())
+            elif tok in _DIV_OPS:
+                self.take()
+                node = ("/", node, self.unary())
+            elif tok is not None and self.starts_atom(tok):
+                node = ("*", node, self.power())
+            else:
+                return node
+
+    def unary(self):
+        if self.peek() in ("-", "+"):
+            op = self.take()
+            self.enter()
+            node = self.unary()
+            self.depth -= 1
+            return ("neg", node) if op == "-" else node
+        return self.power()
+
+    def power(self):
+        base = self.postfix()
+        if self.peek() == "^":
+            self.take()
+            return ("^", base, self.exponent())
+        return base
+
+    def exponent(self):
+        self.enter()
+        if self.peek() in ("-", "+"):
+            node = ("neg", self.exponent()) if self.take() == "-" else self.exponent()
+        else:
+            node = self.postfix()
+        self.depth -= 1
+        return node
+
+    def postfix(self):
+        node = self.atom()
+        while self.peek() == "!":
+            self.take()
+            node = ("!", node)
+        return node
+
+    @staticmethod
+    def starts_atom(tok: str) -> bool:
+        if tok[0].isdigit() or tok[0] == "." or tok in ("(", "{", "["):
+            return True
+        if tok.isalpha() and len(tok) == 1:
+            return True
+        if tok.startswith("\\") and tok[1:] in _FUNCS | _GREEK | {"frac", "sqrt", "binom", "pi", "lfloor",
+                                                                 "lceil"}:
+            return True
+        return False
+
+    def group(self):
+        """A macro argument: {expr}, or a single atom (\\frac12 was normalised to braces already)."""
+        if self.peek() == "{":
+            self.take()
+            node = self.expr()
+            self.expect("}")
+            return node
+        return self.atom()
+
+    def subscript(self) -> str:
+        """Raw text of a subscript (it only names a variable)."""
+        self.take()                                   # '_'
+        if self.peek() != "{":
+            return self.take()
+        self.take()
+        out, level = [], 1
+        while True:
+            tok = self.take()
+            level += (tok == "{") - (tok == "}")
+            if level == 0:
+                return "".join(out)
+            out.append(tok)
+
+    def atom(self):
+        self.enter()
+        node = self._atom()
+        self.depth -= 1
+        return node
+
+    def _atom(self):
+        tok = self.take()
+        if tok[0].isdigit() or tok[0] == ".":
+            if self.peek() == "_":                    # 4343_6: a base-b numeral, compared as text only
+                raise _NotComparable("base numeral")
+            return ("num", complex(float(tok)))
+        if tok in ("(", "{", "["):
+            node = self.expr()
+            self.expect({"(": ")", "{": "}", "[": "]"}[tok])
+            return node
+        if tok == "|":
+            node = self.expr()
+            self.expect("|")
+            return ("abs", node)
+        if len(tok) == 1 and tok.isalpha():
+            if tok == "e" and self.peek() != "_":
+                return ("num", complex(math.e))
+            if tok == "i" and self.peek() != "_":
+                return ("num", 1j)
+            return self.variable(tok)
+        if not tok.startswith("\\"):
+            raise _NotComparable(f"unexpected {tok}")
+        name = tok[1:]
+        if name == "pi":
+            return ("num", complex(math.pi))
+        if name in _GREEK:
+            return self.variable(tok)
+        if name == "frac":
+            return ("/", self.group(), self.group())
+        if name == "binom":
+            return ("binom", self.group(), self.group())
+        if name == "sqrt":
+            index = ("num", 2 + 0j)
+            if self.peek() == "[":
+                self.take()
+                index = self.expr()
+                self.expect("]")
+            return ("^", self.group(), ("/", ("num", 1 + 0j), index))
+        if name in ("lfloor", "lceil"):
+            node = self.expr()
+            self.expect("\\r" + name[1:])
+            return (name[1:], node)
+        if name in _FUNCS:
+            return self.function(name)
+        raise _NotComparable(f"unknown command {tok}")
+
+    def variable(self, name: str):
+        if self.peek() == "_":
+            name += "_" + self.subscript()
+        return ("var", name)
+
+    def function(self, name: str):
+        base = None
+        if name == "log" and self.peek() == "_":      # \log_{b} x = ln x / ln b
+            self.take()
+            tok = self.peek()
+            if tok is not None and tok[0].isdigit() and len(tok) > 1:   # \log_28 (LaTeX: base 2, then 8)
+                self.t[self.i:self.i + 1] = [tok[0], tok[1:]]
+            base = self.group()
+        power = None
+        if self.peek() == "^":                        # \sin^2 x = (\sin x)^2
+            self.take()
+            power = self.exponent()
+        arg = self.group() if self.peek() in ("(", "{") else self.power()
+        node = ("fn", name, arg)
+        if base is not None:
+            node = ("/", ("fn", "ln", arg), ("fn", "ln", base))
+        return node if power is None else ("^", node, power)
+
+
+@lru_cache(maxsize=1 << 10)
+def _parse(s: str):
+    """Expression tree of a normalised scalar answer, or None when it is not a parseable expression."""
+    if not s or len(s) > MAX_ANSWER_CHARS or "\\infty" in s:
+        return None
+    tokens = _TOKEN_RE.findall(s)
+    if len(tokens) > MAX_TOKENS:
+        return None
+    try:
+        return _Parser(tokens).parse()
+    except (_NotComparable, ValueError, OverflowError):
+        return None
+
+
+def _variables(node, out: set) -> set:
+    if node[0] == "var":
+        out.add(node[1])
+    else:
+        for child in node[1:]:
+            if isinstance(child, tuple):
+                _variables(child, out)
+    return out
+
+
+_CMATH = {"sin": cmath.sin, "cos": cmath.cos, "tan": cmath.tan, "arcsin": cmath.asin, "arccos": cmath.acos,
+          "arctan": cmath.atan, "sinh": cmath.sinh, "cosh": cmath.cosh, "tanh": cmath.tanh, "ln": cmath.log,
+          "log": cmath.log, "exp": cmath.exp,
+          "cot": lambda z: 1 / cmath.tan(z), "sec": lambda z: 1 / cmath.cos(z), "csc": lambda z: 1 / cmath.sin(z)}
+
+
+def _real(z: complex) -> float:
+    if abs(z.imag) > 1e-9 * max(1.0, abs(z.real)):
+        raise _NotComparable("real argument expected")
+    return z.real
+
+
+def _evaluate(node, env: dict) -> complex:
+    """Value of an expression tree at the point `env` (complex floats, every operation guarded)."""
+    op = node[0]
+    if op == "num":
+        return node[1]
+    if op == "var":
+        return env[node[1]]
+    if op == "neg":
+        return -_evaluate(node[1], env)
+    if op == "fn":
+        x = _evaluate(node[2], env)
+        if node[1] == "exp" and abs(x.real) > 700:
+            raise _NotComparable("exp overflow")
+        return _CMATH[node[1]](x)
+    if op in ("floor", "ceil"):
+        x = _real(_evaluate(node[1], env))
+        return complex(math.floor(x) if op == "floor" else math.ceil(x))
+    if op == "abs":
+        return complex(abs(_evaluate(node[1], env)))
+    if op == "!":                                    # n! exactly; x! = Gamma(x + 1) between integers
+        x = _real(_evaluate(node[1], env))
+        if not x <= 170:
+            raise _NotComparable("factorial > 170!")
+        return complex(math.factorial(int(x)) if x == int(x) and x >= 0 else math.gamma(x + 1))
+    a, b = _evaluate(node[1], env), _evaluate(node[2], env)
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    if op == "/":
+        return a / b
+    if op == "^":
+        if abs(b) > MAX_EXPONENT:
+            raise _NotComparable("exponent too large")
+        if b.imag == 0 and a.imag == 0 and (a.real >= 0 or b.real == int(b.real)):
+            return complex(a.real ** b.real)         # real power: exact for integers, no complex round-off
+        return a ** b
+    if op == "binom":
+        n, k = _real(a), _real(b)
+        if n == int(n) and k == int(k) and 0 <= n <= 10_000:
+            return complex(float(math.comb(int(n), int(k)))) if k >= 0 else 0j
+        return complex(math.gamma(n + 1) / (math.gamma(k + 1) * math.gamma(n - k + 1)))
+    raise _NotComparable(f"unknown node {op}")
+
+
+def _points(names: list[str], count: int = 3) -> list[dict]:
+    """Fixed pseudo-random evaluation points: each variable gets a distinct value in [0.5, 2)."""
+    if not names:
+        return [{}]
+    return [{v: complex(0.5 + ((j + 1) * 0.7548776662466927 + (k + 1) * 0.5698402909980532) % 1.5)
+             for j, v in enumerate(names)} for k in range(count)]
+
+
+def _values_equal(a, b, rel: float) -> bool:
+    """Do two expression trees agree at every evaluation point (relative tolerance `rel`)?"""
+    names = sorted(_variables(a, set()) | _variables(b, set()))
+    try:
+        for env in _points(names):
+            va, vb = _evaluate(a, env), _evaluate(b, env)
+            if not (cmath.isfinite(va) and cmath.isfinite(vb)):
+                return False
+            tol = rel * abs(vb) if vb != 0 else 1e-12
+            if not abs(va - vb) <= tol:
+                return False
+        return True
+    except (_NotComparable, ArithmeticError, ValueError, KeyError, RecursionError):
+        return False
+
+
+# ======================================================================================================
+# grade / reward
+# ======================================================================================================
+
+_THOUSANDS_RE = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+
+
+def _gold_text(gold) -> str:
+    if isinstance(gold, bool):
+        raise TypeError(f"gold answer {gold!r}: expected a string or a number")
+    if isinstance(gold, float) and gold.is_integer():
+        return str(int(gold))                         # 142.0 -> "142"
+    return str(gold)
+
+
+def grade(pred: str | None, gold) -> bool:
+    """Is the predicted answer `pred` (e.g. extract_answer's output) equivalent to `gold`?
+
+    gold: a string, an int/float (AMC's 142.0), or a list/tuple of alternatives (any one may match).
+    See the module docstring for the rules and the tolerance / percent decisions.
+    """
+    if pred is None or gold is None:
+        return False
+    if isinstance(gold, (list, tuple)):
+        return any(grade(pred, g) for g in gold)
+    p_raw, g_raw = str(pred), _gold_text(gold)
+    if len(p_raw) > MAX_ANSWER_CHARS or len(g_raw) > MAX_ANSWER_CHARS:
+        return p_raw.strip() == g_raw.strip()
+    p, g = normalize(p_raw), normalize(g_raw)
+    try:
+        if _equiv(p, g, _Budget()):
+            return True
+        # a thousands separator "1,000" is also read as the list "1, 000": try the number reading
+        p2 = p.replace(",", "") if _THOUSANDS_RE.match(p) else p
+        g2 = g.replace(",", "") if _THOUSANDS_RE.match(g) else g
+        if (p2, g2) != (p, g) and _equiv(p2, g2, _Budget()):
+            return True
+    except _NotComparable:
+        return False
+    # percent: exactly one side wrote % -> its value / 100 is accepted as well
+    pp, gp = ("%" in p_raw or "percent" in p_raw), ("%" in g_raw or "percent" in g_raw)
+    if pp != gp and _structure(p2)[0] == _structure(g2)[0] == "scalar":
+        return _scalar_equiv(p2, g2, p_scale=0.01 if pp else 1.0, g_scale=0.01 if gp else 1.0)
+    return False
+
+
+def reward(completion_text: str, gold) -> float:
+    """The 0/1 verifiable reward of spec §1: 1.0 iff the last boxed answer is equivalent to the gold."""
+    return 1.0 if grade(extract_answer(completion_text), gold) else 0.0
+
+
+# ======================================================================================================
+# Evaluation
+# ======================================================================================================
+
+BENCHMARKS = ("aime", "amc", "math500", "minerva", "olympiad")   # the suite of spec §6
+OTHER_BENCHMARKS = ("gsm8k", "svamp")                            # their test sets are evaluable too
+
+
+def evaluate(model, tokenizer, examples, *, batch_size: int = 16, max_new_tokens: int = 3000,
+             temperature: float = 0.0, top_p: float = 1.0, skip_mask=None, generator=None, progress=None):
+    """Generate one completion per example (greedy by default) and grade it -> (accuracy, records).
+
+    Prompts are the qwen_math chat template (data.chat_prompt) encoded with `tokenizer`; they are sorted by
+    length (longest first, so an out-of-memory shows at once and batches carry little padding) and the
+    records come back in the order of `examples`. Each record: question, gold, completion (decoded without
+    special tokens), extracted, correct, num_tokens (generated tokens, EOS included). `progress(done, total)` is
+    called after each batch when given.
+    """
+    import torch
+
+    import data
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected an integer >= 1")
+    prompts = [tokenizer.encode(data.chat_prompt(ex.question)) for ex in examples]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    completions, lengths = [""] * len(prompts), [0] * len(prompts)
+    valid_vocab = getattr(tokenizer, "vocab_size", None)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        with torch.no_grad():
+            out = model.generate([prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, skip_mask=skip_mask, eos_token_ids=tuple(tokenizer.eos_token_ids),
+                                 pad_token_id=tokenizer.pad_token_id, generator=generator,
+                                 valid_vocab_size=valid_vocab)
+        tokens, mask = out.tokens.tolist(), out.mask.tolist()                    # [b, Tn]
+        for row, i in enumerate(idx):
+            ids = [t for t, m in zip(tokens[row], mask[row]) if m]
+            completions[i], lengths[i] = tokenizer.decode(ids, skip_special_tokens=True), len(ids)
+        if progress is not None:
+            progress(min(start + batch_size, len(order)), len(order))
+    records = []
+    for ex, text, n in zip(examples, completions, lengths):
+        pred = extract_answer(text)
+        records.append({"question": ex.question, "gold": ex.answer, "completion": text, "extracted": pred,
+                        "correct": grade(pred, ex.answer), "num_tokens": n})
+    accuracy = sum(r["correct"] for r in records) / len(records) if records else 0.0
+    return accuracy, records
+
+
+def format_table(results: dict) -> str:
+    """results: name -> {"n": int, "accuracy": float, ...}; pass@1 in percent plus the macro average."""
+    lines = [f"{'benchmark':<12}{'n':>6}{'pass@1':>9}"]
+    for name, r in results.items():
+        lines.append(f"{name:<12}{r['n']:>6}{100 * r['accuracy']:>8.1f}%")
+    if results:
+        macro = sum(r["accuracy"] for r in results.values()) / len(results)
+        lines.append(f"{'macro avg':<12}{'':>6}{100 * macro:>8.1f}%")
+    return "\n".join(lines)
+
+
+def run_benchmarks(model, tokenizer, data_dir, names, out_path=None, *, limit: int | None = None,
+                   print_fn=print, **gen_kwargs) -> dict:
+    """Evaluate on each benchmark in `names` (data.load_dataset(name, data_dir, "test")), print the pass@1
+    table with the macro average, and write every prediction (benchmark, index, question, gold, completion,
+    extracted, correct, num_tokens) to `out_path` as JSON lines, atomically.
+    Returns {"benchmarks": {name: {"n", "accuracy", "seconds"}}, "macro": float}.
+    gen_kwargs go to evaluate() (batch_size, max_new_tokens, temperature, top_p, skip_mask, generator)."""
+    import data
+    names = check_benchmarks(names)
+    results, all_records = {}, []
+    for name in names:
+        examples = data.load_dataset(name, data_dir, "test")
+        if limit is not None:
+            examples = examples[:limit]
+        t0 = time.time()
+        acc, records = evaluate(model, tokenizer, examples, **gen_kwargs)
+        results[name] = {"n": len(records), "accuracy": acc, "seconds": time.time() - t0}
+        all_records += [{"benchmark": name, "index": i, **r} for i, r in enumerate(records)]
+        print_fn(f"{name}: pass@1 {100 * acc:.1f}% on {len(records)} problems ({results[name]['seconds']:.0f}s)")
+    print_fn(format_table(results))
+    if out_path is not None:
+        write_jsonl(out_path, all_records)
+        print_fn(f"predictions: {out_path}")
+    macro = sum(r["accuracy"] for r in results.values()) / len(results) if results else 0.0
+    return {"benchmarks": results, "macro": macro}
+
+
+def check_benchmarks(names) -> list[str]:
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    known = BENCHMARKS + OTHER_BENCHMARKS
+    for n in names:
+        if n not in known:
+            raise ValueError(f"unknown benchmark {n!r}; expected a comma-separated list of {', '.join(known)}")
+    if not names:
+        raise ValueError(f"no benchmark given; expected a comma-separated list of {', '.join(known)}")
+    return list(names)
+
+
+def write_jsonl(path, records) -> None:
+    """Write records as JSON lines atomically (temp file in the same directory, then os.replace)."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def draw_eval_skip_mask(n_layers: int, ratio: float, border: int, seed: int) -> list[bool]:
+    """One skip mask for a whole evaluation (the nested model of spec §2), drawn with nested_reft's layer-skip
+    functions from a CPU generator seeded with `seed`."""
+    import torch
+
+    import nested_reft
+    return nested_reft.draw_skip_mask(n_layers, ratio, border, torch.Generator(device="cpu").manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):                        # one line, exit code 2
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _ArgumentParser(prog="eval.py", description="pass@1 of a Qwen2 checkpoint on the math benchmarks "
+                        "(greedy by default), with an optional layer-skipped nested model.")
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    p.add_argument("--benchmarks", default=",".join(BENCHMARKS),
+                   help=f"comma-separated, from {', '.join(BENCHMARKS + OTHER_BENCHMARKS)} (default: the 5)")
+    p.add_argument("--data", default=os.environ.get("NESTED_REFT_DATA", "../shared/data"),
+                   help="datasets folder (default: $NESTED_REFT_DATA or ../shared/data)")
+    p.add_argument("--skip-ratio", type=float, default=0.0, help="r: skip k = round(r*N) layers (default 0)")
+    p.add_argument("--skip-border", type=int, default=1, help="e: layers never skipped at each end (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=3000)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
+    p.add_argument("--out", default=None, help="predictions JSONL (default: runs/eval-<model>-<time>.jsonl)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto = bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--seed", type=int, default=0, help="seeds the skip mask and sampling (temperature > 0)")
+    return p
+
+
+def _check_args(a) -> None:
+    if not 0 <= a.skip_ratio < 1:
+        raise ValueError(f"--skip-ratio {a.skip_ratio}: expected a number in [0, 1)")
+    if a.skip_border < 0:
+        raise ValueError(f"--skip-border {a.skip_border}: expected an integer >= 0")
+    for key in ("max_new_tokens", "batch_size"):
+        if getattr(a, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(a, key)}: expected an integer >= 1")
+    if a.limit is not None and a.limit < 1:
+        raise ValueError(f"--limit {a.limit}: expected an integer >= 1")
+    if not (a.temperature >= 0 and math.isfinite(a.temperature)):
+        raise ValueError(f"--temperature {a.temperature}: expected a number >= 0")
+    if not 0 < a.top_p <= 1:
+        raise ValueError(f"--top-p {a.top_p}: expected a number in (0, 1]")
+    if not os.path.isdir(a.model):
+        raise FileNotFoundError(f"--model {a.model}: checkpoint directory not found")
+    if not os.path.isdir(a.data):
+        raise FileNotFoundError(f"--data {a.data}: datasets folder not found")
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        _check_args(a)
+        names = check_benchmarks(a.benchmarks)
+        import torch
+
+        import data
+        import qwen2
+        device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+        tokenizer = data.Tokenizer.load(a.tokenizer or a.model)
+        model = qwen2.Qwen2.from_pretrained(a.model, dtype=dtype, device=device).eval()
+        n_layers = model.config.num_hidden_layers
+        skip_mask = draw_eval_skip_mask(n_layers, a.skip_ratio, a.skip_border, a.seed) if a.skip_ratio > 0 else None
+        if skip_mask is not None:
+            print(f"nested model: skipping layers {[i for i, s in enumerate(skip_mask) if s]} of {n_layers}")
+        generator = torch.Generator(device=device).manual_seed(a.seed) if a.temperature > 0 else None
+        out = a.out or os.path.join("runs", f"eval-{os.path.basename(os.path.normpath(a.model))}-"
+                                            f"{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        run_benchmarks(model, tokenizer, a.data, names, out, limit=a.limit, batch_size=a.batch_size,
+                       max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                       skip_mask=skip_mask, generator=generator,
+                       progress=lambda d, n: print(f"  {d}/{n}", file=sys.stderr, flush=True))
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""eval.py evaluation: evaluate() / run_benchmarks() with a fake model, the CLI's user errors, and one
+end-to-end run of `python eval.py` on a tiny random Qwen2 with a tiny trained tokenizer."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import data
+import eval as E
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ByteTokenizer:
+    """ids 0..2 are specials (pad, eos1, eos2); byte b has id b + 3."""
+    eos_token_ids = (1, 2)
+    pad_token_id = 0
+    vocab_size = 259
+
+    def encode(self, text):
+        return [b + 3 for b in text.encode("utf-8")]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8")
+
+
+def question_of(tok, prompt_ids):
+    text = tok.decode(prompt_ids)
+    return text.split("user\n", 1)[1].split("<|im_end|>", 1)[0]
+
+
+class FakeModel:
+    """generate() answers each prompt with a canned completion, then EOS, then junk the mask hides."""
+
+    def __init__(self, tok, completions):
+        self.tok, self.completions, self.calls = tok, completions, []
+
+    def generate(self, prompts, max_new_tokens, min_new_tokens=0, temperature=1.0, top_p=1.0, skip_mask=None,
+                 eos_token_ids=(), pad_token_id=0, generator=None, valid_vocab_size=None):
+        self.calls.append(dict(lengths=[len(p) for p in prompts], max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, skip_mask=skip_mask,
+                               eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, generator=generator,
+                               valid_vocab_size=valid_vocab_size))
+        junk = self.tok.encode("\\boxed{999}")              # after EOS: masked out, must be ignored
+        rows = [self.tok.encode(self.completions[question_of(self.tok, p)])[:max_new_tokens - 1] +
+                [eos_token_ids[0]] + junk for p in prompts]
+        T = max(len(r) for r in rows)
+        tokens = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            tokens[b, :len(r)] = torch.tensor(r)
+            n_real = len(r) - len(junk)                      # completion + EOS
+            mask[b, :n_real] = True
+        return SimpleNamespace(tokens=tokens, mask=mask)
+
+
+EXAMPLES = [
+    data.Example("What is 1+1?", None, "2"),
+    data.Example("A much longer question: what is half of one, written as a fraction?", None, "\\frac{1}{2}"),
+    data.Example("Name the point.", None, "(1,2)"),
+    data.Example("Give the wavelength.", None, ["9.6", "9.60"]),
+    data.Example("Medium length question number five?", None, "142"),
+]
+COMPLETIONS = {
+    "What is 1+1?": "1+1 = \\boxed{2}.",
+    "A much longer question: what is half of one, written as a fraction?": "Half is $\\boxed{0.5}$",
+    "Name the point.": "The point is \\boxed{(2,1)}",              # wrong order: incorrect
+    "Give the wavelength.": "about \\boxed{9.6 \\text{ m}}",
+    "Medium length question number five?": "no box, 142",          # no boxed answer: incorrect
+}
+
+
+def test_evaluate_grades_in_order_and_batches_by_length():
+    tok = ByteTokenizer()
+    model = FakeModel(tok, COMPLETIONS)
+    g = torch.Generator().manual_seed(0)
+    acc, records = E.evaluate(model, tok, EXAMPLES, batch_size=2, max_new_tokens=64, temperature=0.7, top_p=0.9,
+                              skip_mask=[False, True], generator=g)
+    assert acc == pytest.approx(3 / 5)
+    assert [r["question"] for r in records] == [ex.question for ex in EXAMPLES]
+    assert [r["correct"] for r in records] == [True, True, False, True, False]
+    assert [r["extracted"] for r in records] == ["2", "0.5", "(2,1)", "9.6 \\text{ m}", None]
+    assert records[0]["completion"] == "1+1 = \\boxed{2}."         # EOS and the junk after it are gone
+    assert records[0]["num_tokens"] == len(tok.encode("1+1 = \\boxed{2}.")) + 1
+    assert records[3]["gold"] == ["9.6", "9.60"]
+    assert set(records[0]) == {"question", "gold", "completion", "extracted", "correct", "num_tokens"}
+    # 3 batches of <= 2, longest prompts first
+    lengths = [n for c in model.calls for n in c["lengths"]]
+    assert [len(c["lengths"]) for c in model.calls] == [2, 2, 1]
+    assert lengths == sorted(lengths, reverse=True)
+    assert sorted(lengths) == sorted(len(tok.encode(data.chat_prompt(ex.question))) for ex in EXAMPLES)
+    c = model.calls[0]
+    assert (c["max_new_tokens"], c["temperature"], c["top_p"], c["skip_mask"]) == (64, 0.7, 0.9, [False, True])
+    assert c["eos_token_ids"] == (1, 2) and c["pad_token_id"] == 0 and c["valid_vocab_size"] == 259
+    assert c["generator"] is g
+
+
+def test_evaluate_defaults_are_greedy_and_progress_is_reported():
+    tok = ByteTokenizer()
+    model = FakeModel(tok, COMPLETIONS)
+    seen = []
+    acc, records = E.evaluate(model, tok, EXAMPLES[:3], batch_size=2, progress=lambda d, n: seen.append((d, n)))
+    assert seen == [(2, 3), (3, 3)]
+    c = model.calls[0]
+    assert (c["max_new_tokens"], c["temperature"], c["top_p"], c["skip_mask"]) == (3000, 0.0, 1.0, None)
+    assert acc == pytest.approx(2 / 3)
+    assert E.evaluate(model, tok, [])[0] == 0.0
+    with pytest.raises(ValueError, match="batch_size"):
+        E.evaluate(model, tok, EXAMPLES, batch_size=0)
+
+
+def write_suite(d: Path):
+    """A small data folder in the layout of ../shared/data (understand-r1-zero JSON lines)."""
+    suite = d / "eval_suite" / "understand-r1-zero_jsonl"
+    suite.mkdir(parents=True)
+    aime = [{"problem": "What is 1+1?", "answer": "2"},
+            {"problem": "Name the point.", "answer": "(1,2)"}]
+    amc = [{"problem": "Medium length question number five?", "answer": 142.0}]
+    minerva = [{"problem": "Give the wavelength.", "answer": ["9.6\n"]},
+               {"problem": "A much longer question: what is half of one, written as a fraction?",
+                "answer": ["\\frac{1}{2}\n", "1/2"]}]
+    for name, rows in [("aime", aime), ("amc", amc), ("minerva", minerva)]:
+        (suite / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def test_run_benchmarks_table_and_jsonl(tmp_path, capsys):
+    tok = ByteTokenizer()
+    model = FakeModel(tok, dict(COMPLETIONS, **{"Medium length question number five?": "\\boxed{142}"}))
+    data_dir = write_suite(tmp_path / "data")
+    out = tmp_path / "preds" / "eval.jsonl"
+    res = E.run_benchmarks(model, tok, data_dir, "aime,amc,minerva", out, batch_size=4, max_new_tokens=64)
+    acc = {k: v["accuracy"] for k, v in res["benchmarks"].items()}
+    assert acc == {"aime": 0.5, "amc": 1.0, "minerva": 1.0}
+    assert res["macro"] == pytest.approx(2.5 / 3)                 # unweighted mean over benchmarks
+    printed = capsys.readouterr().out
+    assert "aime" in printed and "50.0%" in printed and "macro avg" in printed and "83.3%" in printed
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["benchmark"], r["index"]) for r in rows] == [("aime", 0), ("aime", 1), ("amc", 0),
+                                                            ("minerva", 0), ("minerva", 1)]
+    assert rows[1]["extracted"] == "(2,1)" and rows[1]["correct"] is False
+    assert rows[2]["gold"] == "142" and rows[2]["correct"] is True
+    assert rows[3]["gold"] == ["9.6"]
+    assert os.listdir(out.parent) == ["eval.jsonl"]                # no temp file left behind
+    # limit keeps the first N of each benchmark
+    res = E.run_benchmarks(model, tok, data_dir, ["aime", "minerva"], None, limit=1, print_fn=lambda *a: None)
+    assert {k: v["n"] for k, v in res["benchmarks"].items()} == {"aime": 1, "minerva": 1}
+
+
+def test_format_table_golden():
+    table = E.format_table({"aime": {"n": 30, "accuracy": 0.1}, "amc": {"n": 83, "accuracy": 0.5}})
+    assert table.splitlines() == ["benchmark        n   pass@1",
+                                  "aime            30    10.0%",
+                                  "amc             83    50.0%",
+                                  "macro avg             30.0%"]
+
+
+def test_check_benchmarks():
+    assert E.check_benchmarks("aime, amc") == ["aime", "amc"]
+    with pytest.raises(ValueError, match="unknown benchmark 'gsm9k'"):
+        E.check_benchmarks("aime,gsm9k")
+    with pytest.raises(ValueError, match="no benchmark"):
+        E.check_benchmarks(" , ")
+
+
+def test_write_jsonl_replaces_atomically(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text("old\n")
+    E.write_jsonl(p, [{"a": "π"}, {"b": [1, 2]}])
+    assert p.read_text(encoding="utf-8") == '{"a": "π"}\n{"b": [1, 2]}\n'
+    with pytest.raises(TypeError):
+        E.write_jsonl(p, [{"a": object()}])
+    assert p.read_text(encoding="utf-8") == '{"a": "π"}\n{"b": [1, 2]}\n'   # untouched by the failed write
+    assert os.listdir(tmp_path) == ["x.jsonl"]
+
+
+def test_eval_skip_mask():
+    m = E.draw_eval_skip_mask(28, 0.1, 1, seed=3)
+    assert len(m) == 28 and sum(m) == 3 and not m[0] and not m[27]   # k = round(0.1 * 28) = 3, border 1
+    assert m == E.draw_eval_skip_mask(28, 0.1, 1, seed=3)
+    assert sum(E.draw_eval_skip_mask(28, 0.05, 1, seed=0)) == 1
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "/nonexistent/model"], "--model /nonexistent/model"),
+    (["--skip-ratio", "1.5"], "--skip-ratio 1.5"),
+    (["--skip-border", "-1"], "--skip-border -1"),
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--top-p", "0"], "--top-p 0.0"),
+    (["--temperature", "-1"], "--temperature -1.0"),
+    (["--limit", "0"], "--limit 0"),
+    (["--benchmarks", "aime,foo"], "unknown benchmark 'foo'"),
+    (["--data", "/nonexistent/data"], "--data /nonexistent/data"),
+])
+def test_cli_user_errors_are_one_line(tmp_path, capsys, args, needle):
+    base = {"--model": str(tmp_path), "--data": str(tmp_path)}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    argv = [x for kv in base.items() for x in kv]
+    assert E.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+
+
+def test_cli_argparse_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        E.main(["--model", "x", "--no-such-flag"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--no-such-flag" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# end to end: python eval.py on a tiny random Qwen2 + a tiny trained tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    import qwen2
+    d = tmp_path_factory.mktemp("tiny")
+    texts = [data.chat_prompt(q) + c for q, c in COMPLETIONS.items()] * 4
+    tok = data.train_tokenizer(texts, 300)
+    torch.manual_seed(0)
+    cfg = qwen2.Qwen2Config(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2)
+    qwen2.Qwen2(cfg).save_pretrained(d / "model")
+    tok.save(d / "model")
+    write_suite(d / "data")
+    return d
+
+
+def test_cli_end_to_end(tiny_checkpoint):
+    d = tiny_checkpoint
+    out = d / "preds.jsonl"
+    cmd = [sys.executable, str(ROOT / "eval.py"), "--model", str(d / "model"), "--benchmarks", "aime,minerva",
+           "--data", str(d / "data"), "--max-new-tokens", "6", "--batch-size", "2", "--out", str(out),
+           "--device", "cpu", "--skip-ratio", "0.25", "--skip-border", "1", "--seed", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "nested model: skipping layers [" in r.stdout           # k = round(0.25 * 4) = 1 of layers 1..2
+    assert "macro avg" in r.stdout and "aime" in r.stdout and "minerva" in r.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(x["benchmark"], x["index"]) for x in rows] == [("aime", 0), ("aime", 1), ("minerva", 0), ("minerva", 1)]
+    assert all(0 < x["num_tokens"] <= 6 and isinstance(x["completion"], str) for x in rows)
+    assert all(x["correct"] is E.grade(x["extracted"], x["gold"]) for x in rows)
+
+    # the completions are exactly the model's greedy continuations of the qwen_math prompts (same skip mask)
+    import qwen2
+    model = qwen2.Qwen2.from_pretrained(d / "model")
+    tok = data.Tokenizer.load(d / "model")
+    mask = E.draw_eval_skip_mask(4, 0.25, 1, seed=1)
+    q = rows[0]["question"]
+    g = model.generate([tok.encode(data.chat_prompt(q))], max_new_tokens=6, temperature=0.0, skip_mask=mask,
+                       eos_token_ids=tok.eos_token_ids, pad_token_id=tok.pad_token_id,
+                       valid_vocab_size=tok.vocab_size)
+    ids = g.tokens[0][g.mask[0]].tolist()
+    assert rows[0]["completion"] == tok.decode(ids) and rows[0]["num_tokens"] == len(ids)

@@ -1,0 +1,549 @@
+"""Graders of eval.py: extract_answer, grade, reward.
+
+Every case below was written by hand for this project; each pair is checked in both the stated direction and,
+where the relation is symmetric, the other. Real-data checks read the JSON-lines files directly (no data.py).
+"""
+import json
+import re
+import signal
+
+import pytest
+
+from eval import extract_answer, grade, normalize, reward
+
+# ---------------------------------------------------------------------------------------------------------
+# equivalent pairs (pred, gold)
+
+EQUIVALENT = [
+    # integers, decimals, thousands separators, scientific notation
+    ("5", "5"),
+    ("142", 142.0),
+    ("142.0", "142"),
+    ("142", 142),
+    ("-3.0", "-3"),
+    ("+7", "7"),
+    ("0.5", ".5"),
+    ("-.5", "-0.5"),
+    ("5.00", "5"),
+    ("1,000", "1000"),
+    ("1000", "1,000"),
+    ("1,234,567", "1234567"),
+    ("10080", "10,\\!080"),
+    ("24000", "24{,}000"),
+    ("11111111100", "11,\\! 111,\\! 111,\\! 100"),
+    ("1\\,000", "1000"),
+    ("1e3", "1000"),
+    ("2.88e16", "2.88 \\times 10^{16}"),
+    ("4.4e7", "4.4 \\times 10^7"),
+    ("0.000849", "8.49 \\times 10^{-4}"),
+    ("10^{-3}", "0.001"),
+    ("2^{10}", "1024"),
+    # fractions
+    ("0.5", "\\frac{1}{2}"),
+    ("0.5", "\\frac12"),
+    ("\\dfrac{1}{2}", "\\frac{1}{2}"),
+    ("\\tfrac{1}{2}", "\\frac12"),
+    ("1/2", "\\frac{1}{2}"),
+    ("\\frac{2}{4}", "\\frac{1}{2}"),
+    ("-\\frac{1}{2}", "\\frac{-1}{2}"),
+    ("\\frac{-1}{2}", "-0.5"),
+    ("\\frac{1}{-2}", "-\\frac12"),
+    ("\\frac{9}{19}", "\\frac9{19}"),
+    ("\\frac{270}{7}", "\\frac{270}7"),
+    ("1.5", "\\frac{3}{2}"),
+    ("\\frac{3}{2}", "1\\frac{1}{2}"),
+    ("137.5", "137 \\frac{1}{2}"),
+    ("\\frac{35}{3}", "11 \\frac{2}{3}"),
+    ("0.33333", "\\frac{1}{3}"),            # within the 1e-4 relative tolerance of a non-integer gold
+    ("0.866", "\\frac{\\sqrt{3}}{2}"),
+    ("0.15", "\\frac{3}{20}"),
+    # roots, pi, e
+    ("\\frac{1}{2}\\sqrt{3}", "\\frac{\\sqrt{3}}{2}"),
+    ("\\sqrt2", "\\sqrt{2}"),
+    ("11 \\sqrt{2}", "11\\sqrt2"),
+    ("\\frac{1}{\\sqrt{3}}", "\\frac{\\sqrt{3}}{3}"),
+    ("\\sqrt{20}", "2\\sqrt{5}"),
+    ("\\sqrt[3]{8}", "2"),
+    ("8 \\cdot 7^{-1/3}", "\\frac{8}{\\sqrt[3]{7}}"),
+    ("2 \\pi", "2\\pi"),
+    ("\\pi \\cdot 2", "2\\pi"),
+    ("2\\pi + 18", "18+2\\pi"),
+    ("\\pi/2", "\\frac{\\pi}{2}"),
+    ("6\\sqrt{2}+3", "3 + 6 \\sqrt{2}"),
+    ("e^{i\\pi}", "-1"),
+    ("\\ln 8", "3\\ln 2"),
+    ("\\log_2 8", "3"),
+    ("\\binom{5}{2}", "10"),
+    ("5!", "120"),
+    ("|-3|", "3"),
+    ("π", "\\pi"),
+    ("√2", "\\sqrt{2}"),
+    ("\u22125", "-5"),
+    # complex numbers
+    ("9i+6", "6+9i"),
+    ("1+\\sqrt{3}i", "1 + i\\sqrt{3}"),
+    ("-i-1", "-1 - i"),
+    ("i^2", "-1"),
+    # degrees, units, currency, percent
+    ("5^\\circ", "5"),
+    ("5", "5^{\\circ}"),
+    ("120", "120^\\circ"),
+    ("41.8", "41.8^\\circ"),
+    ("1950", "1950^\\circ C"),
+    ("0.003", "0.003^{\\prime \\prime}"),
+    ("17", "17\\text{ meters}"),
+    ("17 meters", "17"),
+    ("864", "864 \\mbox{ inches}^2"),
+    ("\\frac{270}{7}", "\\frac{270}7\\text{ degrees}"),
+    ("15000", "15000 \\text{ kcal m}^{-2} \\text{yr}^{-1}"),
+    ("6.43 \\times 10^{16}", "6.43 \\times 10^{16} \\text{ cm}^{-3}"),
+    ("20", "20\\text{ square units}"),
+    ("5", "\\$5.00"),
+    ("32348", "\\$32,\\!348"),
+    ("\\$15.48", "15.48"),
+    ("5 dollars", "5"),
+    ("10", "10\\%"),
+    ("10%", "10"),
+    ("0.5", "50\\%"),
+    ("50\\%", "0.5"),
+    ("0.625", "62.5%"),
+    ("8", "$8 \\%$"),
+    # multiple choice, text answers
+    ("A", "\\text{(A)}"),
+    ("\\text{(C)}", "(C)"),
+    ("\\textbf{(B)}", "B"),
+    ("Evelyn", "\\text{Evelyn}"),
+    ("evelyn", "\\text{Evelyn}"),
+    ("\\mathrm{e}", "e"),
+    # delimiters and spacing
+    ("(3,\\frac{\\pi}{2})", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    ("(3, \\pi/2)", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    ("5\\!", "5"),
+    ("5.", "5"),
+    ("$5$", "5"),
+    ("\\(5\\)", "5"),
+    ("\\displaystyle\\frac{1}{2}", "\\frac12"),
+    ("{5}", "5"),
+    ("{{5}}", "5"),
+    ("x^{2}+1", "x^2+1"),
+    ("4343_{6}", "4343_6"),
+    # equations and prefixes
+    ("5", "x=5"),
+    ("x = 5", "5"),
+    ("3", "k=3"),
+    ("5 = x", "x = 5"),
+    ("2x+3", "y = 2x + 3"),
+    ("2 n+1007", "$f(n) = 2 n+1007$"),
+    ("n^{2}-n-1", "$m_{\\max }=n^{2}-n-1$"),
+    ("\\lfloor 2n/3 \\rfloor + 1", "$N(n)=\\left\\lfloor\\frac{2 n}{3}\\right\\rfloor+1$"),
+    ("[-2,7]", "x \\in [-2,7]"),
+    ("-5x+7y-11z-4=0", "5x - 7y + 11z + 4 = 0"),
+    ("y^2 + x^2 = 1", "x^2+y^2=1"),
+    ("x' + \\frac{r}{V}x - rc = 0", "x^{\\prime}+\\frac{r}{V} x-r c=0"),
+    # symbolic expressions (compared at fixed pseudo-random points)
+    ("4n+8n^2+1", "8n^2 + 4n + 1"),
+    ("ab+2a+5b+10", "(a+5)(b+2)"),
+    ("ce^{-2x}+\\frac{2x-1}{4}", "\\frac{x}{2} - \\frac{1}{4} + ce^{-2x}"),
+    ("\\frac{c}{\\sqrt{2}}", "\\frac{1}{\\sqrt{2}}c"),
+    ("\\frac{1}{m}t", "\\frac{t}{m}"),
+    ("\\frac{\\cos x}{\\sin x}", "\\cot x"),
+    ("\\sin^2 x + \\cos^2 x", "1"),
+    ("2\\sin x\\cos x", "\\sin(2x)"),
+    ("\\frac{1}{2} (e^{at} + e^{-at})", "\\frac{1}{2}(e^{at} + e^{-at})"),
+    ("-\\tau\\ln\\Delta", "-\\tau \\ln \\Delta"),
+    ("\\frac{2 \\pi c^{2} R^{2}}{\\lambda^{5}\\left[e^{h c /(\\lambda k T)}-1\\right] d^{2}}",
+     "\\frac{2 \\pi c^{2} R^{2}}{d^{2} \\lambda^{5} \\left(e^{\\frac{hc}{\\lambda k T}} - 1\\right)}"),
+    ("\\arcsin(10/13)", "\\arcsin{\\frac{1}{1.3}}"),
+    ("\\frac{2016}{2017^2}", "$\\frac{2016}{2017^{2}}$"),
+    ("2^{k-1}", "\\frac{2^k}{2}"),
+    ("\\binom{2n}{n}", "\\frac{(2n)!}{(n!)^2}"),
+    ("n^2-n", "$n(n-1)$"),
+    ("\\frac{\\ln 2}{\\ln(2/3)}", "$\\frac{\\log 2}{\\log 2-\\log 3}$"),
+    ("\\cot(x)", "\\cot x"),
+    ("\\frac{9a+11}{20}", "\\frac{11+9a}{20}"),
+    ("0.2+0.6i", "\\frac{1}{5} + \\frac{3}{5}i"),
+    ("\\approx 1.6", "1.6"),
+    ("x \\approx 1.6", "1.6"),
+    ("1.6~\\mathrm{cm}", "1.6"),
+    ("3.83 \\times 10^{35} \\mathrm{erg/s}", "3.83 \\times 10^{35}"),
+    ("32,348", "\\$32,\\!348"),
+    ("75000000", "7.5 \\times 10^7"),
+    # tuples, intervals, sets, lists
+    ("(1, 2)", "(1,2)"),
+    ("\\left(1, -16, -4, 43\\right)", "(1,-16,-4,43)"),
+    ("(\\frac12, 2)", "(0.5, 2)"),
+    ("[1, 2)", "[1,2)"),
+    ("(2, \\infty)", "(2,\\infty)"),
+    ("(-\\infty,0]", "(-\\infty, 0]"),
+    ("[-0.125, 1.125]", "[-\\tfrac18, \\tfrac98]"),
+    ("(3,\\infty)\\cup(-\\infty,3)", "(-\\infty, 3) \\cup (3, \\infty)"),
+    ("\\{2,1\\}", "\\{1,2\\}"),
+    ("-2, 1+\\sqrt5, 1-\\sqrt5", "\\{1\\pm\\sqrt{5},-2\\}"),
+    ("-2,1", "1,-2"),
+    ("-2, 1", "1, -2"),
+    ("2 \\pm \\sqrt{6}", "2 + \\sqrt{6}, 2 - \\sqrt{6}"),
+    ("3-2\\sqrt{2},3+2\\sqrt{2}", "3 \\pm 2 \\sqrt{2}"),
+    ("\\pm 3i", "3i,-3i"),
+    ("(3,2),(1,1)", "$(1,1), (3,2)$"),
+    ("2 and 3", "2, 3"),
+    ("3, 2", "\\{2, 3\\}"),
+    ("f(x) = x + 1, f(x) = -1", "$f(x)=-1$,$f(x)=x+1$"),
+    ("2, -6-4\\sqrt2", "$a=2$, $a=-6-4 \\sqrt{2}$"),
+    ("(-\\infty,0)\\cup\\{1\\}", "$(-\\infty, 0) \\cup\\{1\\}$."),
+    ("90, 60", "$90^{\\circ}$,$60^{\\circ}$"),
+    ("\\frac{1}{100}, 100", "$100,\\frac{1}{100}$"),
+    ("\\{(1,2)\\}", "(1,2)"),
+    ("\\{5\\}", "5"),
+    # matrices
+    ("\\begin{pmatrix}-2\\\\-14\\\\-7\\end{pmatrix}", "\\begin{pmatrix} -2 \\\\ -14 \\\\ -7 \\end{pmatrix}"),
+    ("\\begin{pmatrix} \\frac{16}{49} \\\\ \\frac{48}{49} \\end{pmatrix}",
+     "\\begin{pmatrix} 16/49 \\\\ 48/49 \\end{pmatrix}"),
+    ("\\begin{bmatrix} 1 & 2 \\\\ 3 & 4 \\end{bmatrix}", "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}"),
+    # text kept as text
+    ("\\infty", "\\infty"),
+    ("-\\infty", "-\\infty"),
+    ("k\\ge 2", "k \\geqslant 2"),
+    ("\\varnothing", "\\emptyset"),
+    ("Navin", "\\text{Navin}"),
+]
+
+
+@pytest.mark.parametrize("pred,gold", EQUIVALENT, ids=[f"{p!r}=={g!r}" for p, g in EQUIVALENT])
+def test_equivalent(pred, gold):
+    assert grade(pred, gold), (normalize(str(pred)), normalize(str(gold)))
+
+
+# pairs whose relation is symmetric: also true the other way round (the integer / percent rules are one-sided)
+_ONE_SIDED = {("0.33333", "\\frac{1}{3}"), ("0.866", "\\frac{\\sqrt{3}}{2}")}
+
+
+@pytest.mark.parametrize("pred,gold", [(p, g) for p, g in EQUIVALENT if isinstance(g, str)
+                                       and (p, g) not in _ONE_SIDED][::3])
+def test_equivalent_reversed(pred, gold):
+    assert grade(gold, pred)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# non-equivalent pairs (pred, gold)
+
+NOT_EQUIVALENT = [
+    ("5", "6"),
+    ("-5", "5"),
+    ("204.01", "204"),                      # integer gold: exact, no 1e-4 slack
+    ("204", "205"),
+    ("142.5", 142.0),
+    ("0.33", "\\frac{1}{3}"),
+    ("0.333", "\\frac13"),
+    ("3.14", "\\pi"),
+    ("\\frac{1}{2}", "2"),
+    ("\\frac{2}{1}", "\\frac{1}{2}"),
+    ("\\frac{1}{2}", "50"),                 # no % written: 0.5 is not 50
+    ("5\\%", "0.5"),
+    ("\\sqrt{3}", "3"),
+    ("\\sqrt{2}", "\\sqrt{3}"),
+    ("2", "2\\pi"),
+    ("-\\frac{1}{2}", "\\frac{1}{2}"),
+    ("1.6", "9.6"),
+    ("0.0001", "0"),
+    ("0", "0.0001"),
+    ("(2,1)", "(1,2)"),
+    ("[1,2]", "[1,2)"),
+    ("[1,2]", "(1,2)"),
+    ("1,2", "(1,2)"),                       # a list is not a point
+    ("(1,2)", "(1,2,3)"),
+    ("1,2,3", "1,2"),
+    ("1", "1,2"),
+    ("1,2", "1,1,2"),
+    ("\\{1,3\\}", "\\{1,2\\}"),
+    ("(-\\infty, 3]", "(-\\infty, 3)"),
+    ("(-\\infty,2)", "(2,\\infty)"),
+    ("3+2\\sqrt{2}", "3 \\pm 2\\sqrt{2}"),   # one root of two
+    ("3+2\\sqrt2, 3+2\\sqrt2", "3 \\pm 2\\sqrt{2}"),
+    ("x-1", "x+1"),
+    ("2x", "x^2"),
+    ("2y", "2x"),
+    ("5", "x"),
+    ("x^2+1", "(x+1)^2"),
+    ("\\cos x", "\\sin x"),
+    ("x=6", "x=5"),
+    ("y=5", "x=5"),
+    ("2x = 10", "x = 5"),
+    ("f(x) = x-1", "f(x) = x+1"),
+    ("y = 3x + 2", "y = 2x + 3"),
+    ("B", "\\text{(A)}"),
+    ("A", "B"),
+    ("Navin", "Evelyn"),
+    ("4343", "4343_6"),
+    ("4343_7", "4343_6"),
+    ("\\begin{pmatrix} 2 \\\\ 1 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
+    ("\\begin{pmatrix} 1 & 2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
+    ("(1,2)", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
+    ("6-9i", "6+9i"),
+    ("1", "i"),
+    ("-\\infty", "\\infty"),
+    ("", "5"),
+    ("5", ""),
+    ("1", "1,000"),
+    ("1,001", "1,000"),
+    ("100", "100,200"),
+    ("10", "10^{10^{10}}"),
+    ("2^{1008}", "2^{1009}"),
+    ("5", "5!"),
+    ("\\binom{6}{3}", "\\binom{6}{2}"),
+    ("\\log_2 e", "\\ln 2"),
+    ("1", "\\frac{1}{0}"),
+    ("None", "5"),
+    ("k \\leq 2", "k \\geq 2"),
+    ("0", "\\emptyset"),
+    ("\\frac{1}{3} E_{1}+\\frac{2}{3} E_{2}", "E_{1},E_{2}"),
+    ("343981285", "$2021 \\cdot 505 \\cdot 337$"),
+    ("(3,4,3)", "$(2,2,2),(3,4,3)$"),
+    ("\\{(1,2)\\}", "(2,1)"),
+    ("(-1)!", "1"),
+    ("x=2, x=3", "2,4"),
+]
+
+
+@pytest.mark.parametrize("pred,gold", NOT_EQUIVALENT, ids=[f"{p!r}!={g!r}" for p, g in NOT_EQUIVALENT])
+def test_not_equivalent(pred, gold):
+    assert not grade(pred, gold), (normalize(str(pred)), normalize(str(gold)))
+
+
+# the integer-gold rule is one-sided: 204 is within 1e-4 of a gold 204.01
+@pytest.mark.parametrize("pred,gold", [(p, g) for p, g in NOT_EQUIVALENT if isinstance(g, str)
+                                       and (p, g) != ("204.01", "204")][::2])
+def test_not_equivalent_reversed(pred, gold):
+    assert not grade(gold, pred)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gold types
+
+GOLD_TYPES = [
+    ("9.6", ["9.6\n"], True),
+    ("-1/3", ["-\\frac{1}{3}\n", "-1/3\n"], True),
+    ("\\frac{1}{\\sqrt2}c", ["\\frac{1}{\\sqrt{2}}c\n", "\\frac{c}{\\sqrt{2}}\n"], True),
+    ("4", ["5", "4"], True),
+    ("4", ["5", "6"], False),
+    ("4", [], False),
+    ("142", 142.0, True),
+    ("142.0", 142.0, True),
+    ("142", 142.5, False),
+    ("3", 3, True),
+    ("0.25", 0.25, True),
+    (None, "5", False),
+    (None, ["5"], False),
+    ("5", None, False),
+]
+
+
+@pytest.mark.parametrize("pred,gold,expected", GOLD_TYPES)
+def test_gold_types(pred, gold, expected):
+    assert grade(pred, gold) is expected
+
+
+# ---------------------------------------------------------------------------------------------------------
+# extraction
+
+EXTRACTION = [
+    ("The answer is \\boxed{5}.", "5"),
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("so $\\boxed{\\frac{\\sqrt{3}}{2}}$ end", "\\frac{\\sqrt{3}}{2}"),
+    ("first \\boxed{1} then \\boxed{2}", "2"),
+    ("\\fbox{7}", "7"),
+    ("\\boxed{3} and \\fbox{4}", "4"),
+    ("\\fbox{4} and \\boxed{3}", "3"),
+    ("our answer is $\\boxed 9$.", "9"),
+    ("x = \\boxed 2.", "2"),
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),
+    ("\\boxed{\\left\\{ 1 \\right\\}}", "\\left\\{ 1 \\right\\}"),
+    ("\\boxed{ 5 }", "5"),
+    ("\\boxed {5}", "5"),
+    ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
+    ("\\boxed{\\boxed{5}}", "5"),
+    ("\\boxed{a}{b}", "a"),
+    ("\\boxed{x^{2}} }", "x^{2}"),
+    ("\\boxed{\\text{(C)}}", "\\text{(C)}"),
+    ("\\boxed{}", ""),
+    ("no box here 42", None),
+    ("", None),
+    (None, None),
+    ("\\boxed{5", None),                      # unbalanced
+    ("\\boxed{1} then \\boxed{2", None),      # the last box is truncated: no answer
+    ("\\boxed", None),
+    ("\\boxed{\\}", None),                    # an escaped brace does not close
+    ("\\boxed{\\}}", "\\}"),
+]
+
+
+@pytest.mark.parametrize("text,expected", EXTRACTION)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+FALLBACK = [
+    ("The answer is 72.", "72"),
+    ("#### 1,080", "1080"),
+    ("So the answer is: $18.", "18"),
+    ("The answer is 5 apples.", "5"),
+    ("The answer is \\frac{1}{2}.", "\\frac{1}{2}"),
+    ("The answer is 3/4", "3/4"),
+    ("The answer is 2x+1", "2x+1"),
+    ("I think 3 then 4,000 apples", "4000"),
+    ("it is -2.5 degrees", "-2.5"),
+    ("no numbers", None),
+    ("\\boxed{5} but the answer is 6", "5"),   # a box always wins
+]
+
+
+@pytest.mark.parametrize("text,expected", FALLBACK)
+def test_extract_answer_fallback(text, expected):
+    assert extract_answer(text, fallback=True) == expected
+    if "\\boxed" not in text:
+        assert extract_answer(text) is None    # off by default
+
+
+def test_reward():
+    assert reward("... so the total is $\\boxed{\\dfrac{1}{2}}$.", "0.5") == 1.0
+    assert reward("... so the total is $\\boxed{3}$.", "0.5") == 0.0
+    assert reward("no boxed answer 0.5", "0.5") == 0.0
+    assert reward("\\boxed{142}", 142.0) == 1.0
+    assert reward("\\boxed{9.6}", ["9.6\n"]) == 1.0
+    assert isinstance(reward("\\boxed{1}", "1"), float)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# adversarial inputs: every call must finish (bound on pathological complexity, not a benchmark)
+
+def _big_box():
+    return "\\boxed{" + "{" * 200_000 + "1" + "}" * 200_000 + "}"
+
+
+ADVERSARIAL = [
+    ("tower", lambda: grade("10^{10^{10}}", "1"), False),
+    ("tower2", lambda: grade("9^{9^{9^{9}}}", "9"), False),
+    ("tower3", lambda: grade("2^{2^{2^{2^{2^{2}}}}}", "2"), False),
+    ("e-tower", lambda: grade("e^{e^{e^{e^{10}}}}", "1"), False),
+    ("exp", lambda: grade("\\exp(100000)", "1"), False),
+    ("factorial", lambda: grade("1000000!", "1"), False),
+    ("factorial2", lambda: grade("((5!)!)!", "1"), False),
+    ("binom", lambda: grade("\\binom{10000}{5000}", "1"), False),
+    ("long-number", lambda: grade("9" * 999, "9" * 998 + "8"), False),
+    ("deep-parens", lambda: grade("(" * 450 + "1" + ")" * 450, "2"), False),
+    ("deep-braces", lambda: grade("{" * 5000 + "1" + "}" * 5000, "2"), False),
+    ("deep-sqrt", lambda: grade("\\sqrt{" * 150 + "2" + "}" * 150, "1"), False),
+    ("deep-frac", lambda: grade("\\frac{1}{" * 100 + "2" + "}" * 100, "1"), False),
+    ("long-list", lambda: grade(",".join(str(i) for i in range(300)), ",".join(str(i) for i in range(1, 301))),
+     False),
+    ("nested-sets", lambda: grade("\\{" + ",".join("\\{%d,%d\\}" % (i, i + 1) for i in range(40)) + "\\}",
+                                  "\\{" + ",".join("\\{%d,%d\\}" % (i, i + 2) for i in range(40)) + "\\}"), False),
+    ("tuples", lambda: grade(",".join("(%d,%d)" % (i, i) for i in range(60)),
+                             ",".join("(%d,%d)" % (i, i + 1) for i in range(60))), False),
+    ("units", lambda: grade("5" + "\\text{ cm}" * 80, "6"), False),
+    ("spaces", lambda: grade("\\frac " * 150 + "1", "1"), False),
+    ("megabyte-pred", lambda: grade("1+" * 500_000 + "1", "1"), False),
+    ("megabyte-gold", lambda: grade("1", "x" * 1_000_000), False),
+    ("megabyte-text", lambda: reward("word " * 250_000 + "\\boxed{7}", "7"), 1.0),
+    ("megabyte-nobox", lambda: extract_answer("{" * 1_000_000), None),
+    ("megabyte-open-box", lambda: extract_answer("\\boxed{" + "{" * 1_000_000), None),
+    ("megabyte-fallback", lambda: extract_answer("12 " * 300_000, fallback=True), "12"),
+    ("megabyte-answer-is", lambda: extract_answer("the answer is " + "9" * 1_000_000, fallback=True),
+     "9" * 1_000_000),
+    ("huge-box", lambda: grade(extract_answer(_big_box()), "1"), False),
+    ("many-backslashes", lambda: grade("\\" * 999, "1"), False),
+    ("pm-chain", lambda: grade("1" + "\\pm 1" * 150, "1"), False),
+]
+
+
+@pytest.mark.parametrize("name,fn,expected", ADVERSARIAL, ids=[a[0] for a in ADVERSARIAL])
+def test_adversarial_inputs_finish(name, fn, expected):
+    """Each call takes milliseconds; the 30 s alarm only catches a hang (exponential parsing, a huge power)
+    and is no timing assertion: it is three orders of magnitude above the normal cost on any machine."""
+    def hang(signum, frame):
+        raise TimeoutError(f"{name}: no answer after 30 s (pathological complexity)")
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(30)
+    try:
+        assert fn() == expected
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_never_evaluates_python():
+    # model text is parsed by the hand-written grammar only: Python syntax is just an unparseable string
+    assert not grade("__import__('os').system('echo hacked')", "0")
+    assert not grade("(lambda: 5)()", "5")
+    assert not grade("5 if True else 6", "5")
+    assert not grade("2**3", "8")                 # '**' is not math notation here
+
+
+# ---------------------------------------------------------------------------------------------------------
+# real data (NESTED_REFT_DATA); the files are read directly
+
+
+def _jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.parametrize("name", ["math/math500_test.jsonl", "math/math12k_train.jsonl"])
+def test_reference_solutions_grade_correct(data_dir, name):
+    rows = _jsonl(data_dir / name)
+    failures = [(r.get("unique_id"), extract_answer(r["solution"]), r["answer"]) for r in rows
+                if not grade(extract_answer(r["solution"]), r["answer"])]
+    for f in failures:
+        print(f"  {name}: {f}")
+    rate = 1 - len(failures) / len(rows)
+    print(f"{name}: {len(rows) - len(failures)}/{len(rows)} reference solutions graded correct ({100 * rate:.2f}%)")
+    assert rate >= 0.99, f"{len(failures)} of {len(rows)} reference solutions fail: {failures[:10]}"
+
+
+def _golds(data_dir, name):
+    if name.startswith("gsm8k"):
+        return [r["answer"].split("####")[-1].strip().replace(",", "") for r in _jsonl(data_dir / name)]
+    golds = []
+    for r in _jsonl(data_dir / name):
+        a = r["answer"]
+        golds += [str(x).strip() for x in a] if isinstance(a, list) else [str(a).strip()]
+    return golds
+
+
+@pytest.mark.parametrize("name", ["gsm8k/train.jsonl", "gsm8k/test.jsonl", "math/math500_test.jsonl",
+                                  "math/math12k_train.jsonl",
+                                  "eval_suite/understand-r1-zero_jsonl/aime.jsonl",
+                                  "eval_suite/understand-r1-zero_jsonl/amc.jsonl",
+                                  "eval_suite/understand-r1-zero_jsonl/minerva.jsonl",
+                                  "eval_suite/understand-r1-zero_jsonl/olympiad_bench.jsonl"])
+def test_gold_roundtrip_through_boxed(data_dir, name):
+    golds = _golds(data_dir, name)
+    bad = [g for g in golds if not grade(extract_answer("\\boxed{" + g + "}"), g)]
+    assert not bad, f"{len(bad)} of {len(golds)} golds of {name} do not grade equal to themselves: {bad[:10]}"
+
+
+def test_shifted_golds_rarely_match(data_dir):
+    """False-positive guard: gold i against gold i+s of Math12k; the few matches must be true equivalences
+    (0.7 = 7/10, 6 = 6^\\circ, k=6 = 6, ...), so their count stays tiny. They are printed for review."""
+    golds = [r["answer"] for r in _jsonl(data_dir / "math/math12k_train.jsonl")]
+    hits = [(golds[i], golds[(i + s) % len(golds)]) for s in (1, 2, 3) for i in range(len(golds))
+            if golds[i].strip() != golds[(i + s) % len(golds)].strip() and grade(golds[i], golds[(i + s) % len(golds)])]
+    for h in hits:
+        print("  shifted match:", h)
+    assert len(hits) <= 20, f"{len(hits)} matches among {3 * len(golds)} unrelated pairs: {hits[:20]}"
+
+
+def test_cross_harness_golds_agree(data_dir):
+    """The Qwen2.5-Math harness's copies of AIME24 / AMC23 / OlympiadBench format golds differently (ints,
+    floats, '$..$' lists); matched by problem text they must grade equal to the understand-r1-zero golds."""
+    key = lambda s: re.sub(r"\s+", " ", s).strip()  # noqa: E731
+    suite = data_dir / "eval_suite"
+    pairs = []
+    for qwen, r1z, qfield, qanswer in [("aime24", "aime", "problem", "answer"), ("amc23", "amc", "problem", "answer"),
+                                       ("olympiadbench", "olympiad_bench", "question", "final_answer")]:
+        gold = {key(r["problem"]): r["answer"] for r in _jsonl(suite / f"understand-r1-zero_jsonl/{r1z}.jsonl")}
+        for r in _jsonl(suite / f"qwen25_math_eval/{qwen}/test.jsonl"):
+            if key(r[qfield]) in gold:
+                answers = r[qanswer] if isinstance(r[qanswer], list) else [r[qanswer]]
+                pairs += [(str(a), gold[key(r[qfield])]) for a in answers]
+    bad = [p for p in pairs if not grade(*p)]
+    assert len(pairs) > 700 and not bad, (len(pairs), bad[:10])
