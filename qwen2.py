@@ -270,6 +270,17 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
+def padded_causal_mask(key_valid, T: int, start: int):
+    """key_valid [B, S] bool (False = padding), queries at columns start..start+T-1 of S = start + T keys ->
+    [B, 1, T, S] bool, True = attend: causal and not padding. A padding query also attends to itself, so no
+    softmax row is empty (its output is never used)."""
+    S = key_valid.shape[1]
+    causal = torch.ones(T, S, dtype=torch.bool, device=key_valid.device).tril(start)   # key <= query
+    mask = causal & key_valid[:, None, :]                                              # [B, T, S]
+    mask[:, :, start:] |= torch.eye(T, dtype=torch.bool, device=key_valid.device)
+    return mask[:, None]
+
+
 @dataclass
 class GenerateOutput:
     tokens: torch.Tensor          # [B, Tn] long, pad_token_id after EOS
@@ -340,12 +351,16 @@ class Qwen2(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
         self.apply(self._init_weights)
+        self._inv_freq = None                    # fp32 RoPE frequencies; a plain attribute so .to(dtype) skips it
 
-    def _inv_freq(self, device=None):
-        hd = self.config.head_dim                                       # theta^(-2i/hd), i = 0..hd/2-1
-        return 1.0 / (self.config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=device) / hd))
+    def inv_freq(self, device) -> torch.Tensor:
+        """theta^(-2i/hd), i = 0..hd/2-1, fp32 [hd/2], cached per device."""
+        if self._inv_freq is None or self._inv_freq.device != device:
+            hd = self.config.head_dim
+            self._inv_freq = 1.0 / (self.config.rope_theta ** (
+                torch.arange(0, hd, 2, dtype=torch.float, device=device) / hd))
+        return self._inv_freq
 
     @staticmethod
     def _init_weights(m):
@@ -377,7 +392,10 @@ class Qwen2(nn.Module):
         return tuple(i for i, s in enumerate(skip_mask) if not s)
 
     def new_cache(self, batch: int, max_len: int, skip_mask=None) -> KVCache:
-        return KVCache(self.config, self.active_layers(skip_mask), batch, max_len, self.dtype, self.device)
+        """Under autocast (fp32 master weights, bf16 compute) the cache takes the autocast dtype: half the bytes."""
+        dev = self.device
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.dtype
+        return KVCache(self.config, self.active_layers(skip_mask), batch, max_len, dtype, dev)
 
     def forward(self, input_ids, skip_mask=None, attention_mask=None, logits_from: int = 0, cache=None):
         """input_ids [B, T] long; skip_mask: N host bools (True = layer is identity); attention_mask [B, T]
@@ -386,44 +404,39 @@ class Qwen2(nn.Module):
         same skip_mask, appended at its current length (prefill, then decode one token at a time).
         Returns logits [B, T - logits_from, V] in the model dtype."""
         B, T = input_ids.shape
+        dev = input_ids.device
         active = self.active_layers(skip_mask)
-        am = None if attention_mask is None else attention_mask.to(device=input_ids.device, dtype=torch.bool)
+        if not 0 <= logits_from <= T:
+            raise ValueError(f"logits_from={logits_from}, expected 0..{T}")
+        am = None if attention_mask is None else attention_mask.to(device=dev, dtype=torch.bool)
         if am is not None and am.shape != (B, T):
             raise ValueError(f"attention_mask has shape {tuple(am.shape)}, expected {(B, T)}")
+        mask, start = None, 0                            # mask None = plain causal over all keys (no padding)
         if cache is None:
-            start = 0
             if am is None:
-                pos, mask = torch.arange(T, device=input_ids.device).expand(B, T), None
+                pos = torch.arange(T, device=dev).expand(B, T)
             else:
-                pos = (am.long().cumsum(-1) - 1).clamp(min=0)                            # [B, T]
-                causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-                # a padding query attends to itself only, so no softmax row is empty (its output is unused)
-                mask = (causal & am[:, None, :]) | torch.eye(T, dtype=torch.bool, device=input_ids.device)
-                mask = mask[:, None]                                                     # [B, 1, T, T]
+                pos = am.long().cumsum(-1) - 1                                            # [B, T]
+                mask = padded_causal_mask(am, T, 0)
         else:
             if cache.active != active:
-                raise ValueError("forward(cache=...) got a skip_mask different from the one the cache was built for")
+                raise ValueError("forward(cache=...): skip_mask differs from the one the cache was built for")
             start = cache.length
             if start + T > cache.max_len:
                 raise ValueError(f"KV cache overflow: {start}+{T} > max_len={cache.max_len}")
             if am is None:
-                am = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+                am = torch.ones(B, T, dtype=torch.bool, device=dev)
             else:
                 cache.mask[:, start:start + T] = am
-                cache.has_padding = cache.has_padding or not bool(am.all())
+                cache.has_padding = cache.has_padding or not bool(am.all())             # one sync per call
             pos = cache.next_pos[:, None] + am.long().cumsum(-1) - 1                      # [B, T]
             cache.next_pos += am.long().sum(-1)
             cache.length = start + T
-            mask = None
             if cache.has_padding and T == 1:                                             # decode: a view
                 mask = cache.mask[:, None, None, :start + 1]                             # [B, 1, 1, S]
             elif cache.has_padding:
-                S = start + T
-                causal = torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(start)
-                mask = causal & cache.mask[:, None, :S]                                  # [B, T, S]
-                mask[:, :, start:] |= torch.eye(T, dtype=torch.bool, device=input_ids.device)
-                mask = mask[:, None]                                                     # [B, 1, T, S]
-        cos, sin = rope_cos_sin(pos.clamp(min=0), self.inv_freq, self.dtype)
+                mask = padded_causal_mask(cache.mask[:, :start + T], T, start)
+        cos, sin = rope_cos_sin(pos.clamp(min=0), self.inv_freq(input_ids.device), self.dtype)
         x = self.model.embed_tokens(input_ids)                                           # [B, T, D]
         for j, i in enumerate(active):
             kv = None if cache is None else (cache.k[j], cache.v[j])
@@ -457,6 +470,8 @@ class Qwen2(nn.Module):
         if valid_vocab_size is not None and not 0 < valid_vocab_size <= V:
             raise ValueError(f"valid_vocab_size={valid_vocab_size}, expected 1..{V}")
         dev = self.device
+        if generator is not None and generator.device.type != dev.type:
+            raise ValueError(f"generator is on {generator.device}, expected the model's device {dev}")
         B, Tp = len(prompts), max(len(p) for p in prompts)
         prompt_tokens = torch.full((B, Tp), pad_token_id, dtype=torch.long)
         prompt_mask = torch.zeros(B, Tp, dtype=torch.bool)
@@ -553,7 +568,6 @@ class Qwen2(nn.Module):
         model.load_state_dict(sd, strict=True, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        model.inv_freq = model._inv_freq(device)
         return model
 
     def save_pretrained(self, path, max_shard_size_bytes: int = 5_000_000_000):

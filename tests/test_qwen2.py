@@ -152,7 +152,7 @@ def test_hf_sharded_checkpoint_and_dtype(tmp_path):
     with torch.no_grad():
         assert (m(ids) - hf(ids).logits).abs().max() <= 1e-4
     mb = Qwen2.from_pretrained(tmp_path, dtype="bfloat16", device="cpu")
-    assert mb.dtype == torch.bfloat16 and mb.inv_freq.dtype == torch.float32
+    assert mb.dtype == torch.bfloat16 and mb.inv_freq(torch.device('cpu')).dtype == torch.float32
     with torch.no_grad():
         assert mb(ids).dtype == torch.bfloat16
 
@@ -365,3 +365,52 @@ def test_generate_argument_errors():
         m.generate([[1, 96]], max_new_tokens=2)
     with pytest.raises(ValueError, match="skip_mask"):
         m.generate([[1]], max_new_tokens=2, skip_mask=[True])
+
+
+def test_chunked_prefill_with_padding_equals_full_forward():
+    """The cache path with T > 1 after cached columns (padded_causal_mask with start > 0)."""
+    m = ours(seed=12)
+    ids, am = left_pad(PROMPTS)
+    skip = [False, False, True, False]
+    with torch.no_grad():
+        full = m(ids, skip, am)
+        cache = m.new_cache(3, ids.shape[1], skip)
+        a = m(ids[:, :3], skip, am[:, :3], cache=cache)
+        b = m(ids[:, 3:6], skip, am[:, 3:6], cache=cache)
+        c = m(ids[:, 6:], skip, am[:, 6:], cache=cache)
+    got = torch.cat([a, b, c], 1)
+    real = am.bool()
+    torch.testing.assert_close(got[real], full[real], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="overflow"):
+        m(ids[:, :1], skip, cache=cache)
+    with pytest.raises(ValueError, match="skip_mask differs"):
+        m(ids[:, :1], None, cache=m.new_cache(3, 9, skip))
+
+
+def test_bf16_model_tracks_fp32():
+    m = ours(seed=13)
+    mb = ours(seed=13).to(torch.bfloat16)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = m(ids), mb(ids)
+    assert b.dtype == torch.bfloat16
+    assert (a - b.float()).abs().max() < 0.05 * a.abs().max()
+    out = mb.generate(PROMPTS, max_new_tokens=5, temperature=0.8, generator=torch.Generator().manual_seed(0))
+    assert out.logprobs.dtype == torch.float32 and torch.isfinite(out.logprobs).all()
+
+
+def test_generate_under_autocast_caches_in_the_compute_dtype():
+    """fp32 master weights + bf16 autocast (the training loop's GPU path, here on CPU): the KV cache is bf16 and
+    greedy decoding still equals the argmax of a full forward under the same autocast."""
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = Qwen2(cfg).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.new_cache(2, 8).k.dtype == torch.bfloat16
+        out = model.generate([[1, 2, 3], [4, 5]], max_new_tokens=4, temperature=0.0)
+        for b, prompt in enumerate([[1, 2, 3], [4, 5]]):
+            seq = torch.tensor([prompt + out.tokens[b, :3].tolist()])
+            ref = model(seq)[0, len(prompt) - 1:].float().argmax(-1)
+            assert ref.tolist() == out.tokens[b].tolist()
+    assert model.new_cache(2, 8).k.dtype == torch.float32

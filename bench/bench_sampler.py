@@ -1,0 +1,224 @@
+"""Sampler benchmark for qwen2.py (CPU). Prints ratios measured side by side in one run.
+
+(a) new tokens/s of Qwen2.generate vs transformers' generate() on the same random weights, prompts, batch,
+    length, greedy, same dtype: a tiny config and a Qwen2.5-0.5B-shaped one; decode time per step against the
+    memory-bandwidth limit (weight bytes read per step / measured read bandwidth); bf16 vs fp32.
+(b) decode speedup of the nested model (k = round(r * 28) layers skipped) vs the FLOP-predicted speedup.
+(c) KV-cache bytes, full vs nested.
+
+    python bench/bench_sampler.py                       # all sections, modest sizes (a few minutes)
+    python bench/bench_sampler.py --sections b --nested-shape 1.5b --new-tokens 32
+Timings are noisy when other jobs share the CPU: every comparison is interleaved and the best of --reps is kept.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from qwen2 import Qwen2, Qwen2Config  # noqa: E402
+
+SHAPES = {   # width, intermediate, layers, heads, kv heads, vocab, tied
+    "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True),
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "0.5b-28": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=28, num_attention_heads=14,
+                    num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+}
+
+
+def best_of(fns: dict, reps: int) -> dict:
+    """Run each fn once as warm-up, then `reps` interleaved rounds; return the best wall time of each."""
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: min(v) for k, v in times.items()}
+
+
+def read_bandwidth(mb: int = 512, reps: int = 5) -> float:
+    """Bytes/s of a plain reduction over a tensor much larger than the caches."""
+    a = torch.ones(mb * 2**20 // 4)
+    a.sum()
+    t = min(_timed(lambda: a.sum()) for _ in range(reps))
+    return a.nbytes / t
+
+
+def _timed(f):
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+def weight_bytes_per_step(m: Qwen2, active=None) -> int:
+    """Bytes of weights read for one decode step: decoder layers (active ones), final norm, LM head."""
+    layers = range(m.config.num_hidden_layers) if active is None else active
+    b = sum(p.nbytes for i in layers for p in m.model.layers[i].parameters())
+    return b + m.model.norm.weight.nbytes + m.lm_head.weight.nbytes
+
+
+def decode_flops(cfg: Qwen2Config, n_active: int, ctx: float) -> float:
+    """FLOPs to decode one token at context length ctx: 2 * (matmul params) per layer + attention
+    (q.k and p.v: 4 * ctx * H * hd) per active layer, plus the LM head 2 * D * V."""
+    D, I, H, Hkv, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                        cfg.num_key_value_heads, cfg.head_dim)
+    layer = 2 * (D * H * hd + 2 * D * Hkv * hd + H * hd * D + 3 * D * I) + 4 * ctx * H * hd
+    return n_active * layer + 2 * D * cfg.vocab_size
+
+
+def random_prompts(batch, length, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = [max(1, length - 3 * (i % 3)) for i in range(batch)]        # unequal: exercises left padding
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lens]
+
+
+def make_pair(shape: dict, seed=0):
+    """A transformers Qwen2ForCausalLM with random weights and our Qwen2 sharing the same tensors."""
+    import transformers
+    torch.manual_seed(seed)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape, attn_implementation="sdpa")).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    with torch.device("meta"):
+        ours = Qwen2(Qwen2Config(**shape))
+    ours.load_state_dict(hf.state_dict(), strict=True, assign=True)
+    if ours.config.tie_word_embeddings:
+        ours.lm_head.weight = ours.model.embed_tokens.weight
+    return hf, ours.eval()
+
+
+def hf_generate(hf, out, new):
+    with torch.no_grad():
+        return hf.generate(out.prompt_tokens, attention_mask=out.prompt_mask.long(), max_new_tokens=new,
+                           min_new_tokens=new, do_sample=False)[:, out.prompt_tokens.shape[1]:]
+
+
+def section_a(args, bw):
+    print("\n(a) Qwen2.generate vs transformers generate(), greedy, CPU, new tokens/s (best of reps)")
+    for name, batch, new in (("tiny", args.tiny_batch, args.tiny_new), ("0.5b", args.big_batch, args.big_new)):
+        hf, ours = make_pair(SHAPES[name])
+        prompts = random_prompts(batch, args.prompt_len, ours.config.vocab_size)
+        res = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            if dtype == torch.bfloat16 and name == "tiny" and not args.tiny_bf16:
+                continue
+            hf.to(dtype), ours.to(dtype)
+            ref = ours.generate(prompts, max_new_tokens=new, temperature=0)
+            gen = {"ours": lambda: ours.generate(prompts, max_new_tokens=new, temperature=0),
+                   "hf": lambda: hf_generate(hf, ref, new),
+                   "ours_prefill": lambda: ours.generate(prompts, max_new_tokens=1, temperature=0)}
+            t = best_of(gen, args.reps)
+            same = (hf_generate(hf, ref, new) == ref.tokens).float().mean().item()
+            step = (t["ours"] - t["ours_prefill"]) / (new - 1)
+            limit = weight_bytes_per_step(ours) / bw
+            res[dtype] = t["ours"]
+            d = str(dtype).removeprefix("torch.")
+            target = "2x" if name == "tiny" else "1x"
+            print(f"  {name:5s} {d:8s} B={batch} Tp<={args.prompt_len} new={new}:  ours {batch * new / t['ours']:8.1f} tok/s"
+                  f"  transformers {batch * new / t['hf']:8.1f} tok/s  ratio {t['hf'] / t['ours']:.2f}x (target >= {target})"
+                  f"  (same greedy tokens {same:.0%})")
+            print(f"        decode {step * 1e3:.1f} ms/step; weights {weight_bytes_per_step(ours) / 1e6:.0f} MB"
+                  f" / {bw / 1e9:.1f} GB/s = {limit * 1e3:.1f} ms  -> {limit / step:.0%} of the bandwidth limit (target >= 60%)")
+        if torch.bfloat16 in res:
+            print(f"  {name:5s} bf16 gain over fp32 (ours, end to end): {res[torch.float32] / res[torch.bfloat16]:.2f}x")
+        del hf, ours
+
+
+def section_bc(args):
+    shape = SHAPES[args.nested_shape]
+    cfg = Qwen2Config(**shape)
+    N = cfg.num_hidden_layers
+    print(f"\n(b) nested decode speedup, {args.nested_shape} shape ({N} layers, width {cfg.hidden_size}), "
+          f"{args.nested_dtype}, B={args.big_batch}, new={args.new_tokens}; e=1, skipped layers from the middle")
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        m = Qwen2(cfg)
+    m.to_empty(device="cpu").to(getattr(torch, args.nested_dtype))
+    m.apply(m._init_weights)
+    if cfg.tie_word_embeddings:
+        m.lm_head.weight = m.model.embed_tokens.weight
+    m.eval()
+    prompts = random_prompts(args.big_batch, args.prompt_len, cfg.vocab_size)
+    masks = {0.0: None}
+    for r in args.ratios:
+        k = round(r * N + 1e-9)                                         # k = round(r N): 1, 3, 4 for N = 28
+        skip = set(range(1, N - 1)[(N - 2 - k) // 2:][:k])               # valid set {1..N-2} (0-based), e = 1
+        masks[r] = [i in skip for i in range(N)]
+    # decode steps of all the models are interleaved one step at a time, so that a burst of load from other
+    # jobs hits all of them alike; speedup = median over steps of t_full / t_nested (the real sampler loop).
+    B, T = args.big_batch, args.prompt_len
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    am = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    caches, toks = {}, {}
+    times = {r: [] for r in masks}
+    with torch.no_grad():
+        for r, mask in masks.items():
+            caches[r] = m.new_cache(B, T + args.new_tokens + 1, mask)
+            toks[r] = m(ids, mask, am, logits_from=T - 1, cache=caches[r])[:, -1].argmax(-1)
+        for _ in range(args.new_tokens):
+            for r, mask in masks.items():
+                t0 = time.perf_counter()
+                toks[r] = m(toks[r][:, None], mask, cache=caches[r])[:, -1].float().log_softmax(-1).argmax(-1)
+                times[r].append(time.perf_counter() - t0)
+    step = {r: statistics.median(v[1:]) for r, v in times.items()}
+    ratio = {r: statistics.median(a / b for a, b in zip(times[0.0][1:], v[1:])) for r, v in times.items()}
+    ctx = args.prompt_len + args.new_tokens / 2
+    f0 = decode_flops(cfg, N, ctx)
+    for r, mask in masks.items():
+        k = sum(mask) if mask else 0
+        pred = f0 / decode_flops(cfg, N - k, ctx)
+        meas = ratio[r]
+        extra = "" if r == 0 else (f"  measured/predicted {meas / pred:.3f}; realised gain "
+                                   f"{(meas - 1) / (pred - 1):.0%} of predicted (target >= 95%)")
+        print(f"  r={r:.2f} k={k}: decode {step[r] * 1e3:7.1f} ms/step  speedup {meas:.3f}x"
+              f"  FLOP-predicted {pred:.3f}x{extra}")
+
+    print(f"\n(c) KV-cache bytes (B={args.big_batch}, S={args.prompt_len + args.new_tokens}, {args.nested_dtype})")
+    S = args.prompt_len + args.new_tokens
+    full = m.new_cache(args.big_batch, S).nbytes
+    for r, mask in masks.items():
+        c = m.new_cache(args.big_batch, S, mask)
+        n_act = len(c.active)
+        print(f"  r={r:.2f}: {c.nbytes / 2**20:8.2f} MiB  = {c.nbytes / full:.3f} of full"
+              f"  (active layers {n_act}/{N} = {n_act / N:.3f})")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default="a,b", help="comma list of a, b (b includes c)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the 2 cores are shared)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--tiny-batch", type=int, default=16)
+    p.add_argument("--tiny-new", type=int, default=64)
+    p.add_argument("--tiny-bf16", action="store_true", help="also time the tiny shape in bf16")
+    p.add_argument("--big-batch", type=int, default=4)
+    p.add_argument("--big-new", type=int, default=16)
+    p.add_argument("--nested-shape", default="0.5b-28", choices=sorted(SHAPES))
+    p.add_argument("--nested-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--new-tokens", type=int, default=32, help="new tokens per row for section b")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.10, 0.15])
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    bw = read_bandwidth()
+    print(f"read bandwidth (sum over a 512 MiB fp32 tensor): {bw / 1e9:.1f} GB/s")
+    secs = args.sections.split(",")
+    if "a" in secs:
+        section_a(args, bw)
+    if "b" in secs or "c" in secs:
+        section_bc(args)
+
+
+if __name__ == "__main__":
+    main()
