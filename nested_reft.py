@@ -7,7 +7,6 @@ effects.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import numbers
@@ -22,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from eval import reward, run_benchmarks
+import distributed
+from eval import check_benchmarks, evaluate, format_table, reward, run_benchmarks, write_jsonl
 from data import Example, Tokenizer, chat_prompt, collate_sft, load_dataset, sft_example
 from grpo import (group_advantages, loss_normaliser, offpolicy_stats, policy_loss, reward_stats, token_entropy,
                   token_logprobs)
@@ -165,6 +165,10 @@ class Config:
     device: str = _f("auto", "auto (cuda if available), cpu, cuda, cuda:N", "ours")
     dtype: str = _f("auto", "compute dtype: auto (bfloat16 on a bf16 GPU, else float32), float32, bfloat16; "
                     "parameters and optimizer state stay float32", "ours")
+    parallel: str = _f("ddp", "under torchrun (one process per GPU): ddp (whole model on every GPU; 1.5B) or fsdp "
+                       "(FSDP2: weights, grads and AdamW state sharded, compute dtype all-gather, fp32 "
+                       "reduce-scatter; 7B); prompts_per_step and sft_batch_size are split over the processes; "
+                       "unused in a single process", "ours")
     # --- SFT warm-up (ReFT stage 1)
     sft_epochs: float = _f(2.0, "E_sft: epochs of supervised fine-tuning on (prompt, CoT); 0 skips it",
                            "[U] ReFT: 2")
@@ -290,7 +294,7 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that a type check cannot do."""
     choices = {"variant": ("base", "practical", "retrace"), "weight_grad": ("detached", "surrogate"),
                "aggregation": ("token_mean", "seq_mean", "dr_grpo"), "lr_schedule": ("linear", "constant"),
-               "dtype": ("auto", "float32", "bfloat16")}
+               "dtype": ("auto", "float32", "bfloat16"), "parallel": ("ddp", "fsdp")}
     for key, ok in choices.items():
         if getattr(cfg, key) not in ok:
             raise UserError(f"config key '{key}' = {getattr(cfg, key)!r}: expected one of {', '.join(ok)}")
@@ -455,18 +459,21 @@ def sft(model: Qwen2, tok: Tokenizer, examples: list[Example], cfg: Config, devi
     for step in range(1, steps + 1):
         idx = order.take(cfg.sft_batch_size)
         n_tok = sum(sum(pairs[i][1][1:]) for i in idx)      # normaliser: predicted completion tokens, whole batch
+        idx = distributed.shard(idx)                        # torchrun: this rank's share of the batch
         loss_sum = 0.0
         for j in range(0, len(idx), cfg.sft_micro_batch):
             b = collate_sft([pairs[i] for i in idx[j:j + cfg.sft_micro_batch]], tok.pad_token_id)
             ids, attn, lmask = b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"].to(device)
-            with autocast(device, dtype):
-                logits = model(ids[:, :-1], attention_mask=attn[:, :-1])          # [b, T-1, V]
-            logp = token_logprobs(logits, ids[:, 1:])                             # [b, T-1]
-            loss = -(logp * lmask[:, 1:]).sum() / max(n_tok, 1)
-            loss.backward()
+            with distributed.grad_sync(model, last=j + cfg.sft_micro_batch >= len(idx)):
+                with autocast(device, dtype):
+                    logits = model(ids[:, :-1], attention_mask=attn[:, :-1])      # [b, T-1, V]
+                logp = token_logprobs(logits, ids[:, 1:])                         # [b, T-1]
+                loss = -(logp * lmask[:, 1:]).sum() / max(n_tok, 1)
+                distributed.backward(loss)
             loss_sum += loss.item()
         lr = sched.get_last_lr()[0]
         grad_norm = optimizer_step(model, opt, sched, cfg.grad_clip)
+        loss_sum = distributed.all_reduce_sum(loss_sum)      # the whole batch's loss (all ranks)
         log({"stage": "sft", "step": step, "steps": steps, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr,
              "runtime": time.perf_counter() - t0})
 
@@ -537,33 +544,39 @@ def reft_step(model: Qwen2, opt, sched, r: Rollouts, cfg: Config, tok: Tokenizer
     adv = group_advantages(r.rewards, cfg.group_size, scale=cfg.scale_rewards)          # [S] step 5
     kw = sampling_kwargs(cfg, tok)
     Z = loss_normaliser(r.mask, cfg.aggregation, cfg.max_new_tokens)                    # whole-batch denominator
+    Z = distributed.all_reduce_sum(Z)                                                   # (torchrun: all ranks)
     S = r.tokens.shape[0]
     logp_all, entropy = torch.zeros(r.tokens.shape), torch.zeros(r.tokens.shape)
     model.train()
     loss_sum = 0.0
     for i in range(0, S, cfg.micro_batch):
         rows = slice(i, i + cfg.micro_batch)
-        logits = policy_logits(model, r, rows, device, dtype)                           # [b, Tn, V]
-        logp = token_logprobs(logits, r.tokens[rows].to(device), **kw)                  # step 6: log pi_theta
-        ref_logp = None
-        if ref_model is not None:
-            with torch.no_grad():
-                ref_logp = token_logprobs(policy_logits(ref_model, r, rows, device, dtype), r.tokens[rows].to(device), **kw)
-        loss, _ = policy_loss(logp, r.logp_mu[rows].to(device), adv[rows].to(device), r.mask[rows].to(device),
-                              variant=cfg.variant, lam=cfg.lam, grad=cfg.weight_grad, clip_eps=cfg.clip_eps or None,
-                              aggregation=cfg.aggregation, max_len=cfg.max_new_tokens, token_normaliser=Z,
-                              ref_logp=ref_logp, beta=cfg.beta)                                 # steps 7-8
-        loss.backward()
+        with distributed.grad_sync(model, last=i + cfg.micro_batch >= S):             # DDP: 1 all-reduce/step
+            logits = policy_logits(model, r, rows, device, dtype)                       # [b, Tn, V]
+            logp = token_logprobs(logits, r.tokens[rows].to(device), **kw)              # step 6: log pi_theta
+            ref_logp = None
+            if ref_model is not None:
+                with torch.no_grad():
+                    ref_logp = token_logprobs(policy_logits(ref_model, r, rows, device, dtype),
+                                              r.tokens[rows].to(device), **kw)
+            loss, _ = policy_loss(logp, r.logp_mu[rows].to(device), adv[rows].to(device), r.mask[rows].to(device),
+                                  variant=cfg.variant, lam=cfg.lam, grad=cfg.weight_grad,
+                                  clip_eps=cfg.clip_eps or None, aggregation=cfg.aggregation,
+                                  max_len=cfg.max_new_tokens, token_normaliser=Z, ref_logp=ref_logp,
+                                  beta=cfg.beta)                                        # steps 7-8
+            distributed.backward(loss)
         loss_sum += loss.item()
         logp_all[rows] = logp.detach().cpu()
         entropy[rows] = token_entropy(logits, cfg.temperature).cpu()
         del logits, logp, loss
     lr = sched.get_last_lr()[0]
     grad_norm = optimizer_step(model, opt, sched, cfg.grad_clip)                         # step 9
-    stats = offpolicy_stats(logp_all, r.logp_mu, r.mask, adv, variant=cfg.variant, lam=cfg.lam,
+    # statistics of the whole batch (torchrun: every rank's rows, gathered)
+    logp_all, logp_mu, mask, adv, entropy = map(distributed.gather_rows, (logp_all, r.logp_mu, r.mask, adv, entropy))
+    stats = offpolicy_stats(logp_all, logp_mu, mask, adv, variant=cfg.variant, lam=cfg.lam,
                             clip_eps=cfg.clip_eps or None)
-    stats["entropy"] = float((entropy * r.mask).sum() / r.mask.sum().clamp(min=1))
-    return {"loss": loss_sum, "grad_norm": grad_norm, "lr": lr, **stats}
+    stats["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
+    return {"loss": distributed.all_reduce_sum(loss_sum), "grad_norm": grad_norm, "lr": lr, **stats}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -579,10 +592,12 @@ def write_json_atomic(path: Path, obj) -> None:
 class MetricsLog:
     """metrics.jsonl (one JSON object per step, both stages) plus a progress line on the terminal."""
 
-    def __init__(self, path: Path, log_every: int = 1, quiet: bool = False):
-        self.path, self.log_every, self.quiet = path, log_every, quiet
+    def __init__(self, path: Path, log_every: int = 1, quiet: bool = False, enabled: bool = True):
+        self.path, self.log_every, self.quiet, self.enabled = path, log_every, quiet, enabled   # off: rank > 0
 
     def __call__(self, row: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if not self.quiet and (row["step"] % self.log_every == 0 or row["step"] == row["steps"]):
@@ -590,7 +605,7 @@ class MetricsLog:
 
     def truncate(self, stage: str, step: int) -> None:
         """Drop rows of `stage` after `step` (written after the checkpoint a resumed run restarts from)."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
         keep = [r for r in rows if not (r.get("stage") == stage and r["step"] > step)]
@@ -610,15 +625,19 @@ def progress_line(row: dict) -> str:
 
 
 def save_checkpoint(run_dir: Path, model: Qwen2, opt, sched, state: dict) -> None:
-    """<run>/checkpoint = the model in the HF layout + trainer_state.pt, written beside and renamed into place."""
-    final, tmp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **state}, tmp / "trainer_state.pt")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    """<run>/checkpoint = the model in the HF layout + trainer_state.pt, written beside and renamed into place.
+    torchrun: every rank calls it (FSDP gathers the full weights and AdamW state to rank 0); rank 0 writes."""
+    optim, full = distributed.optimizer_state_dict(model, opt), distributed.full_model(model)
+    if distributed.is_main():
+        final, tmp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        full.save_pretrained(tmp)
+        torch.save({"optimizer": optim, "scheduler": sched.state_dict(), **state}, tmp / "trainer_state.pt")
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
 
 
 def load_reference(cfg: Config, run_dir: Path, device) -> Qwen2:
@@ -640,71 +659,121 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
     Returns the summary dict.
     """
     run_dir = Path(resume or cfg.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     device, dtype = resolve_device(cfg)
+    device = distributed.init(device)            # torchrun: this rank's GPU (nccl) or the CPU (gloo); else as is
+    world, main_rank = distributed.world_size(), distributed.is_main()        # 1, True without torchrun
+    for key in ("prompts_per_step", "sft_batch_size"):
+        if getattr(cfg, key) % world:
+            raise UserError(f"config key '{key}' = {getattr(cfg, key)}: expected a multiple of the number of "
+                            f"processes ({world}), each takes an equal share")
+    if main_rank:                                                             # only rank 0 writes files
+        run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / "checkpoint"
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False) if resume else None
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False, mmap=world > 1) if resume else None
     if resume and state is None:
         raise UserError(f"--resume {resume}: no checkpoint/trainer_state.pt in it")
-    write_json_atomic(run_dir / "run_config.json", asdict(cfg))
-    log = MetricsLog(run_dir / "metrics.jsonl", cfg.log_every, quiet)
+    if state is not None and state.get("world_size", 1) != world:
+        raise UserError(f"--resume {resume}: the checkpoint was written by {state.get('world_size', 1)} "
+                        f"process(es) but this run has {world}: resume with the same number")
+    if main_rank:
+        write_json_atomic(run_dir / "run_config.json", asdict(cfg))
+    log = MetricsLog(run_dir / "metrics.jsonl", cfg.log_every, quiet, enabled=main_rank)
     model, tok = load_model(cfg, device, str(ckpt) if state else "")
+    model = distributed.wrap(model, cfg.parallel, device, dtype)              # torchrun: DDP or FSDP2
     data_dir = resolve_data_dir(cfg)
     train_set = load_dataset(cfg.dataset, data_dir, "train")
 
     if state is None and cfg.sft_epochs > 0:
         sft(model, tok, train_set, cfg, device, dtype, log)
-        model.save_pretrained(run_dir / "sft")
+        distributed.save_pretrained(model, run_dir / "sft")
 
     ref_model = None
     if cfg.beta > 0:  # frozen reference = the model ReFT starts from: a copy now, or sft/ (else `model`) on resume
-        ref_model = copy.deepcopy(model) if state is None else load_reference(cfg, run_dir, device)
+        ref_model = (distributed.frozen_copy(model, device, dtype) if state is None else
+                     distributed.shard_like(model, load_reference(cfg, run_dir, device), device, dtype))
         ref_model.requires_grad_(False).eval()
     opt, sched = make_optimizer(model, cfg, cfg.lr, cfg.steps)
     order = DataOrder(len(train_set), cfg.seed)
-    skipper = SkipSampler(model.config.num_hidden_layers, cfg.skip_ratio, cfg.skip_border, cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)              # rollout sampling
+    skipper = SkipSampler(distributed.unwrap(model).config.num_hidden_layers, cfg.skip_ratio, cfg.skip_border,
+                          cfg.seed)                                             # same masks on every rank
+    rank = distributed.rank()
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1 + rank)       # rollout sampling (own per rank)
     step, totals = 0, {"tokens": 0, "rollout_tokens": 0, "runtime": 0.0, "rollout_s": 0.0}
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state_dict(model, opt, state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         order.load_state_dict(state["data_order"])
         skipper.load_state_dict(state["skip_sampler"])
-        gen.set_state(state["sample_rng"])
+        gen.set_state(state["sample_rng_ranks"][rank] if world > 1 else state["sample_rng"])
         step, totals = state["step"], state["totals"]
         log.truncate("reft", step)
 
     while step < cfg.steps:
         t0 = time.perf_counter()
         batch = [train_set[i] for i in order.take(cfg.prompts_per_step)]
+        batch = distributed.shard(batch)                                        # torchrun: this rank's prompts
         skip = skipper.next()                                                   # step 2: s_t
-        r = rollout(model, tok, batch, skip, cfg, gen, device, dtype)           # steps 3-5
+        with distributed.gathered(model):                                       # FSDP: all-gather once
+            r = rollout(distributed.unwrap(model), tok, batch, skip, cfg, gen, device, dtype)   # steps 3-5
         t_roll = time.perf_counter() - t0
         out = reft_step(model, opt, sched, r, cfg, tok, device, dtype, ref_model)  # steps 5-9
         dt, step = time.perf_counter() - t0, step + 1
         n_gen, n_prompt = int(r.mask.sum()), int(r.prompt_mask.sum())
+        n_gen, n_prompt = distributed.all_reduce_sum(n_gen), distributed.all_reduce_sum(n_prompt)   # all ranks
+        rewards = distributed.gather_rows(r.rewards)                            # [prompts_per_step * G]
         totals = {"tokens": totals["tokens"] + n_gen + n_prompt, "rollout_tokens": totals["rollout_tokens"] + n_gen,
                   "runtime": totals["runtime"] + dt, "rollout_s": totals["rollout_s"] + t_roll}
-        log({"stage": "reft", "step": step, "steps": cfg.steps, **out, **reward_stats(r.rewards, cfg.group_size),
-             "skip": skipped_layers(skip), "completion_len": n_gen / len(r.texts), "step_s": dt, "rollout_s": t_roll,
+        log({"stage": "reft", "step": step, "steps": cfg.steps, **out, **reward_stats(rewards, cfg.group_size),
+             "skip": skipped_layers(skip), "completion_len": n_gen / len(rewards), "step_s": dt, "rollout_s": t_roll,
              "rollout_tok_s": n_gen / t_roll, "tok_s": totals["tokens"] / totals["runtime"],
              "runtime": totals["runtime"]})
         if (cfg.save_every and step % cfg.save_every == 0) or step in (cfg.steps, stop_after):
+            rng = {"sample_rng": gen.get_state()}
+            if world > 1:  # every rank's sampling stream (resume needs the same world size)
+                rng.update(world_size=world, sample_rng_ranks=distributed.all_gather(gen.get_state()))
             save_checkpoint(run_dir, model, opt, sched, {
                 "step": step, "totals": totals, "data_order": order.state_dict(),
-                "skip_sampler": skipper.state_dict(), "sample_rng": gen.get_state()})
+                "skip_sampler": skipper.state_dict(), **rng})
         if step == stop_after:
             return {"steps": step, "interrupted": True}
 
     summary = {"steps": step, "runtime": totals["runtime"], "tok_s": totals["tokens"] / max(totals["runtime"], 1e-9),
                "rollout_tok_s": totals["rollout_tokens"] / max(totals["rollout_s"], 1e-9), **totals}
     if cfg.eval_benchmarks:
-        summary["eval"] = run_benchmarks(
-            model, tok, data_dir, cfg.eval_benchmarks, run_dir / "eval.jsonl",
-            limit=cfg.eval_limit or None, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
-            print_fn=(lambda *a: None) if quiet else print)
-    write_json_atomic(run_dir / "summary.json", summary)
+        benchmarks = run_benchmarks if world == 1 else run_benchmarks_sharded  # torchrun: a slice per rank
+        with distributed.gathered(model):                                       # FSDP: all-gather once
+            summary["eval"] = benchmarks(
+                distributed.unwrap(model), tok, data_dir, cfg.eval_benchmarks, run_dir / "eval.jsonl",
+                limit=cfg.eval_limit or None, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
+                print_fn=(lambda *a: None) if quiet or not main_rank else print)
+    if main_rank:
+        write_json_atomic(run_dir / "summary.json", summary)
     return summary
+
+
+def run_benchmarks_sharded(model: Qwen2, tok: Tokenizer, data_dir: Path, names: str, out_path: Path, *,
+                           limit: int | None, print_fn, **gen_kwargs) -> dict:
+    """eval.run_benchmarks over the torchrun ranks: rank r grades problems r, r + W, r + 2W, ... of each benchmark;
+    the records are gathered back into order and rank 0 prints the table and writes `out_path`. Every rank
+    returns the same {"benchmarks": {name: {"n", "accuracy", "seconds"}}, "macro"}."""
+    world, results, all_records = distributed.world_size(), {}, []
+    for name in check_benchmarks(names):
+        examples = load_dataset(name, data_dir, "test")[:limit]
+        t0 = time.time()
+        _, mine = evaluate(model, tok, examples[distributed.rank()::world], **gen_kwargs)
+        records = [None] * len(examples)
+        for r, part in enumerate(distributed.all_gather(mine)):
+            records[r::world] = part
+        acc = sum(rec["correct"] for rec in records) / len(records) if records else 0.0
+        results[name] = {"n": len(records), "accuracy": acc, "seconds": time.time() - t0}
+        all_records += [{"benchmark": name, "index": i, **rec} for i, rec in enumerate(records)]
+        print_fn(f"{name}: pass@1 {100 * acc:.1f}% on {len(records)} problems ({results[name]['seconds']:.0f}s)")
+    print_fn(format_table(results))
+    if distributed.is_main():
+        write_jsonl(out_path, all_records)
+        print_fn(f"predictions: {out_path}")
+    macro = sum(r["accuracy"] for r in results.values()) / len(results) if results else 0.0
+    return {"benchmarks": results, "macro": macro}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -716,6 +785,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.cleanup()                        # torchrun: leave the process group
     return 0
 
 

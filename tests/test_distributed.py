@@ -1,0 +1,276 @@
+"""Multi-process training (distributed.py and the torchrun hooks of nested_reft.py) on CPU with gloo, DDP and FSDP2.
+
+One spawn of 2 processes with the environment torchrun would give them (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT) runs every 2-rank scenario (starting processes is the slow part); the tests check its
+outputs. Rollouts differ between ranks by design (each rank has its own sampling stream), so the 1-vs-2-process
+parity of the optimizer step is checked on FIXED rollouts fed to reft_step (and on SFT, whose batches are fixed
+by the data order); the full train() loop on 2 ranks is checked for identical skip masks, rank-0-only files,
+merged evaluation and exact resume.
+"""
+import contextlib
+import json
+import os
+import socket
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
+
+import distributed
+import nested_reft as nr
+from data import load_dataset
+from eval import run_benchmarks
+from qwen2 import Qwen2
+from test_train import read_metrics, tiny_config, workspace  # noqa: F401  (workspace is a fixture)
+
+WORLD = 2
+GSM8K_TEST = [(a, b) for a in range(7, 10) for b in range(2, 5)]  # 9 toy test problems
+
+
+def spawn(fn, *args) -> None:
+    """Run fn(rank, *args) in WORLD fresh processes joined into one gloo group, as torchrun would."""
+    with socket.socket() as s:                                    # a free localhost port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_entry, args=(port, fn, args), nprocs=WORLD, join=True)
+
+
+def _entry(rank: int, port: int, fn, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        fn(rank, *args)
+    finally:
+        distributed.cleanup()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny matmuls: extra intra-op threads only contend (badly, on a busy CI machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def coin(text: str, gold) -> float:
+    """test_train's deterministic reward (patched into nested_reft inside each process)."""
+    return float(zlib.crc32(text.encode()) % 2)
+
+
+# ------------------------------------------------------------------------------------------------ one step, exact
+
+def fixed_rollouts(tokenizer, step: int, prompts: int = 4, G: int = 4) -> nr.Rollouts:
+    """A deterministic rollout batch with ragged prompts and completions (so the ranks hold different token
+    counts and the global token-mean normaliser matters) and log mu near log pi (ratios on both sides of 1).
+    No EOS in the completions: fixed-length sampling bans it (log pi = -inf)."""
+    g = torch.Generator().manual_seed(100 + step)
+    S, Tp, Tn = prompts * G, 7, 6
+    ok = torch.tensor([i for i in range(tokenizer.vocab_size) if i not in tokenizer.eos_token_ids])
+    pad = tokenizer.pad_token_id
+    pmask = torch.arange(Tp) >= Tp - torch.randint(2, Tp + 1, (S,), generator=g)[:, None]     # left-padded
+    mask = torch.arange(Tn) < torch.randint(1, Tn + 1, (S,), generator=g)[:, None]
+    prompt = torch.where(pmask, ok[torch.randint(0, len(ok), (S, Tp), generator=g)], pad)
+    completion = torch.where(mask, ok[torch.randint(0, len(ok), (S, Tn), generator=g)], pad)
+    logp_mu = torch.where(mask, -5.7 + 0.5 * torch.randn(S, Tn, generator=g), 0.0)   # log(1/300) = -5.7
+    rewards = torch.randint(0, 2, (S,), generator=g).float()
+    return nr.Rollouts(prompt, pmask, completion, mask, logp_mu, rewards, [""] * S)
+
+
+def my_rows(r: nr.Rollouts) -> nr.Rollouts:
+    """This rank's contiguous share of the rows (whole GRPO groups); everything in one process."""
+    rows = distributed.shard(list(range(r.tokens.shape[0])))
+    sl = slice(rows[0], rows[-1] + 1)
+    return nr.Rollouts(r.prompt_tokens[sl], r.prompt_mask[sl], r.tokens[sl], r.mask[sl], r.logp_mu[sl],
+                       r.rewards[sl], r.texts[sl])
+
+
+def train_a_bit(ws: Path, parallel: str) -> dict:
+    """3 ReFT steps on fixed rollouts (this rank's rows of each), then 3 SFT steps (this rank's share of each
+    batch), from the workspace model. In one process: the whole batches."""
+    cfg = tiny_config(ws, ws / "unused", parallel=parallel, prompts_per_step=4, micro_batch=3, lr=1e-2,
+                      sft_batch_size=8, sft_micro_batch=3, sft_lr=1e-2, sft_epochs=1)
+    device, dtype = torch.device("cpu"), torch.float32
+    model, tok = nr.load_model(cfg, device)
+    model = distributed.wrap(model, parallel, device, dtype)
+    opt, sched = nr.make_optimizer(model, cfg, cfg.lr, 10)
+    out = {"reft": [], "sft": []}
+    for step in range(3):
+        r = my_rows(fixed_rollouts(tok, step))
+        out["reft"].append(nr.reft_step(model, opt, sched, r, cfg, tok, device, dtype))
+    nr.sft(model, tok, load_dataset("gsm8k", ws / "data", "train"), cfg, device, dtype, out["sft"].append)
+    if parallel == "fsdp" and distributed.world_size() > 1:
+        out.update(fsdp_checks(model, device, dtype))
+    full = distributed.full_model(model)
+    out["params"] = full.state_dict() if full is not None else None
+    return out
+
+
+def fsdp_checks(model, device, dtype) -> dict:
+    """Sampling inside gathered() and the sharded frozen copy (KL reference) under FSDP."""
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    with distributed.gathered(model):
+        sampled = model.generate(prompts, max_new_tokens=5, generator=torch.Generator().manual_seed(3)).tokens
+        unsharded = not any(isinstance(p, DTensor) for p in model.parameters())
+    resharded = all(isinstance(p, DTensor) for p in model.parameters())
+    ref = distributed.frozen_copy(model, device, dtype)
+    x = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
+    with torch.no_grad(), distributed.gathered(model):
+        same = torch.equal(ref(x), model(x))
+    return {"sampled": sampled, "unsharded_inside": unsharded, "resharded_after": resharded,
+            "frozen_copy_same_logits": same,
+            "frozen_copy_no_grad": not any(p.requires_grad for p in ref.parameters())}
+
+
+@pytest.fixture(scope="module")
+def one_process(workspace):  # noqa: F811
+    with one_thread():
+        return train_a_bit(workspace, "ddp")      # not under torchrun: wrap() is the identity
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_take_the_step_of_one_process(workspace, one_process, two_ranks, parallel):  # noqa: F811
+    """Same losses, gradient norms, whole-batch statistics and parameters as one process with the whole batch:
+    the token-mean normaliser is the global token count and the rank-averaged gradients are rescaled to a sum
+    (a factor-2 or a per-rank normaliser error changes grad_norm; Adam alone would hide a uniform scale)."""
+    two = torch.load(two_ranks / f"steps_{parallel}.pt", weights_only=False)
+    for stage in ("reft", "sft"):
+        assert len(two[stage]) == len(one_process[stage]) == 3
+        for a, b in zip(one_process[stage], two[stage]):
+            for key, va in a.items():
+                if key != "runtime":
+                    assert b[key] == pytest.approx(va, rel=1e-5, abs=1e-6), (stage, key)
+    assert any(r["grad_norm"] > 0 for r in two["reft"]) and len({r["ratio_max"] for r in two["reft"]}) > 1
+    pa, pb = one_process["params"], two["params"]
+    assert pa.keys() == pb.keys()
+    for k in pa:  # 6 AdamW steps move weights by ~5e-2; reduction-order noise on a ~0 gradient can move one by ~1e-5
+        torch.testing.assert_close(pb[k], pa[k], rtol=0, atol=2e-4, msg=k)
+        assert (pb[k] - pa[k]).abs().mean() < 1e-6, k
+    assert any(not torch.equal(pa[k], v) for k, v in Qwen2.from_pretrained(workspace / "model").state_dict().items())
+    if parallel == "fsdp":
+        assert two["unsharded_inside"] and two["resharded_after"]
+        assert two["frozen_copy_same_logits"] and two["frozen_copy_no_grad"]
+        full = Qwen2(Qwen2.from_pretrained(workspace / "model").config)       # the same weights, not sharded
+        full.load_state_dict(pb)
+        want = full.generate([[5, 6, 7, 8], [9, 10]], max_new_tokens=5, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(two["sampled"], want.tokens)
+
+
+# ------------------------------------------------------------------------------------------------ train() on 2 ranks
+
+def train_loop(rank: int, ws: Path, base: Path, parallel: str) -> None:
+    """train() on 2 ranks: a bad split, a run with evaluation, and an interrupted + resumed run."""
+    masks, draw = [], nr.SkipSampler.next
+    nr.SkipSampler.next = lambda self: masks.append(draw(self)) or masks[-1]
+    report = {}
+    try:                                   # an uneven split is a one-line user error on every rank
+        nr.train(tiny_config(ws, base / "bad", parallel=parallel, prompts_per_step=3), quiet=True)
+    except nr.UserError as e:
+        report["uneven"] = str(e)
+    # every rank gets its OWN out_dir: anything a rank other than 0 wrote would show up in base/own<rank>
+    own = tiny_config(ws, base / f"own{rank}", parallel=parallel, steps=3, skip_border=0, eval_benchmarks="gsm8k",
+                      eval_limit=7, eval_max_new_tokens=4, eval_batch_size=2)
+    report["summary"] = nr.train(own, quiet=True)
+    # exact resume with the same world size
+    kw = dict(parallel=parallel, sft_epochs=0, skip_ratio=0.5, skip_border=0)   # masks: 2 of 4 layers
+    nr.train(tiny_config(ws, base / "full", **kw), quiet=True)
+    nr.train(tiny_config(ws, base / "part", **kw), quiet=True, stop_after=2)
+    cfg, resume = nr.parse_args(["--resume", str(base / "part")])
+    nr.train(cfg, resume=resume, quiet=True)
+    nr.SkipSampler.next = draw
+    report["masks"] = masks
+    (base / f"report{rank}.json").write_text(json.dumps(report))
+
+
+def _worker(rank: int, ws: Path, base: Path) -> None:
+    """Everything the tests below check on 2 ranks, in ONE spawn (starting processes is the slow part)."""
+    distributed.init(torch.device("cpu"))
+    nr.reward = coin
+    for parallel in ("ddp", "fsdp"):
+        result = train_a_bit(ws, parallel)
+        if rank == 0:
+            torch.save(result, base / f"steps_{parallel}.pt")
+        (base / parallel).mkdir(exist_ok=True)
+        train_loop(rank, ws, base / parallel, parallel)
+
+
+@pytest.fixture(scope="module")
+def with_test_set(workspace):  # noqa: F811
+    lines = [json.dumps({"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"})
+             for a, b in GSM8K_TEST]
+    (workspace / "data" / "gsm8k" / "test.jsonl").write_text("\n".join(lines) + "\n")
+    return workspace
+
+
+@pytest.fixture(scope="module")
+def two_ranks(with_test_set, tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("two_ranks")
+    spawn(_worker, with_test_set, base)
+    return base
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_train_on_two_ranks(with_test_set, two_ranks, tmp_path, parallel):
+    ws, base = with_test_set, two_ranks / parallel
+    reports = [json.loads((base / f"report{r}.json").read_text()) for r in range(WORLD)]
+    assert all("'prompts_per_step' = 3" in r["uneven"] and "(2)" in r["uneven"] for r in reports)
+
+    # the same skip mask on every rank at every step (3 + 4 + 2 + 2 ReFT steps of 4 train() calls; 1 or 2 of
+    # the 4 layers each, so masks drawn independently per rank would almost surely differ somewhere)
+    assert reports[0]["masks"] == reports[1]["masks"] and len(reports[0]["masks"]) == 3 + 4 + 2 + 2
+    # only rank 0 wrote files
+    assert not (base / "own1").exists()
+    run = base / "own0"
+    assert {p.name for p in run.iterdir()} >= {"run_config.json", "metrics.jsonl", "sft", "checkpoint",
+                                               "eval.jsonl", "summary.json"}
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3] and len(read_metrics(run, "sft")) == 3
+    assert [r["skip"] for r in rows] == [[i for i, s in enumerate(m) if s] for m in reports[0]["masks"][:3]]
+    assert all(r["completion_len"] == 6 for r in rows)                 # fixed length, over both ranks' rows
+    # the per-rank sampling streams differ (else the two halves would duplicate rollouts of equal prompts)
+    state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["world_size"] == 2 and not torch.equal(*state["sample_rng_ranks"])
+    # evaluation: the ranks' slices merged back in order == one process evaluating the final checkpoint
+    records = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    model, tok = Qwen2.from_pretrained(run / "checkpoint"), nr.Tokenizer.load(ws / "tok")
+    with one_thread():
+        want = run_benchmarks(model, tok, ws / "data", "gsm8k", tmp_path / "one.jsonl", limit=7, batch_size=2,
+                              max_new_tokens=4, print_fn=lambda *a: None)
+    assert [r["index"] for r in records] == list(range(7))
+    wrecs = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
+    assert [(r["question"], r["completion"]) for r in records] == [(r["question"], r["completion"]) for r in wrecs]
+    assert reports[0]["summary"]["eval"]["macro"] == reports[1]["summary"]["eval"]["macro"] == want["macro"]
+
+    # resume on 2 ranks reproduces the uninterrupted 2-rank run
+    a, b = read_metrics(base / "full"), read_metrics(base / "part")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for key in ("skip", "reward_mean", "loss", "ratio_mean", "grad_norm"):
+            assert ra[key] == rb[key], key
+    wa = Qwen2.from_pretrained(base / "full" / "checkpoint").state_dict()
+    wb = Qwen2.from_pretrained(base / "part" / "checkpoint").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # ... and a different world size is refused
+    cfg, resume = nr.parse_args(["--resume", str(base / "part")])
+    with pytest.raises(nr.UserError, match="written by 2 process"):
+        nr.train(cfg, resume=resume, quiet=True)
+
+
+def test_configs_choose_the_engine():
+    assert nr.load_config("gsm8k_7b").parallel == "fsdp" and nr.load_config("gsm8k_1p5b").parallel == "ddp"
+    with pytest.raises(nr.UserError, match="'parallel'.*expected one of ddp, fsdp"):
+        nr.parse_args(["--config=gsm8k_1p5b", "--parallel=zero3"])
+
+
+def test_single_process_helpers_are_identities():
+    x = torch.arange(6).view(3, 2)
+    assert distributed.world_size() == 1 and distributed.is_main()
+    assert distributed.gather_rows(x) is x and distributed.all_reduce_sum(5) == 5
+    assert distributed.shard([1, 2]) == [1, 2] and distributed.all_gather("a") == ["a"]
+    assert distributed.init(torch.device("cpu")) == torch.device("cpu") and distributed.world_size() == 1
