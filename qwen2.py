@@ -7,6 +7,8 @@ HF-compatible safetensors checkpoint I/O and a batched KV-cache sampler.
 The nested behaviour model of Nested-ReFT (spec §2) is the same module called with `skip_mask`: a host-side
 sequence of N bools, True = that decoder layer is the identity on the residual stream. The mask never goes to
 the device, so there is no per-layer sync; the KV cache of a generate() call holds only the active layers.
+On CPU, generate()'s one-token steps use prepacked copies of the active weights with q|k|v and gate|up fused
+(DecodeWeights, Qwen2.pack_for_decode): skinny matmuls at near memory bandwidth.
 
 Architecture (pre-norm decoder, per layer l):
     h = x + o_proj(Attn(RoPE(q_proj(RMSNorm(x))), RoPE(k_proj(.)), v_proj(.)))    q/k/v with bias, GQA
@@ -191,13 +193,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, Hkv * hd, bias=True)
         self.o_proj = nn.Linear(H * hd, D, bias=False)
 
-    def forward(self, x, cos, sin, mask, kv=None, start=0):
+    def forward(self, x, cos, sin, mask, kv=None, start=0, w=None):
         """x [B, T, D]; cos/sin [B, 1, T, hd]; mask: None (plain causal) or bool [B, 1, T, S] (True = attend);
-        kv: None or this layer's cache (k, v) each [B, Hkv, S_max, hd], written at columns [start, start+T)."""
+        kv: None or this layer's cache (k, v) each [B, Hkv, S_max, hd], written at columns [start, start+T);
+        w: None (use the parameters) or this layer's DecodeWeights (the CPU decode step)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.H, self.hd).transpose(1, 2)      # [B, H, T, hd]
-        k = self.k_proj(x).view(B, T, self.Hkv, self.hd).transpose(1, 2)    # [B, Hkv, T, hd]
-        v = self.v_proj(x).view(B, T, self.Hkv, self.hd).transpose(1, 2)    # [B, Hkv, T, hd]
+        if w is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:                                                  # one matmul instead of 3: fewer ops per step
+            q, k, v = w.qkv(x).split((self.H * self.hd, self.Hkv * self.hd, self.Hkv * self.hd), -1)
+        q = q.view(B, T, self.H, self.hd).transpose(1, 2)                   # [B, H, T, hd]
+        k = k.view(B, T, self.Hkv, self.hd).transpose(1, 2)                 # [B, Hkv, T, hd]
+        v = v.view(B, T, self.Hkv, self.hd).transpose(1, 2)                 # [B, Hkv, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             kc, vc = kv
@@ -214,7 +221,8 @@ class Attention(nn.Module):
             if mask is None:                                                 # chunk after cached columns
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G > 1)
-        return self.o_proj(y.reshape(B, self.H, T, self.hd).transpose(1, 2).reshape(B, T, -1))
+        o_proj = self.o_proj if w is None else w.o
+        return o_proj(y.reshape(B, self.H, T, self.hd).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -224,8 +232,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):                                               # [B, T, D]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, w=None):                                       # [B, T, D]; w: see Attention
+        if w is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = w.gate_up(x).chunk(2, -1)                            # one matmul instead of 2
+        return w.down(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -236,9 +247,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv=None, start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, kv=None, start=0, w=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, start, w)
+        return x + self.mlp(self.post_attention_layernorm(x), w)
 
 
 class Backbone(nn.Module):
@@ -251,10 +262,44 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+PACK_MIN_NEW_TOKENS = 16     # generate() packs the decode weights from here on: packing costs ~5-15 steps
+
+
+class DecodeLinear:
+    """x [B, 1, in] -> x W^T + b for the decode step on CPU, W = the weights of `linears` (same input) concatenated
+    along the output axis, prepacked ONCE into oneDNN's blocked layout for `rows` input rows. Why: with a few
+    rows F.linear reads the weight at ~11-16 GB/s on this CPU (fp32: MKL's small-M sgemm, bf16: oneDNN on an
+    unpacked weight), the prepacked matmul at ~25-31 GB/s, near the memory bandwidth (bench/bench_sampler.py)."""
+
+    def __init__(self, linears, dtype, rows: int):
+        w = torch.cat([lin.weight for lin in linears]) if len(linears) > 1 else linears[0].weight
+        self.w = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), rows)               # [out, in] packed
+        self.b = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears]).to(dtype)
+        self.dtype = dtype
+
+    def __call__(self, x):                                      # computes in self.dtype, as autocast's F.linear
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.w, self.b, "none", [], "")
+
+
+class DecodeWeights:
+    """One decoder layer's matrices for the CPU decode step: q|k|v and gate|up fused (one matmul each instead of
+    3 and 2), all prepacked. Temporaries of one generate() call (the weights do not change during it), never
+    parameters: the checkpoint layout stays HF."""
+
+    def __init__(self, layer: DecoderLayer, dtype, rows: int):
+        a, m = layer.self_attn, layer.mlp
+        self.qkv = DecodeLinear((a.q_proj, a.k_proj, a.v_proj), dtype, rows)
+        self.o = DecodeLinear((a.o_proj,), dtype, rows)
+        self.gate_up = DecodeLinear((m.gate_proj, m.up_proj), dtype, rows)
+        self.down = DecodeLinear((m.down_proj,), dtype, rows)
+
+
 class KVCache:
     """Preallocated K/V for the ACTIVE layers only: k, v [L_active, B, Hkv, S_max, hd].
     `mask` [B, S_max] marks real key columns (False = left padding); `next_pos` [B] is each row's next RoPE
-    position; `length` (host int) is the number of columns written; `active` the layer indices it serves."""
+    position; `length` (host int) is the number of columns written; `active` the layer indices it serves.
+    `weights` (DecodeWeights per active layer) and `lm_head` (DecodeLinear): set by Qwen2.pack_for_decode, used
+    by one-token steps; None = the parameters."""
 
     def __init__(self, cfg: Qwen2Config, active: tuple[int, ...], batch: int, max_len: int, dtype, device):
         shape = (len(active), batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -264,6 +309,7 @@ class KVCache:
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.has_padding = False                                        # host flag: any False in mask?
         self.active, self.length, self.max_len = active, 0, max_len
+        self.weights, self.lm_head = None, None
 
     @property
     def nbytes(self) -> int:
@@ -397,6 +443,24 @@ class Qwen2(nn.Module):
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.dtype
         return KVCache(self.config, self.active_layers(skip_mask), batch, max_len, dtype, dev)
 
+    @torch.no_grad()
+    def pack_for_decode(self, cache: KVCache) -> bool:
+        """Attach prepacked copies of the active layers' matrices and the LM head to `cache` (DecodeWeights), in
+        the cache dtype, for its one-token steps. Only on CPU with oneDNN, fp32/bf16, with whole parameters (not
+        FSDP shards; inside distributed.gathered() they are whole); otherwise nothing (returns False).
+        Costs one pass over the weights plus page faults on the copy (0.5B shape: ~5-15 decode steps' worth) and
+        holds a second copy of the active weights while the cache lives. The weights must not change meanwhile."""
+        dtype, rows = cache.k.dtype, cache.k.shape[1]
+        if (self.device.type != "cpu" or not torch.backends.mkldnn.is_available()
+                or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")          # private op: may vanish
+                or dtype not in (torch.float32, torch.bfloat16)
+                or dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                or any(type(p.data) is not torch.Tensor for p in self.parameters())):    # DTensor shards
+            return False
+        cache.weights = [DecodeWeights(self.model.layers[i], dtype, rows) for i in cache.active]
+        cache.lm_head = DecodeLinear((self.lm_head,), dtype, rows)
+        return True
+
     def forward(self, input_ids, skip_mask=None, attention_mask=None, logits_from: int = 0, cache=None):
         """input_ids [B, T] long; skip_mask: N host bools (True = layer is identity); attention_mask [B, T]
         (1 = token, 0 = padding; positions = number of real tokens before, so left padding is exact);
@@ -438,11 +502,12 @@ class Qwen2(nn.Module):
                 mask = padded_causal_mask(cache.mask[:, :start + T], T, start)
         cos, sin = rope_cos_sin(pos.clamp(min=0), self.inv_freq(input_ids.device), self.dtype)
         x = self.model.embed_tokens(input_ids)                                           # [B, T, D]
+        packed = T == 1 and cache is not None and cache.weights is not None              # decode step, CPU
         for j, i in enumerate(active):
             kv = None if cache is None else (cache.k[j], cache.v[j])
-            x = self.model.layers[i](x, cos, sin, mask, kv, start)
+            x = self.model.layers[i](x, cos, sin, mask, kv, start, cache.weights[j] if packed else None)
         x = self.model.norm(x[:, logits_from:])
-        return self.lm_head(x)                                                           # [B, T', V]
+        return (cache.lm_head if packed else self.lm_head)(x)                            # [B, T', V]
 
     # ------------------------------------------------------------------------------------------------------
     # sampling
@@ -485,6 +550,8 @@ class Qwen2(nn.Module):
         banned = eos if len(eos) and min_new_tokens > 0 else None
 
         cache = self.new_cache(B, Tp + max_new_tokens - 1, skip_mask)
+        if max_new_tokens >= PACK_MIN_NEW_TOKENS:                      # CPU: skinny matmuls 2-3x faster
+            self.pack_for_decode(cache)
         tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
         logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev)
         alive = torch.ones(B, dtype=torch.bool, device=dev)

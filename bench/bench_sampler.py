@@ -8,7 +8,9 @@
 
     python bench/bench_sampler.py                       # all sections, modest sizes (a few minutes)
     python bench/bench_sampler.py --sections b --nested-shape 1.5b --new-tokens 32
-Timings are noisy when other jobs share the CPU: every comparison is interleaved and the best of --reps is kept.
+Timings are noisy when other jobs share the CPU: every comparison is interleaved and the best of --reps is kept,
+and by default the clock is this thread's CPU time (--clock cpu, needs --threads 1: all the work then runs on the
+calling thread), so time spent descheduled by other jobs is not counted; --clock wall for wall-clock time.
 """
 import argparse
 import statistics
@@ -19,7 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qwen2 import Qwen2, Qwen2Config  # noqa: E402
+from qwen2 import PACK_MIN_NEW_TOKENS, Qwen2, Qwen2Config  # noqa: E402
+
+clock = time.thread_time          # main() sets it from --clock
 
 SHAPES = {   # width, intermediate, layers, heads, kv heads, vocab, tied
     "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
@@ -40,9 +44,9 @@ def best_of(fns: dict, reps: int) -> dict:
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            t = time.perf_counter()
+            t = clock()
             f()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(clock() - t)
     return {k: min(v) for k, v in times.items()}
 
 
@@ -55,9 +59,9 @@ def read_bandwidth(mb: int = 512, reps: int = 5) -> float:
 
 
 def _timed(f):
-    t = time.perf_counter()
+    t = clock()
     f()
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def weight_bytes_per_step(m: Qwen2, active=None) -> int:
@@ -103,6 +107,34 @@ def hf_generate(hf, out, new):
                            min_new_tokens=new, do_sample=False)[:, out.prompt_tokens.shape[1]:]
 
 
+def left_pad(prompts):
+    T = max(map(len, prompts))
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    am = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    return ids, am
+
+
+def decode_steps(m: Qwen2, prompts, new: int) -> tuple[float, float]:
+    """(median time of one decode step, time of pack_for_decode) as generate(prompts, new) runs them: prefill,
+    prepack the decode weights (CPU, from PACK_MIN_NEW_TOKENS on), then new - 1 one-token steps (forward +
+    log-softmax + argmax)."""
+    ids, am = left_pad(prompts)
+    B, T = ids.shape
+    times, pack = [], 0.0
+    with torch.no_grad():
+        cache = m.new_cache(B, T + new - 1)
+        if new >= PACK_MIN_NEW_TOKENS:
+            t0 = clock()
+            m.pack_for_decode(cache)
+            pack = clock() - t0
+        tok = m(ids, None, am, logits_from=T - 1, cache=cache)[:, -1].argmax(-1)
+        for _ in range(new - 1):
+            t0 = clock()
+            tok = m(tok[:, None], cache=cache)[:, -1].float().log_softmax(-1).argmax(-1)
+            times.append(clock() - t0)
+    return statistics.median(times), pack
+
+
 def section_a(args, bw):
     print("\n(a) Qwen2.generate vs transformers generate(), greedy, CPU, new tokens/s (best of reps)")
     for name, batch, new in (("tiny", args.tiny_batch, args.tiny_new), ("0.5b", args.big_batch, args.big_new)):
@@ -115,11 +147,11 @@ def section_a(args, bw):
             hf.to(dtype), ours.to(dtype)
             ref = ours.generate(prompts, max_new_tokens=new, temperature=0)
             gen = {"ours": lambda: ours.generate(prompts, max_new_tokens=new, temperature=0),
-                   "hf": lambda: hf_generate(hf, ref, new),
-                   "ours_prefill": lambda: ours.generate(prompts, max_new_tokens=1, temperature=0)}
+                   "hf": lambda: hf_generate(hf, ref, new)}
             t = best_of(gen, args.reps)
             same = (hf_generate(hf, ref, new) == ref.tokens).float().mean().item()
-            step = (t["ours"] - t["ours_prefill"]) / (new - 1)
+            runs = [decode_steps(ours, prompts, new) for _ in range(args.reps)]
+            step, pack = min(r[0] for r in runs), min(r[1] for r in runs)
             limit = weight_bytes_per_step(ours) / bw
             res[dtype] = t["ours"]
             d = str(dtype).removeprefix("torch.")
@@ -127,7 +159,9 @@ def section_a(args, bw):
             print(f"  {name:5s} {d:8s} B={batch} Tp<={args.prompt_len} new={new}:  ours {batch * new / t['ours']:8.1f} tok/s"
                   f"  transformers {batch * new / t['hf']:8.1f} tok/s  ratio {t['hf'] / t['ours']:.2f}x (target >= {target})"
                   f"  (same greedy tokens {same:.0%})")
-            print(f"        decode {step * 1e3:.1f} ms/step; weights {weight_bytes_per_step(ours) / 1e6:.0f} MB"
+            packing = f"{pack * 1e3:.0f} ms per call" if new >= PACK_MIN_NEW_TOKENS else "off (new too small)"
+            print(f"        decode {step * 1e3:.1f} ms/step (packing the decode weights: {packing});"
+                  f" weights {weight_bytes_per_step(ours) / 1e6:.0f} MB"
                   f" / {bw / 1e9:.1f} GB/s = {limit * 1e3:.1f} ms  -> {limit / step:.0%} of the bandwidth limit (target >= 60%)")
         if torch.bfloat16 in res:
             print(f"  {name:5s} bf16 gain over fp32 (ours, end to end): {res[torch.float32] / res[torch.bfloat16]:.2f}x")
@@ -157,19 +191,20 @@ def section_bc(args):
     # decode steps of all the models are interleaved one step at a time, so that a burst of load from other
     # jobs hits all of them alike; speedup = median over steps of t_full / t_nested (the real sampler loop).
     B, T = args.big_batch, args.prompt_len
-    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
-    am = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    ids, am = left_pad(prompts)
     caches, toks = {}, {}
     times = {r: [] for r in masks}
     with torch.no_grad():
         for r, mask in masks.items():
             caches[r] = m.new_cache(B, T + args.new_tokens + 1, mask)
+            if args.new_tokens >= PACK_MIN_NEW_TOKENS:
+                m.pack_for_decode(caches[r])                            # as generate() does (CPU)
             toks[r] = m(ids, mask, am, logits_from=T - 1, cache=caches[r])[:, -1].argmax(-1)
         for _ in range(args.new_tokens):
             for r, mask in masks.items():
-                t0 = time.perf_counter()
+                t0 = clock()
                 toks[r] = m(toks[r][:, None], mask, cache=caches[r])[:, -1].float().log_softmax(-1).argmax(-1)
-                times[r].append(time.perf_counter() - t0)
+                times[r].append(clock() - t0)
     step = {r: statistics.median(v[1:]) for r, v in times.items()}
     ratio = {r: statistics.median(a / b for a, b in zip(times[0.0][1:], v[1:])) for r, v in times.items()}
     ctx = args.prompt_len + args.new_tokens / 2
@@ -197,6 +232,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default="a,b", help="comma list of a, b (b includes c)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the 2 cores are shared)")
+    p.add_argument("--clock", default="cpu", choices=["cpu", "wall"],
+                   help="cpu: this thread's CPU time (default; needs --threads 1), wall: wall-clock time")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--tiny-batch", type=int, default=16)
@@ -209,8 +246,14 @@ def main():
     p.add_argument("--new-tokens", type=int, default=32, help="new tokens per row for section b")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.10, 0.15])
     args = p.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        p.error("--clock cpu needs --threads 1 (a thread's CPU time does not count the other threads)")
+    if min(args.tiny_new, args.big_new) < 2:
+        p.error("--tiny-new and --big-new must be >= 2")
+    global clock
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock")
     bw = read_bandwidth()
     print(f"read bandwidth (sum over a 512 MiB fp32 tensor): {bw / 1e9:.1f} GB/s")
     secs = args.sections.split(",")

@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+import qwen2
+
 from qwen2 import GenerateOutput, Qwen2, Qwen2Config, logprobs_from_logits, process_logits
 
 transformers = pytest.importorskip("transformers")
@@ -255,8 +257,11 @@ def teacher_forced(m, out: GenerateOutput, skip, **kw):
     return logprobs_from_logits(logits, out.tokens, **kw), logits
 
 
+@pytest.mark.parametrize("pack", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("skip", [None, [False, True, False, False], [False, True, True, False]])
-def test_greedy_kv_cache_decoding_equals_full_forward(skip):
+def test_greedy_kv_cache_decoding_equals_full_forward(skip, pack, monkeypatch):
+    """Both decode paths: plain F.linear and the CPU-prepacked fused weights (qwen2.pack_for_decode)."""
+    monkeypatch.setattr(qwen2, "PACK_MIN_NEW_TOKENS", 1 if pack else 10**9)
     m = ours(seed=7)
     out = m.generate(PROMPTS, max_new_tokens=12, temperature=0.0, skip_mask=skip)
     assert out.tokens.shape == out.mask.shape == out.logprobs.shape == (3, 12)
