@@ -223,6 +223,11 @@ class Config:
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
+def config_names() -> list[str]:
+    """The named run configs: configs/NAME.json (configs/*_model.json are Qwen2 config.json files, not runs)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json") if not p.stem.endswith("_model"))
+
+
 class UserError(Exception):
     """A mistake in the user's input (config, path, value): printed as one line, no traceback."""
 
@@ -267,7 +272,7 @@ def load_config(name: str = "", overrides: dict | None = None) -> Config:
     if name:
         path = Path(name) if name.endswith(".json") else CONFIG_DIR / f"{name}.json"
         if not path.is_file():
-            avail = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+            avail = ", ".join(config_names())
             raise UserError(f"config '{name}': {path} not found (available: {avail})")
         try:
             raw = json.loads(path.read_text())
@@ -312,7 +317,7 @@ def validate(cfg: Config) -> None:
 def help_text() -> str:
     lines = ["usage: python nested_reft.py [--config NAME] [--resume RUN_DIR] [--key=value ...]", "",
              "Nested-ReFT (Algorithm 1): SFT warm-up, then GRPO on rollouts of the nested model.", "",
-             f"configs ({CONFIG_DIR}): " + ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json"))), "",
+             f"configs ({CONFIG_DIR}): " + ", ".join(config_names()), "",
              "keys (default) -- meaning [source]:"]
     for f in fields(Config):
         lines.append(f"  --{f.name}={f.default!r}")

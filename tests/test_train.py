@@ -59,7 +59,7 @@ def read_metrics(run: Path, stage: str = "reft") -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------------------- config
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.json")))
+@pytest.mark.parametrize("name", nr.config_names())
 def test_named_configs_load(name):
     cfg = nr.load_config(name)
     assert cfg.group_size >= 2

@@ -1,0 +1,19 @@
+"""The README is the front door: it must show the test command CI runs and document every config key."""
+from dataclasses import fields
+from pathlib import Path
+
+import nested_reft as nr
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_documents_every_config_key():
+    readme = (ROOT / "README.md").read_text()
+    missing = [f.name for f in fields(nr.Config) if f"| `{f.name}` |" not in readme]
+    assert not missing, f"README.md 'Configuration reference' lacks: {missing}"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci" / "run").read_text()
+    assert "python -m pytest -q tests" in readme and "python -m pytest -q tests" in ci
+    assert "torch==2.13.0" in ci
