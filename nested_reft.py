@@ -175,6 +175,10 @@ class Config:
     sft_lr: float = _f(1e-5, "SFT learning rate (AdamW, linear decay)", "[U] ours")
     sft_batch_size: int = _f(64, "SFT sequences per optimizer step", "[U] ours")
     sft_micro_batch: int = _f(8, "SFT sequences per forward/backward (gradient accumulation)", "ours")
+    sft_skip_prob: float = _f(0.0, "probability that an SFT step trains the nested model (a skip mask drawn as in "
+                              "ReFT from skip_ratio / skip_border) instead of the full one, as LayerDrop: makes a "
+                              "model trained from scratch robust to layer skipping (CPU demo); 0 = the paper",
+                              "ours (demo only)")
     max_seq_len: int = _f(1024, "SFT: truncate prompt + CoT to this many tokens", "ours")
     # --- ReFT (GRPO) stage
     steps: int = _f(500, "T: number of ReFT optimizer steps", "[U] one fixed number for all datasets")
@@ -310,6 +314,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config key 'group_size' = {cfg.group_size}: GRPO needs at least 2 rollouts per prompt")
     if not cfg.model and not cfg.model_config:
         raise UserError("config: set 'model' (a checkpoint dir) or 'model_config' (a config.json to build)")
+    if not 0.0 <= cfg.sft_skip_prob <= 1.0:
+        raise UserError(f"config key 'sft_skip_prob' = {cfg.sft_skip_prob}: expected a probability in [0, 1]")
     if not 0.0 <= cfg.skip_ratio < 1.0:
         raise UserError(f"config key 'skip_ratio' = {cfg.skip_ratio}: expected 0 <= r < 1")
 
@@ -460,8 +466,16 @@ def sft(model: Qwen2, tok: Tokenizer, examples: list[Example], cfg: Config, devi
     steps = math.ceil(len(pairs) * cfg.sft_epochs / cfg.sft_batch_size)
     opt, sched = make_optimizer(model, cfg, cfg.sft_lr, steps)
     order, t0 = DataOrder(len(pairs), cfg.seed), time.perf_counter()
+    # LayerDrop (sft_skip_prob > 0): with that probability a step trains the nested model of a fresh skip mask;
+    # own generators, so the data order, the ReFT masks and the sampling streams are unchanged.
+    skipper = SkipSampler(distributed.unwrap(model).config.num_hidden_layers, cfg.skip_ratio, cfg.skip_border,
+                          cfg.seed + 7919)
+    coin = torch.Generator().manual_seed(cfg.seed + 7920)
     model.train()
     for step in range(1, steps + 1):
+        skip = None
+        if cfg.sft_skip_prob > 0 and torch.rand((), generator=coin).item() < cfg.sft_skip_prob:
+            skip = skipper.next()
         idx = order.take(cfg.sft_batch_size)
         n_tok = sum(sum(pairs[i][1][1:]) for i in idx)      # normaliser: predicted completion tokens, whole batch
         idx = distributed.shard(idx)                        # torchrun: this rank's share of the batch
@@ -471,7 +485,7 @@ def sft(model: Qwen2, tok: Tokenizer, examples: list[Example], cfg: Config, devi
             ids, attn, lmask = b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"].to(device)
             with distributed.grad_sync(model, last=j + cfg.sft_micro_batch >= len(idx)):
                 with autocast(device, dtype):
-                    logits = model(ids[:, :-1], attention_mask=attn[:, :-1])      # [b, T-1, V]
+                    logits = model(ids[:, :-1], attention_mask=attn[:, :-1], skip_mask=skip)   # [b, T-1, V]
                 logp = token_logprobs(logits, ids[:, 1:])                         # [b, T-1]
                 loss = -(logp * lmask[:, 1:]).sum() / max(n_tok, 1)
                 distributed.backward(loss)
@@ -480,7 +494,7 @@ def sft(model: Qwen2, tok: Tokenizer, examples: list[Example], cfg: Config, devi
         grad_norm = optimizer_step(model, opt, sched, cfg.grad_clip)
         loss_sum = distributed.all_reduce_sum(loss_sum)      # the whole batch's loss (all ranks)
         log({"stage": "sft", "step": step, "steps": steps, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr,
-             "runtime": time.perf_counter() - t0})
+             "skip": skipped_layers(skip) if skip else [], "runtime": time.perf_counter() - t0})
 
 
 # ----------------------------------------------------------------------------------------------------------
