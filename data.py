@@ -391,3 +391,147 @@ def collate_sft(batch: list[tuple[list[int], list[int]]], pad_token_id: int) -> 
 def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad prompts for generation: (input_ids [B, T] long, attention_mask [B, T] long, 0 on padding)."""
     return pad_batch(prompts, pad_token_id, left=True), pad_batch([[1] * len(p) for p in prompts], 0, left=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Synthetic demo task (the CPU demo, issue 5)
+#
+# Grade-school word problems with one-digit arithmetic and a one-line chain of thought ending in \boxed{N},
+# generated deterministically from a seed: no files, no downloads. Four templates, drawn in the rotation
+# SYNTHETIC_TEMPLATES (40 % two-step problems):
+#
+#   add  "Mia has 3 pens. She gets 4 more. How many pens does she have now?"     3 + 4 = 7. The answer is \boxed{7}.
+#   sub  "Tom had 6 eggs and gave 2 away. How many eggs does he have left?"       6 - 2 = 4. ...\boxed{4}.
+#   mul  "Eva buys 4 bags with 2 coins in each bag. How many coins does she buy?" 4 * 2 = 8. ...\boxed{8}.
+#   two  "Sam has 6 cards. He finds 3 more, then loses 4. How many cards are left?"
+#                                                                  6 + 3 = 9. 9 - 4 = 5. The answer is \boxed{5}.
+#
+# The deliberate flaw (what RL has to fix): in a share SYNTHETIC_FLAW_RATE (60 %) of the TRAIN solutions of the
+# two-step template the arithmetic is right but the INTERMEDIATE result is boxed ("... 9 - 4 = 5. The answer is
+# \boxed{9}."); the gold answer stays correct. Imitation learns to box the intermediate more often than not, so
+# greedy decoding gets many two-step problems wrong after SFT, while sampling still boxes the final result often
+# enough for a 0/1 verifiable reward to find mixed groups and fix it. Every number is at most 9 (products 16)
+# so that a 0.5M-parameter model learns the arithmetic in about a thousand SFT steps.
+# The test split has only correct solutions, and no test question appears in train.
+# ----------------------------------------------------------------------------------------------------------
+
+SYNTHETIC_SEED = 20250814          # fixed: load_dataset("synthetic", ...) is the same everywhere
+SYNTHETIC_SIZES = {"train": 2000, "test": 200}
+SYNTHETIC_FLAW_RATE = 0.6          # share of the two-step train solutions that box the intermediate result
+SYNTHETIC_TEMPLATES = ("add", "two", "sub", "two", "mul")   # problem i uses template i % 5
+SYNTHETIC_VOCAB_SIZE = 512         # BPE budget of the demo tokenizer (it learns 442 ids: all merges there are)
+
+_NAMES = [("Mia", "she"), ("Tom", "he"), ("Ana", "she"), ("Ben", "he"), ("Eva", "she"), ("Sam", "he"),
+          ("Lily", "she"), ("Max", "he")]
+_ITEMS = ["apples", "pens", "coins", "cards", "books", "eggs", "shells", "stickers"]
+
+
+def _synthetic_problem(rng, template: str) -> tuple[str, list[str], int, int]:
+    """One problem -> (question, correct CoT steps, answer, intermediate result or -1)."""
+    (name, he), item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    He = he.capitalize()
+    if template == "add":
+        a = rng.randint(2, 7)
+        b = rng.randint(1, 9 - a)                                     # sum <= 9
+        q = f"{name} has {a} {item}. {He} gets {b} more. How many {item} does {he} have now?"
+        return q, [f"{a} + {b} = {a + b}."], a + b, -1
+    if template == "sub":
+        a = rng.randint(3, 9)
+        b = rng.randint(1, a - 1)
+        q = f"{name} had {a} {item} and gave {b} away. How many {item} does {he} have left?"
+        return q, [f"{a} - {b} = {a - b}."], a - b, -1
+    if template == "mul":
+        a, b = rng.randint(2, 4), rng.randint(2, 4)
+        q = f"{name} buys {a} bags with {b} {item} in each bag. How many {item} does {he} buy?"
+        return q, [f"{a} * {b} = {a * b}."], a * b, -1
+    if template == "two":
+        a = rng.randint(2, 7)
+        b = rng.randint(1, 9 - a)
+        s = a + b                                                     # intermediate, <= 9
+        c = rng.randint(1, s - 1)
+        q = f"{name} has {a} {item}. {He} finds {b} more, then loses {c}. How many {item} are left?"
+        return q, [f"{a} + {b} = {s}.", f"{s} - {c} = {s - c}."], s - c, s
+    raise ValueError(f"unknown synthetic template {template!r}; expected one of {sorted(set(SYNTHETIC_TEMPLATES))}")
+
+
+def _synthetic_stream(seed: int, flaw_rate: float, exclude: set):
+    """Endless (question, solution, answer) triples of the stream `seed`: distinct questions, none in `exclude`.
+    Every candidate costs the same random draws, flawed or not, so the questions of a stream do not depend on
+    flaw_rate."""
+    import random
+    rng, seen, i = random.Random(seed), set(exclude), 0
+    while True:
+        template = SYNTHETIC_TEMPLATES[i % len(SYNTHETIC_TEMPLATES)]
+        question, steps, answer, intermediate = _synthetic_problem(rng, template)
+        flawed = rng.random() < flaw_rate and intermediate >= 0       # one draw per candidate
+        if question in seen:
+            continue                                                  # same template again: i unchanged
+        seen.add(question)
+        i += 1
+        boxed = intermediate if flawed else answer                    # the flaw: box the intermediate result
+        yield question, " ".join(steps) + f" The answer is \\boxed{{{boxed}}}.", str(answer)
+
+
+def synthetic_dataset(split: str, n: int | None = None, seed: int = SYNTHETIC_SEED,
+                      flaw_rate: float = SYNTHETIC_FLAW_RATE) -> list[Example]:
+    """The synthetic demo task: the first `n` problems (default SYNTHETIC_SIZES[split]) of `split`.
+
+    train: stream `seed`, a share `flaw_rate` of the two-step solutions flawed (see the section comment), and
+           every question of the full test split skipped.
+    test:  stream `seed + 1`, all solutions correct.
+    Deterministic in (split, n, seed, flaw_rate); a smaller n is a prefix of a larger one. Gold answers are
+    always correct. Arithmetic facts (3 + 4) recur across questions, as in any word-problem set.
+    """
+    from itertools import islice
+    if split not in SYNTHETIC_SIZES:
+        raise ValueError(f"dataset 'synthetic' has no split {split!r}; expected one of {sorted(SYNTHETIC_SIZES)}")
+    n = SYNTHETIC_SIZES[split] if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"synthetic dataset size n={n!r}: expected a positive integer")
+    if isinstance(flaw_rate, bool) or not isinstance(flaw_rate, (int, float)) or not 0.0 <= flaw_rate <= 1.0:
+        raise ValueError(f"synthetic flaw_rate={flaw_rate!r}: expected a number in [0, 1]")
+    if split == "test":
+        stream = _synthetic_stream(seed + 1, 0.0, set())
+    else:
+        held_out = {q for q, _, _ in islice(_synthetic_stream(seed + 1, 0.0, set()), SYNTHETIC_SIZES["test"])}
+        stream = _synthetic_stream(seed, flaw_rate, held_out)
+    return [Example(q, sol, ans) for q, sol, ans in islice(stream, n)]
+
+
+def synthetic_template(question: str) -> str:
+    """Which template a synthetic question comes from: add, sub, mul or two (for per-template accuracy)."""
+    if " finds " in question:
+        return "two"
+    if " gave " in question:
+        return "sub"
+    if " bags with " in question:
+        return "mul"
+    return "add"
+
+
+def synthetic_corpus() -> list[str]:
+    """Texts the demo tokenizer is trained on: every train and test problem as the model sees it (chat prompt +
+    solution), so the fixed text of the template is frequent enough to become whole-word tokens."""
+    return [chat_prompt(ex.question) + ex.solution for split in SYNTHETIC_SIZES for ex in synthetic_dataset(split)]
+
+
+def synthetic_tokenizer(vocab_size: int = SYNTHETIC_VOCAB_SIZE) -> Tokenizer:
+    """The demo tokenizer: train_tokenizer on synthetic_corpus() (deterministic: same ids on every run)."""
+    return train_tokenizer(synthetic_corpus(), vocab_size)
+
+
+# load_dataset also serves "synthetic" (generated, no files: data_dir is ignored for it).
+_load_file_dataset = load_dataset
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike, split: str) -> list[Example]:  # noqa: F811
+    if name == "synthetic":
+        return synthetic_dataset(split)
+    if name not in DATA_FILES:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted([*DATA_FILES, 'synthetic'])}")
+    return _load_file_dataset(name, data_dir, split)
+
+
+load_dataset.__doc__ = _load_file_dataset.__doc__.rstrip() + """
+    synthetic train/test the generated demo task (synthetic_dataset): no files, data_dir is ignored.
+    """

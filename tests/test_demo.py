@@ -1,0 +1,149 @@
+"""The CPU demo (issue 5): the synthetic task, the FLOP model of the speed column, and a shortened demo run
+(python demo.py --quick: the same code path with fewer steps) whose table must be produced and whose ReFT
+baseline must move accuracy and reward in the right direction."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import data
+import demo
+from qwen2 import Qwen2Config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the task
+
+
+def _solve(question: str) -> int:
+    """Independent gold: the numbers of the question, combined as its template says."""
+    n = [int(x) for x in re.findall(r"\d+", question)]
+    if " finds " in question:
+        return n[0] + n[1] - n[2]
+    if " gave " in question:
+        return n[0] - n[1]
+    if " bags with " in question:
+        return n[0] * n[1]
+    return n[0] + n[1]
+
+
+def test_synthetic_task_golds_flaw_and_split():
+    train, test = data.load_dataset("synthetic", "ignored", "train"), data.load_dataset("synthetic", "", "test")
+    assert (len(train), len(test)) == (2000, 200)
+    assert not {ex.question for ex in train} & {ex.question for ex in test}        # held out
+    assert len({ex.question for ex in train}) == len(train)
+    for ex in train + test:
+        assert ex.answer == str(_solve(ex.question)), ex                               # golds always correct
+        assert ex.solution.endswith("}.") and "\\boxed{" in ex.solution
+    boxed = lambda ex: re.search(r"\\boxed\{(\d+)\}", ex.solution).group(1)
+    assert all(boxed(ex) == ex.answer for ex in test)                                  # test CoTs all correct
+    two = [ex for ex in train if data.synthetic_template(ex.question) == "two"]
+    assert len(two) == 800                                                             # 2 in every 5
+    flawed = [ex for ex in two if boxed(ex) != ex.answer]
+    assert 0.5 < len(flawed) / len(two) < 0.7                                          # ~ SYNTHETIC_FLAW_RATE
+    for ex in flawed:                                                                  # the flaw: the
+        a, b, c = map(int, re.findall(r"\d+", ex.question))                            # intermediate a + b
+        assert boxed(ex) == str(a + b) and f"{a + b} - {c} = {a + b - c}." in ex.solution   # is boxed
+    assert all(boxed(ex) == ex.answer for ex in train if data.synthetic_template(ex.question) != "two")
+
+
+def test_synthetic_task_is_deterministic_and_checks_arguments():
+    assert data.synthetic_dataset("train", 50) == data.synthetic_dataset("train")[:50]
+    assert data.synthetic_dataset("test") == data.synthetic_dataset("test")
+    assert data.synthetic_dataset("train", 20, seed=1) != data.synthetic_dataset("train", 20)
+    clean = data.synthetic_dataset("train", 100, flaw_rate=0.0)
+    assert [ex.question for ex in clean] == [ex.question for ex in data.synthetic_dataset("train", 100)]
+    assert all(ex.solution.endswith(f"{{{ex.answer}}}.") for ex in clean)
+    with pytest.raises(ValueError, match="no split 'dev'"):
+        data.load_dataset("synthetic", "", "dev")
+    with pytest.raises(ValueError, match="flaw_rate"):
+        data.synthetic_dataset("train", 5, flaw_rate=1.5)
+    with pytest.raises(ValueError, match="unknown dataset 'nope'.*synthetic"):
+        data.load_dataset("nope", "", "train")
+
+
+def test_demo_tokenizer_fits_the_tiny_model():
+    tok = data.synthetic_tokenizer()
+    assert tok.tk.to_str() == data.synthetic_tokenizer().tk.to_str()                # same ids on every run
+    cfg = Qwen2Config.from_json(ROOT / "configs" / "tiny_model.json")
+    assert tok.vocab_size <= cfg.vocab_size
+    ex = data.synthetic_dataset("train", 1)[0]
+    assert tok.decode(tok.encode(ex.solution)) == ex.solution
+    assert len(tok.encode(data.chat_prompt(ex.question))) < 60                       # template words merged
+    assert cfg.num_hidden_layers == 12                                                # r = 0.15 -> k = 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the FLOP model behind the "FLOP pred." column
+
+
+def test_rollout_flops_golden():
+    cfg = Qwen2Config(vocab_size=448, hidden_size=64, intermediate_size=128, num_hidden_layers=12,
+                      num_attention_heads=4, num_key_value_heads=2)
+    # per token and layer: 2 * (q 64*64 + k, v 2 * 64*32 + o 64*64 + MLP 3 * 64*128) = 73728
+    # prompt 2, 1 new token: 2 positions with 1 + 2 = 3 keys: 2 * 73728 + 4 * 64 * 3 = 148224 per layer;
+    # LM head on the 1 new token: 2 * 64 * 448 = 57344
+    assert demo.rollout_flops(cfg, 12, 2, 1) == 12 * 148224 + 57344
+    assert demo.rollout_flops(cfg, 10, 2, 1) == 10 * 148224 + 57344
+    assert demo.predicted_speedup(cfg, 2, 2, 1) == pytest.approx((12 * 148224 + 57344) / (10 * 148224 + 57344))
+    assert demo.predicted_speedup(cfg, 0, 50, 24) == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the shortened demo
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_quick")
+    proc = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_quick_demo_produces_the_table(quick_demo):
+    out, stdout = quick_demo
+    res = json.loads((out / "results.json").read_text())
+    assert res["mode"] == "quick"
+    assert [r["name"] for r in res["runs"]] == ["baseline", "nested-base", "nested-practical", "nested-retrace"]
+    assert [(r["skip_ratio"], r["skip_border"], r["k"], r["variant"]) for r in res["runs"]] == [
+        (0.0, 0, 0, "base"), (0.15, 1, 2, "base"), (0.15, 1, 2, "practical"), (0.15, 1, 2, "retrace")]
+    steps = res["settings"]["steps"]
+    for r in res["runs"]:
+        assert len(r["reward"]) == steps
+        assert [c["step"] for c in r["accuracy_curve"]][0] == 0 and r["accuracy_curve"][-1]["step"] == steps
+        assert r["rollout_tok_s"] > 0 and r["tok_s"] > 0 and r["runtime"] > 0
+        assert all(len(s) == r["k"] for s in r["skips"])                 # k layers skipped at every step
+        assert all(1 <= i <= 10 for s in r["skips"] for i in s)          # never layer 0 or 11 (e = 1)
+    nested = res["runs"][1]
+    assert nested["predicted_speedup"] > 1.1                              # 2 of 12 layers: ~1.2x
+    table = (out / "table.md").read_text()
+    for label in ["SFT warm-up"] + [r["label"] for r in res["runs"]]:
+        assert label in table and label in stdout
+    for column in ("held-out acc.", "Δ vs baseline", "δ vs baseline", "rollout tok/s", "total tok/s", "runtime"):
+        assert column in table
+    for name in ("sft/sft", "init", "baseline/checkpoint", "nested-retrace/checkpoint"):
+        assert (out / name / "config.json").is_file() and (out / name / "tokenizer.json").is_file()
+    try:
+        import matplotlib  # noqa: F401
+        assert (out / "reward_accuracy.png").stat().st_size > 0 and (out / "speed_vs_skip.png").stat().st_size > 0
+    except ImportError:
+        assert "pip install matplotlib" in stdout
+
+
+def test_quick_demo_reft_moves_accuracy_the_right_way(quick_demo):
+    """ReFT (the baseline run) must raise held-out accuracy above the SFT warm-up, and its rollout reward
+    must rise: the mean of the last third of the steps above the first third. RL that did nothing (reward
+    flat) or that hurt would fail this."""
+    out, _ = quick_demo
+    res = json.loads((out / "results.json").read_text())
+    base = res["runs"][0]
+    assert base["accuracy"] > res["sft"]["accuracy"]
+    rew, third = base["reward"], len(base["reward"]) // 3
+    assert sum(rew[-third:]) / third > sum(rew[:third]) / third
