@@ -243,20 +243,13 @@ def _coerce(name: str, value, typ, source: str):
             return value
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
             return value.lower() in ("true", "1", "yes")
-    elif typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    elif typ in (int, float) and not isinstance(value, bool):
+        numeric = (int,) if typ is int else (int, float)                # an int field refuses 2.5
+        if isinstance(value, numeric):
+            return typ(value)
         if isinstance(value, str):
             try:
-                return int(value)
-            except ValueError:
-                pass
-    elif typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
+                return typ(value)
             except ValueError:
                 pass
     elif typ is str:
