@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import distributed
 from eval import check_benchmarks, evaluate, format_table, reward, run_benchmarks, write_jsonl
-from data import Example, Tokenizer, chat_prompt, collate_sft, load_dataset, sft_example
+from data import Example, Tokenizer, chat_prompt, collate_sft, load_dataset, sft_example, synthetic_tokenizer
 from grpo import (group_advantages, loss_normaliser, offpolicy_stats, policy_loss, reward_stats, token_entropy,
                   token_logprobs)
 from qwen2 import Qwen2, Qwen2Config
@@ -392,6 +392,8 @@ def load_model(cfg: Config, device: torch.device, model_dir: str = "") -> tuple[
         torch.manual_seed(cfg.seed)
         model = Qwen2(Qwen2Config.from_json(cfg.model_config)).to(device)
     tok_dir = cfg.tokenizer or cfg.model
+    if not tok_dir and cfg.dataset == "synthetic":      # the demo task: its own BPE, trained deterministically
+        return model, synthetic_tokenizer()
     if not tok_dir:
         raise UserError("config: set 'tokenizer' (a dir with tokenizer.json) when 'model' is empty")
     return model, Tokenizer.load(tok_dir)
