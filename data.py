@@ -123,7 +123,7 @@ class Tokenizer:
         """Write `path`/tokenizer.json atomically (temp file in the same dir, then os.replace)."""
         d = Path(path)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(d / "tokenizer.json", self.tk.to_str())
+        write_text_atomic(d / "tokenizer.json", self.tk.to_str())
 
 
 def train_tokenizer(texts, vocab_size: int) -> Tokenizer:
@@ -143,7 +143,11 @@ def train_tokenizer(texts, vocab_size: int) -> Tokenizer:
     return Tokenizer(tk)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` atomically: a temp file in the same folder (created if missing), then os.replace,
+    so a reader never sees a half-written file. The one place the project writes text files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -56,7 +55,7 @@ F_NAMES = {"base": "ρ", "practical": "1", "retrace": "λ·min(1,ρ)"}
 
 # Full demo vs --quick (same code path). sft_epochs is in passes over the 2000 training problems.
 SETTINGS = {
-    "full": dict(sft_epochs=6.0, steps=60, eval_every=20, n_test=200, speed_ratios=(0.0, 0.1, 0.15, 0.25, 0.35),
+    "full": dict(sft_epochs=6.0, steps=60, eval_every=10, n_test=200, speed_ratios=(0.0, 0.1, 0.15, 0.25, 0.35),
                  speed_reps=3),
     "quick": dict(sft_epochs=6.0, steps=16, eval_every=8, n_test=100, speed_ratios=(0.0, 0.15), speed_reps=1,
                   reft_overrides=dict(warmup_steps=0)),
@@ -160,8 +159,7 @@ def run_sft(out: Path, init: Path, s: dict, tok, test, cfg_kw: dict) -> tuple[Pa
     t0 = time.perf_counter()
     nested_reft.train(cfg)
     runtime = time.perf_counter() - t0
-    sft_dir = out / "sft" / "sft"
-    tok.save(sft_dir)                                   # a self-contained checkpoint folder (eval.py --model)
+    sft_dir = out / "sft" / "sft"                       # model + tokenizer (eval.py --model works on it)
     ev = evaluate_dir(sft_dir, tok, test, cfg.max_new_tokens)
     say(f"SFT done in {runtime:.0f}s: held-out greedy accuracy {100 * ev['accuracy']:.1f}% "
         f"({fmt_templates(ev['per_template'])})")
@@ -202,10 +200,9 @@ class ReftRun:
         say(f"{self.label}: step {stop}: held-out greedy accuracy {100 * ev['accuracy']:.1f}% "
             f"({fmt_templates(ev['per_template'])})")
 
-    def result(self, tok) -> dict:
+    def result(self) -> dict:
         rows = [json.loads(line) for line in (self.dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         rows = [r for r in rows if r["stage"] == "reft"]
-        tok.save(self.dir / "checkpoint")                # a self-contained checkpoint folder
         s, c = self.summary, self.cfg
         return {"name": self.name, "label": self.label, "skip_ratio": c.skip_ratio, "skip_border": c.skip_border,
                 "k": self.k, "variant": c.variant, "accuracy": self.curve[-1]["accuracy"],
@@ -228,7 +225,7 @@ def run_all_reft(out: Path, init: Path, sft_dir: Path, s: dict, tok, test, sft_a
     for stop in range(s["eval_every"], c.steps + s["eval_every"], s["eval_every"]):
         for r in runs:
             r.advance(min(stop, c.steps), tok, test)
-    return [r.result(tok) for r in runs]
+    return [r.result() for r in runs]
 
 
 def speed_sweep(sft_dir: Path, tok, test, ratios, reps: int, cfg: nested_reft.Config) -> list[dict]:
@@ -348,12 +345,6 @@ def plot(res: dict, out: Path) -> list[str]:
     return [str(out / "reward_accuracy.png"), str(out / "speed_vs_skip.png")]
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -413,8 +404,8 @@ def main(argv=None) -> int:
            "wall_s": time.perf_counter() - t_start}
     res["findings"] = findings(res)
     table = make_table(res)
-    write_text_atomic(out / "results.json", json.dumps(res, indent=2) + "\n")
-    write_text_atomic(out / "table.md", table + "\n\n" + "\n".join(f"- {f}" for f in res["findings"]) + "\n")
+    data.write_text_atomic(out / "results.json", json.dumps(res, indent=2) + "\n")
+    data.write_text_atomic(out / "table.md", table + "\n\n" + "\n".join(f"- {f}" for f in res["findings"]) + "\n")
     print()
     print(table)
     print()

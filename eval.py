@@ -37,7 +37,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from functools import lru_cache
 
@@ -881,13 +880,15 @@ def format_table(results: dict) -> str:
 
 
 def run_benchmarks(model, tokenizer, data_dir, names, out_path=None, *, limit: int | None = None,
-                   print_fn=print, **gen_kwargs) -> dict:
+                   print_fn=print, evaluate_fn=None, **gen_kwargs) -> dict:
     """Evaluate on each benchmark in `names` (data.load_dataset(name, data_dir, "test")), print the pass@1
     table with the macro average, and write every prediction (benchmark, index, question, gold, completion,
     extracted, correct, num_tokens) to `out_path` as JSON lines, atomically.
     Returns {"benchmarks": {name: {"n", "accuracy", "seconds"}}, "macro": float}.
-    gen_kwargs go to evaluate() (batch_size, max_new_tokens, temperature, top_p, skip_mask, generator)."""
+    gen_kwargs go to evaluate() (batch_size, max_new_tokens, temperature, top_p, skip_mask, generator);
+    evaluate_fn replaces evaluate (same signature and result), e.g. nested_reft's version sharded over ranks."""
     import data
+    evaluate_fn = evaluate_fn or evaluate
     names = check_benchmarks(names)
     results, all_records = {}, []
     for name in names:
@@ -895,7 +896,7 @@ def run_benchmarks(model, tokenizer, data_dir, names, out_path=None, *, limit: i
         if limit is not None:
             examples = examples[:limit]
         t0 = time.time()
-        acc, records = evaluate(model, tokenizer, examples, **gen_kwargs)
+        acc, records = evaluate_fn(model, tokenizer, examples, **gen_kwargs)
         results[name] = {"n": len(records), "accuracy": acc, "seconds": time.time() - t0}
         all_records += [{"benchmark": name, "index": i, **r} for i, r in enumerate(records)]
         print_fn(f"{name}: pass@1 {100 * acc:.1f}% on {len(records)} problems ({results[name]['seconds']:.0f}s)")
@@ -920,20 +921,9 @@ def check_benchmarks(names) -> list[str]:
 
 
 def write_jsonl(path, records) -> None:
-    """Write records as JSON lines atomically (temp file in the same directory, then os.replace)."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write records as JSON lines, atomically (data.write_text_atomic)."""
+    from data import write_text_atomic
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def draw_eval_skip_mask(n_layers: int, ratio: float, border: int, seed: int) -> list[bool]:

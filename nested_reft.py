@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import distributed
-from eval import check_benchmarks, evaluate, format_table, reward, run_benchmarks, write_jsonl
-from data import Example, Tokenizer, chat_prompt, collate_sft, load_dataset, sft_example, synthetic_tokenizer
+from eval import evaluate, reward, run_benchmarks
+from data import (Example, Tokenizer, chat_prompt, collate_sft, load_dataset, sft_example, synthetic_tokenizer,
+                  write_text_atomic)
 from grpo import (group_advantages, loss_normaliser, offpolicy_stats, policy_loss, reward_stats, token_entropy,
                   token_logprobs)
 from qwen2 import Qwen2, Qwen2Config
@@ -598,9 +599,7 @@ def reft_step(model: Qwen2, opt, sched, r: Rollouts, cfg: Config, tok: Tokenizer
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 class MetricsLog:
@@ -623,9 +622,7 @@ class MetricsLog:
             return
         rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
         keep = [r for r in rows if not (r.get("stage") == stage and r["step"] > step)]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def progress_line(row: dict) -> str:
@@ -638,14 +635,16 @@ def progress_line(row: dict) -> str:
     return line + f"  {runtime:.0f}s  ETA {eta:.0f}s"
 
 
-def save_checkpoint(run_dir: Path, model: Qwen2, opt, sched, state: dict) -> None:
-    """<run>/checkpoint = the model in the HF layout + trainer_state.pt, written beside and renamed into place.
+def save_checkpoint(run_dir: Path, model: Qwen2, tok: Tokenizer, opt, sched, state: dict) -> None:
+    """<run>/checkpoint = the model in the HF layout + tokenizer.json + trainer_state.pt (a self-contained folder
+    for eval.py, transformers, vLLM), written beside and renamed into place.
     torchrun: every rank calls it (FSDP gathers the full weights and AdamW state to rank 0); rank 0 writes."""
     optim, full = distributed.optimizer_state_dict(model, opt), distributed.full_model(model)
     if distributed.is_main():
         final, tmp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
         shutil.rmtree(tmp, ignore_errors=True)
         full.save_pretrained(tmp)
+        tok.save(tmp)
         torch.save({"optimizer": optim, "scheduler": sched.state_dict(), **state}, tmp / "trainer_state.pt")
         if final.exists():
             final.rename(old)
@@ -700,6 +699,8 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
     if state is None and cfg.sft_epochs > 0:
         sft(model, tok, train_set, cfg, device, dtype, log)
         distributed.save_pretrained(model, run_dir / "sft")
+        if main_rank:
+            tok.save(run_dir / "sft")                        # self-contained: eval.py --model <run>/sft
 
     ref_model = None
     if cfg.beta > 0:  # frozen reference = the model ReFT starts from: a copy now, or sft/ (else `model`) on resume
@@ -745,7 +746,7 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
             rng = {"sample_rng": gen.get_state()}
             if world > 1:  # every rank's sampling stream (resume needs the same world size)
                 rng.update(world_size=world, sample_rng_ranks=distributed.all_gather(gen.get_state()))
-            save_checkpoint(run_dir, model, opt, sched, {
+            save_checkpoint(run_dir, model, tok, opt, sched, {
                 "step": step, "totals": totals, "data_order": order.state_dict(),
                 "skip_sampler": skipper.state_dict(), **rng})
         if step == stop_after:
@@ -754,40 +755,27 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
     summary = {"steps": step, "runtime": totals["runtime"], "tok_s": totals["tokens"] / max(totals["runtime"], 1e-9),
                "rollout_tok_s": totals["rollout_tokens"] / max(totals["rollout_s"], 1e-9), **totals}
     if cfg.eval_benchmarks:
-        benchmarks = run_benchmarks if world == 1 else run_benchmarks_sharded  # torchrun: a slice per rank
         with distributed.gathered(model):                                       # FSDP: all-gather once
-            summary["eval"] = benchmarks(
-                distributed.unwrap(model), tok, data_dir, cfg.eval_benchmarks, run_dir / "eval.jsonl",
-                limit=cfg.eval_limit or None, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
+            summary["eval"] = run_benchmarks(
+                distributed.unwrap(model), tok, data_dir, cfg.eval_benchmarks,
+                run_dir / "eval.jsonl" if main_rank else None, limit=cfg.eval_limit or None,
+                evaluate_fn=evaluate_sharded if world > 1 else evaluate,           # torchrun: a slice per rank
+                batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
                 print_fn=(lambda *a: None) if quiet or not main_rank else print)
     if main_rank:
         write_json_atomic(run_dir / "summary.json", summary)
     return summary
 
 
-def run_benchmarks_sharded(model: Qwen2, tok: Tokenizer, data_dir: Path, names: str, out_path: Path, *,
-                           limit: int | None, print_fn, **gen_kwargs) -> dict:
-    """eval.run_benchmarks over the torchrun ranks: rank r grades problems r, r + W, r + 2W, ... of each benchmark;
-    the records are gathered back into order and rank 0 prints the table and writes `out_path`. Every rank
-    returns the same {"benchmarks": {name: {"n", "accuracy", "seconds"}}, "macro"}."""
-    world, results, all_records = distributed.world_size(), {}, []
-    for name in check_benchmarks(names):
-        examples = load_dataset(name, data_dir, "test")[:limit]
-        t0 = time.time()
-        _, mine = evaluate(model, tok, examples[distributed.rank()::world], **gen_kwargs)
-        records = [None] * len(examples)
-        for r, part in enumerate(distributed.all_gather(mine)):
-            records[r::world] = part
-        acc = sum(rec["correct"] for rec in records) / len(records) if records else 0.0
-        results[name] = {"n": len(records), "accuracy": acc, "seconds": time.time() - t0}
-        all_records += [{"benchmark": name, "index": i, **rec} for i, rec in enumerate(records)]
-        print_fn(f"{name}: pass@1 {100 * acc:.1f}% on {len(records)} problems ({results[name]['seconds']:.0f}s)")
-    print_fn(format_table(results))
-    if distributed.is_main():
-        write_jsonl(out_path, all_records)
-        print_fn(f"predictions: {out_path}")
-    macro = sum(r["accuracy"] for r in results.values()) / len(results) if results else 0.0
-    return {"benchmarks": results, "macro": macro}
+def evaluate_sharded(model: Qwen2, tok: Tokenizer, examples: list[Example], **gen_kwargs) -> tuple[float, list]:
+    """eval.evaluate over the torchrun ranks: rank r grades problems r, r + W, r + 2W, ...; the records are
+    gathered back into order, so every rank returns what one process would (accuracy, records)."""
+    world = distributed.world_size()
+    _, mine = evaluate(model, tok, examples[distributed.rank()::world], **gen_kwargs)
+    records = [None] * len(examples)
+    for r, part in enumerate(distributed.all_gather(mine)):
+        records[r::world] = part
+    return (sum(rec["correct"] for rec in records) / len(records) if records else 0.0), records
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nested_reft as nr  # noqa: E402
-from data import Example, chat_prompt, train_tokenizer  # noqa: E402
+from data import Example, chat_prompt, train_tokenizer, write_text_atomic  # noqa: E402
 from qwen2 import Qwen2Config  # noqa: E402
 
 # --preset values: the Qwen2.5-Math-1.5B(-Instruct) shape (config.json of the HF release) and a GPU-sized step.
@@ -410,11 +410,8 @@ def main(argv=None) -> None:
     report(args, out)
     if load_warning():
         print("\n" + load_warning() + " (at the end of the run)")
-    if args.json:                                                       # atomic: temp name, then os.replace
-        path = Path(args.json)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"args": vars(args), **out}, indent=2) + "\n")
-        os.replace(tmp, path)
+    if args.json:
+        write_text_atomic(args.json, json.dumps({"args": vars(args), **out}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

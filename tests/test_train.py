@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import nested_reft as nr
-from data import train_tokenizer
+from data import Tokenizer, train_tokenizer
 from qwen2 import Qwen2, Qwen2Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,6 +142,11 @@ def test_end_to_end_sft_then_nested_reft(workspace, tmp_path, coin_reward):
     assert any(abs(r["ratio_max"] - 1) > 1e-6 or abs(r["ratio_min"] - 1) > 1e-6 for r in rows)
     loaded = Qwen2.from_pretrained(run / "checkpoint")
     assert loaded.config.num_hidden_layers == 4 and (run / "sft" / "config.json").is_file()
+    # both checkpoints are self-contained folders: the tokenizer the run used is saved beside the weights
+    tok = Tokenizer.load(workspace / "tok")
+    text = "Tom has 3 apples. \\boxed{7}"
+    for d in (run / "checkpoint", run / "sft"):
+        assert Tokenizer.load(d).encode(text) == tok.encode(text)
 
 
 def test_plain_reft_is_on_policy(workspace, tmp_path):
