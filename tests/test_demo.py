@@ -138,12 +138,14 @@ def test_quick_demo_produces_the_table(quick_demo):
 
 
 def test_quick_demo_reft_moves_accuracy_the_right_way(quick_demo):
-    """ReFT (the baseline run) must raise held-out accuracy above the SFT warm-up, and its rollout reward
-    must rise: the mean of the last third of the steps above the first third. RL that did nothing (reward
-    flat) or that hurt would fail this."""
+    """ReFT must raise held-out accuracy clearly above the SFT warm-up (the flaw it learned by imitation is
+    fixed by the verifiable reward), for the baseline and for Nested-ReFT Retrace-lambda, and the baseline's
+    rollout reward must rise: the mean of the last third of the steps above the first third. RL that did
+    nothing (reward flat) or that hurt would fail this. (Measured here: SFT 82 % -> 99 % for every run.)"""
     out, _ = quick_demo
     res = json.loads((out / "results.json").read_text())
-    base = res["runs"][0]
-    assert base["accuracy"] > res["sft"]["accuracy"]
-    rew, third = base["reward"], len(base["reward"]) // 3
+    runs = {r["name"]: r for r in res["runs"]}
+    for name in ("baseline", "nested-retrace"):
+        assert runs[name]["accuracy"] >= res["sft"]["accuracy"] + 0.05, (name, runs[name]["accuracy_curve"])
+    rew, third = runs["baseline"]["reward"], len(runs["baseline"]["reward"]) // 3
     assert sum(rew[-third:]) / third > sum(rew[:third]) / third
