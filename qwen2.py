@@ -165,21 +165,24 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):                                               # [..., D]
-        # x / sqrt(mean(x^2) + eps) in fp32, cast back to the model dtype, then the gain
-        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype) * self.weight
+        # x / sqrt(mean(x^2) + eps) in fp32 (F.rms_norm upcasts bf16/fp16), cast back to x's dtype, then the gain
+        if x.dtype == self.weight.dtype == torch.float32:               # the same, in one call
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.rms_norm(x, self.weight.shape, eps=self.eps) * self.weight
 
 
 def rope_cos_sin(positions, inv_freq, dtype):
-    """positions [B, T] long -> cos, sin [B, 1, T, hd] with angle(p, i) = p * theta^(-2i/hd) for both halves;
-    the sin of the first half is negated so that RoPE(x) = x * cos + roll(x, hd/2) * sin equals the usual
-    rotate-half form x * cos + cat(-x2, x1) * sin exactly (a sign flip is exact in floating point)."""
-    freqs = positions[..., None].float() * inv_freq.float()            # [B, T, hd/2] fp32
+    """positions [...] long -> cos, sin [..., 1, hd] (the 1 broadcasts over heads) with angle(p, i) =
+    p * theta^(-2i/hd) for both halves; the sin of the first half is negated so that
+    RoPE(x) = x * cos + roll(x, hd/2) * sin equals the usual rotate-half form x * cos + cat(-x2, x1) * sin
+    exactly (a sign flip is exact in floating point)."""
+    freqs = positions[..., None].float() * inv_freq.float()            # [..., hd/2] fp32
     cos, sin = freqs.cos(), freqs.sin()
-    cos, sin = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)  # [B, T, hd]
-    return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+    cos, sin = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)  # [..., hd]
+    return cos.to(dtype)[..., None, :], sin.to(dtype)[..., None, :]
 
 
-def apply_rope(x, cos, sin):                                            # x [B, h, T, hd]
+def apply_rope(x, cos, sin):                                            # x [B, T, heads, hd], cos/sin [B, T, 1, hd]
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
@@ -193,36 +196,42 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, Hkv * hd, bias=True)
         self.o_proj = nn.Linear(H * hd, D, bias=False)
 
-    def forward(self, x, cos, sin, mask, kv=None, start=0, w=None):
-        """x [B, T, D]; cos/sin [B, 1, T, hd]; mask: None (plain causal) or bool [B, 1, T, S] (True = attend);
+    def forward(self, x, cos, sin, mask, kv=None, start=0, w=None, residual=None):
+        """-> residual + attention(x). x, residual [B, T, D]; cos/sin [B, T, 1, hd] (or [T, 1, hd]); mask: None
+        (plain causal), or [B, 1, T, S] bool (True = attend) or float (added to the scores: 0 / -inf);
         kv: None or this layer's cache (k, v) each [B, Hkv, S_max, hd], written at columns [start, start+T);
         w: None (use the parameters) or this layer's DecodeWeights (the CPU decode step)."""
         B, T, _ = x.shape
+        H, Hkv, hd = self.H, self.Hkv, self.hd
         if w is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:                                                  # one matmul instead of 3: fewer ops per step
-            q, k, v = w.qkv(x).split((self.H * self.hd, self.Hkv * self.hd, self.Hkv * self.hd), -1)
-        q = q.view(B, T, self.H, self.hd).transpose(1, 2)                   # [B, H, T, hd]
-        k = k.view(B, T, self.Hkv, self.hd).transpose(1, 2)                 # [B, Hkv, T, hd]
-        v = v.view(B, T, self.Hkv, self.hd).transpose(1, 2)                 # [B, Hkv, T, hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = apply_rope(self.q_proj(x).view(B, T, H, hd), cos, sin)           # [B, T, H, hd]
+            k = apply_rope(self.k_proj(x).view(B, T, Hkv, hd), cos, sin)         # [B, T, Hkv, hd]
+            v = self.v_proj(x).view(B, T, Hkv, hd)                               # [B, T, Hkv, hd]
+        else:                         # one matmul for q|k|v, RoPE on the H + Hkv heads of q|k at once
+            qkv = w.qkv(x).view(B, T, H + 2 * Hkv, hd)                           # [B, T, H+2Hkv, hd]
+            q, k = apply_rope(qkv[:, :, :H + Hkv], cos, sin).split((H, Hkv), 2)
+            v = qkv[:, :, H + Hkv:]
+        k, v = k.transpose(1, 2), v.transpose(1, 2)                              # [B, Hkv, T, hd]
         if kv is not None:
             kc, vc = kv
             kc[:, :, start:start + T] = k
             vc[:, :, start:start + T] = v
-            k, v = kc[:, :, :start + T], vc[:, :, :start + T]                  # [B, Hkv, S, hd] views
-        G = self.H // self.Hkv
-        if T == 1 and G > 1:
-            # decode: fold the G query heads of a kv head into the query axis, no repeated K/V in memory
-            y = F.scaled_dot_product_attention(q.view(B, self.Hkv, G, self.hd), k, v, attn_mask=mask)
-        elif mask is None and start == 0:                                    # no padding: plain causal
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G > 1)
+            k, v = kc[:, :, :start + T], vc[:, :, :start + T]                    # [B, Hkv, S, hd] views
+        G = H // Hkv
+        if T == 1:
+            # decode: the G query heads of a kv head on the query axis, no repeated K/V in memory
+            y = F.scaled_dot_product_attention(q.view(B, Hkv, G, hd), k, v, attn_mask=mask)  # [B, Hkv, G, hd]
+            y = y.view(B, 1, H * hd)
         else:
-            if mask is None:                                                 # chunk after cached columns
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G > 1)
-        o_proj = self.o_proj if w is None else w.o
-        return o_proj(y.reshape(B, self.H, T, self.hd).transpose(1, 2).reshape(B, T, -1))
+            q = q.transpose(1, 2)                                                # [B, H, T, hd]
+            if mask is None and start == 0:                                      # no padding: plain causal
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G > 1)
+            else:
+                if mask is None:                                                 # chunk after cached columns
+                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G > 1)
+            y = y.transpose(1, 2).reshape(B, T, H * hd)                          # [B, T, H*hd]
+        return residual + self.o_proj(y) if w is None else w.o(y, residual)
 
 
 class MLP(nn.Module):
@@ -232,11 +241,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x, w=None):                                       # [B, T, D]; w: see Attention
+    def forward(self, x, w=None, residual=None):        # residual + MLP(x), [B, T, D]; w: see Attention
         if w is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return residual + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         gate, up = w.gate_up(x).chunk(2, -1)                            # one matmul instead of 2
-        return w.down(F.silu(gate) * up)
+        return w.down(F.silu(gate) * up, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -248,8 +257,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, kv=None, start=0, w=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, start, w)
-        return x + self.mlp(self.post_attention_layernorm(x), w)
+        x = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, start, w, residual=x)
+        return self.mlp(self.post_attention_layernorm(x), w, residual=x)
 
 
 class Backbone(nn.Module):
@@ -277,8 +286,14 @@ class DecodeLinear:
         self.b = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears]).to(dtype)
         self.dtype = dtype
 
-    def __call__(self, x):                                      # computes in self.dtype, as autocast's F.linear
-        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.w, self.b, "none", [], "")
+    def __call__(self, x, residual=None):           # [residual +] x W^T + b, in self.dtype as autocast's F.linear
+        x = x.to(self.dtype)
+        if residual is not None and residual.dtype == self.dtype == torch.float32:
+            # the residual add fused into the matmul (a oneDNN post-op): bit-identical in fp32; not in bf16, where
+            # it would skip the rounding of x W^T before the add (HF rounds first)
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.w, self.b, "add")
+        y = torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "none", [], "")
+        return y if residual is None else residual + y
 
 
 class DecodeWeights:
@@ -296,17 +311,22 @@ class DecodeWeights:
 
 class KVCache:
     """Preallocated K/V for the ACTIVE layers only: k, v [L_active, B, Hkv, S_max, hd].
-    `mask` [B, S_max] marks real key columns (False = left padding); `next_pos` [B] is each row's next RoPE
-    position; `length` (host int) is the number of columns written; `active` the layer indices it serves.
-    `weights` (DecodeWeights per active layer) and `lm_head` (DecodeLinear): set by Qwen2.pack_for_decode, used
-    by one-token steps; None = the parameters."""
+    `mask` [B, S_max] marks real key columns (False = left padding) and `bias` [B, S_max] is the same as an
+    additive attention mask (0 / -inf, cache dtype): the decode step's mask is a view of it, no conversion per
+    layer; `next_pos` [B] is each row's next RoPE position; `cos`, `sin` [S_max, 1, hd] the RoPE table of
+    positions 0..S_max-1 (a position never exceeds its column); `length` (host int) is the number of columns
+    written; `active` the layer indices it serves. `weights` (DecodeWeights per active layer) and `lm_head`
+    (DecodeLinear): set by Qwen2.pack_for_decode, used by one-token steps; None = the parameters."""
 
-    def __init__(self, cfg: Qwen2Config, active: tuple[int, ...], batch: int, max_len: int, dtype, device):
+    def __init__(self, cfg: Qwen2Config, active: tuple[int, ...], batch: int, max_len: int, dtype, device,
+                 rope: tuple[torch.Tensor, torch.Tensor]):
         shape = (len(active), batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.mask = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.bias = torch.zeros(batch, max_len, dtype=dtype, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.cos, self.sin = rope
         self.has_padding = False                                        # host flag: any False in mask?
         self.active, self.length, self.max_len = active, 0, max_len
         self.weights, self.lm_head = None, None
@@ -408,6 +428,11 @@ class Qwen2(nn.Module):
                 torch.arange(0, hd, 2, dtype=torch.float, device=device) / hd))
         return self._inv_freq
 
+    def rope_table(self, n: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [n, 1, hd] of positions 0..n-1 (rope_cos_sin), in `dtype`; every forward looks its positions
+        up in such a table (the cache holds one for its max_len: no cos/sin work in the decode step)."""
+        return rope_cos_sin(torch.arange(n, device=device), self.inv_freq(device), dtype)
+
     @staticmethod
     def _init_weights(m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -441,7 +466,8 @@ class Qwen2(nn.Module):
         """Under autocast (fp32 master weights, bf16 compute) the cache takes the autocast dtype: half the bytes."""
         dev = self.device
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.dtype
-        return KVCache(self.config, self.active_layers(skip_mask), batch, max_len, dtype, dev)
+        return KVCache(self.config, self.active_layers(skip_mask), batch, max_len, dtype, dev,
+                       self.rope_table(max_len, self.dtype, dev))         # RoPE in the model dtype, as forward
 
     @torch.no_grad()
     def pack_for_decode(self, cache: KVCache) -> bool:
@@ -477,36 +503,37 @@ class Qwen2(nn.Module):
             raise ValueError(f"attention_mask has shape {tuple(am.shape)}, expected {(B, T)}")
         mask, start = None, 0                            # mask None = plain causal over all keys (no padding)
         if cache is None:
-            if am is None:
-                pos = torch.arange(T, device=dev).expand(B, T)
-            else:
-                pos = am.long().cumsum(-1) - 1                                            # [B, T]
-                mask = padded_causal_mask(am, T, 0)
+            cos, sin = self.rope_table(T, self.dtype, dev)                                # [T, 1, hd]
+            if am is not None:
+                pos = (am.long().cumsum(-1) - 1).clamp(min=0)                             # [B, T]
+                cos, sin, mask = cos[pos], sin[pos], padded_causal_mask(am, T, 0)         # [B, T, 1, hd]
         else:
             if cache.active != active:
                 raise ValueError("forward(cache=...): skip_mask differs from the one the cache was built for")
             start = cache.length
             if start + T > cache.max_len:
                 raise ValueError(f"KV cache overflow: {start}+{T} > max_len={cache.max_len}")
-            if am is None:
-                am = torch.ones(B, T, dtype=torch.bool, device=dev)
+            if am is None:                               # every token is real (the decode step): no mask ops
+                pos = cache.next_pos[:, None] + torch.arange(T, device=dev) if T > 1 else cache.next_pos[:, None]
+                cache.next_pos = cache.next_pos + T
             else:
                 cache.mask[:, start:start + T] = am
+                cache.bias[:, start:start + T].masked_fill_(~am, float("-inf"))
                 cache.has_padding = cache.has_padding or not bool(am.all())             # one sync per call
-            pos = cache.next_pos[:, None] + am.long().cumsum(-1) - 1                      # [B, T]
-            cache.next_pos += am.long().sum(-1)
+                pos = (cache.next_pos[:, None] + am.long().cumsum(-1) - 1).clamp(min=0)   # [B, T]
+                cache.next_pos = cache.next_pos + am.long().sum(-1)
+            cos, sin = cache.cos[pos], cache.sin[pos]                                     # [B, T, 1, hd]
             cache.length = start + T
             if cache.has_padding and T == 1:                                             # decode: a view
-                mask = cache.mask[:, None, None, :start + 1]                             # [B, 1, 1, S]
+                mask = cache.bias[:, None, None, :start + 1]                             # [B, 1, 1, S]
             elif cache.has_padding:
                 mask = padded_causal_mask(cache.mask[:, :start + T], T, start)
-        cos, sin = rope_cos_sin(pos.clamp(min=0), self.inv_freq(input_ids.device), self.dtype)
         x = self.model.embed_tokens(input_ids)                                           # [B, T, D]
         packed = T == 1 and cache is not None and cache.weights is not None              # decode step, CPU
         for j, i in enumerate(active):
             kv = None if cache is None else (cache.k[j], cache.v[j])
             x = self.model.layers[i](x, cos, sin, mask, kv, start, cache.weights[j] if packed else None)
-        x = self.model.norm(x[:, logits_from:])
+        x = self.model.norm(x[:, logits_from:] if logits_from else x)
         return (cache.lm_head if packed else self.lm_head)(x)                            # [B, T', V]
 
     # ------------------------------------------------------------------------------------------------------

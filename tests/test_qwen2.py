@@ -392,6 +392,30 @@ def test_chunked_prefill_with_padding_equals_full_forward():
         m(ids[:, :1], None, cache=m.new_cache(3, 9, skip))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rms_norm_has_hf_rounding(dtype):
+    """HF Qwen2RMSNorm: normalise in fp32, cast to the input dtype, THEN multiply by the weight (bit-exact)."""
+    g = torch.Generator().manual_seed(0)
+    norm = qwen2.RMSNorm(64, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(64, generator=g))
+    norm.to(dtype)
+    x = (3 * torch.randn(2, 5, 64, generator=g)).to(dtype)
+    h = x.float()
+    ref = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(norm(x), ref)
+
+
+def test_bf16_packed_decode_tracks_teacher_forced(monkeypatch):
+    """bf16 prepacked decode (fused q|k|v and gate|up, packed bf16 matmuls) vs a bf16 full forward."""
+    monkeypatch.setattr(qwen2, "PACK_MIN_NEW_TOKENS", 1)
+    m = ours(seed=14).to(torch.bfloat16)
+    out = m.generate(PROMPTS, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    lp, _ = teacher_forced(m, out, None)
+    assert (out.logprobs - lp).abs().max() < 0.1 and (out.logprobs - lp).abs().mean() < 0.03
+
+
 def test_bf16_model_tracks_fp32():
     m = ours(seed=13)
     mb = ours(seed=13).to(torch.bfloat16)
@@ -404,9 +428,12 @@ def test_bf16_model_tracks_fp32():
     assert out.logprobs.dtype == torch.float32 and torch.isfinite(out.logprobs).all()
 
 
-def test_generate_under_autocast_caches_in_the_compute_dtype():
+@pytest.mark.parametrize("pack", [False, True], ids=["plain", "packed"])
+def test_generate_under_autocast_caches_in_the_compute_dtype(pack, monkeypatch):
     """fp32 master weights + bf16 autocast (the training loop's GPU path, here on CPU): the KV cache is bf16 and
-    greedy decoding still equals the argmax of a full forward under the same autocast."""
+    greedy decoding still equals the argmax of a full forward under the same autocast (packed: bf16 decode
+    weights, fp32 residual stream, so the residual add is not fused into the matmul)."""
+    monkeypatch.setattr(qwen2, "PACK_MIN_NEW_TOKENS", 1 if pack else 10**9)
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2)
