@@ -1,5 +1,6 @@
 """qwen2.py: parity with transformers' Qwen2ForCausalLM (the independent oracle, test-only), checkpoint I/O,
 layer skipping, the KV-cache sampler and its behaviour log-probs. Tiny random models, CPU, fp32."""
+import copy
 import json
 import math
 
@@ -414,6 +415,28 @@ def test_bf16_packed_decode_tracks_teacher_forced(monkeypatch):
     out = m.generate(PROMPTS, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(0))
     lp, _ = teacher_forced(m, out, None)
     assert (out.logprobs - lp).abs().max() < 0.1 and (out.logprobs - lp).abs().mean() < 0.03
+
+
+def test_packed_decode_weights_are_reused_until_the_weights_change(monkeypatch):
+    """pack_for_decode keeps its packing across generate() calls while the weights are unchanged, and packs again
+    after an in-place update (as an optimizer step does): stale packed weights would decode the old model."""
+    monkeypatch.setattr(qwen2, "PACK_MIN_NEW_TOKENS", 1)
+    m = ours(seed=15)
+    if not m.pack_for_decode(m.new_cache(len(PROMPTS), 8, None)):
+        pytest.skip("this torch build has no oneDNN weight packing (the plain decode path is used)")
+    a = m.generate(PROMPTS, max_new_tokens=6, temperature=0)
+    first = qwen2._PACKED[m]
+    b = m.generate(PROMPTS, max_new_tokens=6, temperature=0)
+    assert qwen2._PACKED[m] is first and torch.equal(a.tokens, b.tokens)
+    with torch.no_grad():                                                   # an "optimizer step" in place
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+    packed = m.generate(PROMPTS, max_new_tokens=6, temperature=0)
+    assert qwen2._PACKED[m] is not first
+    monkeypatch.setattr(qwen2, "PACK_MIN_NEW_TOKENS", 10**9)               # the same step on the parameters
+    plain = m.generate(PROMPTS, max_new_tokens=6, temperature=0)
+    assert torch.equal(packed.tokens, plain.tokens) and not torch.equal(packed.tokens, a.tokens)
+    copy.deepcopy(m)                                                        # the packing is not part of the model
 
 
 def test_bf16_model_tracks_fp32():
