@@ -1,7 +1,7 @@
 """The CPU demo: the whole Nested-ReFT paper in a few minutes on a 2-core machine, no GPU, no downloads.
 
-    python demo.py                  # ~5-6 minutes on 2 cores: the table, results.json, table.md, plots
-    python demo.py --quick          # same code path, fewer steps and problems (~1.5 minutes; the CI test)
+    python demo.py                  # ~6 minutes on 2 cores: the table, results.json, table.md, plots
+    python demo.py --quick          # same code path, fewer steps and problems (~2.5 minutes; the CI test)
     python demo.py --out DIR        # where everything goes (default runs/demo, runs/demo_quick with --quick)
 
 What it does (every stage prints its progress):
@@ -55,7 +55,7 @@ F_NAMES = {"base": "ρ", "practical": "1", "retrace": "λ·min(1,ρ)"}
 
 # Full demo vs --quick (same code path). sft_epochs is in passes over the 2000 training problems.
 SETTINGS = {
-    "full": dict(sft_epochs=6.0, steps=60, eval_every=10, n_test=200, speed_ratios=(0.0, 0.1, 0.15, 0.25, 0.35),
+    "full": dict(sft_epochs=6.0, steps=90, eval_every=10, n_test=200, speed_ratios=(0.0, 0.1, 0.15, 0.25, 0.35),
                  speed_reps=3),
     "quick": dict(sft_epochs=6.0, steps=16, eval_every=8, n_test=100, speed_ratios=(0.0, 0.15), speed_reps=1,
                   reft_overrides=dict(warmup_steps=0)),
