@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 import unicodedata
 
@@ -355,3 +356,12 @@ def test_collate():
     ids, att = collate_prompts([[1, 2, 3], [4], []], pad_token_id=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4], [0, 0, 0]]
     assert att.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+
+
+def test_write_text_atomic_never_leaves_a_half_written_file(tmp_path):
+    p = tmp_path / "new" / "dir" / "f.txt"                       # missing folders are created
+    data.write_text_atomic(p, "first\n")
+    assert p.read_text() == "first\n"
+    with pytest.raises(UnicodeEncodeError):                       # fails inside the write (a lone surrogate)
+        data.write_text_atomic(p, "second \ud800\n")
+    assert p.read_text() == "first\n" and os.listdir(p.parent) == ["f.txt"]   # old content, no temp file left
