@@ -121,9 +121,7 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write `path`/tokenizer.json atomically (temp file in the same dir, then os.replace)."""
-        d = Path(path)
-        d.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(d / "tokenizer.json", self.tk.to_str())
+        write_text_atomic(Path(path) / "tokenizer.json", self.tk.to_str())     # creates `path` if missing
 
 
 def train_tokenizer(texts, vocab_size: int) -> Tokenizer:

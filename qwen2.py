@@ -299,8 +299,8 @@ class DecodeLinear:
 
 class DecodeWeights:
     """One decoder layer's matrices for the CPU decode step: q|k|v and gate|up fused (one matmul each instead of
-    3 and 2), all prepacked. Temporaries of one generate() call (the weights do not change during it), never
-    parameters: the checkpoint layout stays HF."""
+    3 and 2), all prepacked. Kept by pack_for_decode for later calls until the weights change (never parameters:
+    the checkpoint layout stays HF)."""
 
     def __init__(self, layer: DecoderLayer, dtype, rows: int):
         a, m = layer.self_attn, layer.mlp

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data import collate_prompts  # noqa: E402
 from qwen2 import _PACKED, PACK_MIN_NEW_TOKENS, Qwen2, Qwen2Config  # noqa: E402
 
 clock = time.thread_time          # main() sets it from --clock
@@ -107,18 +108,11 @@ def hf_generate(hf, out, new):
                            min_new_tokens=new, do_sample=False)[:, out.prompt_tokens.shape[1]:]
 
 
-def left_pad(prompts):
-    T = max(map(len, prompts))
-    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
-    am = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
-    return ids, am
-
-
 def decode_steps(m: Qwen2, prompts, new: int) -> tuple[float, float]:
     """(median time of one decode step, time of pack_for_decode) as generate(prompts, new) runs them: prefill,
     prepack the decode weights (CPU, from PACK_MIN_NEW_TOKENS on), then new - 1 one-token steps (forward +
     log-softmax + argmax)."""
-    ids, am = left_pad(prompts)
+    ids, am = collate_prompts(prompts, 0)
     B, T = ids.shape
     times, pack = [], 0.0
     with torch.no_grad():
@@ -195,7 +189,7 @@ def section_bc(args):
     # decode steps of all the models are interleaved one step at a time, so that a burst of load from other
     # jobs hits all of them alike; speedup = median over steps of t_full / t_nested (the real sampler loop).
     B, T = args.big_batch, args.prompt_len
-    ids, am = left_pad(prompts)
+    ids, am = collate_prompts(prompts, 0)
     caches, toks = {}, {}
     times = {r: [] for r in masks}
     with torch.no_grad():
