@@ -7,7 +7,7 @@ HF-compatible safetensors checkpoint I/O and a batched KV-cache sampler.
 The nested behaviour model of Nested-ReFT (spec §2) is the same module called with `skip_mask`: a host-side
 sequence of N bools, True = that decoder layer is the identity on the residual stream. The mask never goes to
 the device, so there is no per-layer sync; the KV cache of a generate() call holds only the active layers.
-On CPU, generate()'s one-token steps use prepacked copies of the active weights with q|k|v and gate|up fused
+On CPU, generate()'s one-token steps use the active weights with q|k|v and gate|up fused, large matrices prepacked
 (DecodeWeights, Qwen2.pack_for_decode): skinny matmuls at near memory bandwidth.
 
 Architecture (pre-norm decoder, per layer l):
@@ -271,24 +271,33 @@ class Backbone(nn.Module):
 
 
 PACK_MIN_NEW_TOKENS = 16     # generate() packs the decode weights from here on: packing costs ~5-15 steps
+PACK_MIN_BYTES = 2**20       # DecodeLinear prepacks a (fused) matrix from this size on; a smaller one, read from
+                             # the caches, is faster through F.linear than through oneDNN's per-call setup
 _PACKED = weakref.WeakKeyDictionary()     # model -> its last packing (pack_for_decode); not an attribute, so
                                           # deepcopy / state_dict / pickle of the model never see oneDNN tensors
 
 
 class DecodeLinear:
     """x [B, 1, in] -> x W^T + b for the decode step on CPU, W = the weights of `linears` (same input) concatenated
-    along the output axis, prepacked ONCE into oneDNN's blocked layout for `rows` input rows. Why: with a few
-    rows F.linear reads the weight at ~11-16 GB/s on this CPU (fp32: MKL's small-M sgemm, bf16: oneDNN on an
-    unpacked weight), the prepacked matmul at ~25-31 GB/s, near the memory bandwidth (bench/bench_sampler.py)."""
+    along the output axis (one matmul instead of several). From PACK_MIN_BYTES on, W is prepacked ONCE into
+    oneDNN's blocked layout for `rows` input rows. Why: with a few rows F.linear reads a large weight at ~11-16
+    GB/s (Intel Xeon with AMX; fp32: MKL's small-M sgemm, bf16: oneDNN on an unpacked weight) and the prepacked
+    matmul at ~25-31 GB/s, near the memory bandwidth; a small matrix is faster through F.linear, whose fixed cost
+    per call is lower (bench/bench_sampler.py, README)."""
 
     def __init__(self, linears, dtype, rows: int):
         w = torch.cat([lin.weight for lin in linears]) if len(linears) > 1 else linears[0].weight
-        self.w = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), rows)               # [out, in] packed
+        self.packed = w.numel() * dtype.itemsize >= PACK_MIN_BYTES
+        w = w.to(dtype)                                                                   # [out, in]
+        self.w = torch.ops.mkldnn._reorder_linear_weight(w, rows) if self.packed else w
         self.b = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears]).to(dtype)
         self.dtype = dtype
 
     def __call__(self, x, residual=None):           # [residual +] x W^T + b, in self.dtype as autocast's F.linear
         x = x.to(self.dtype)
+        if not self.packed:
+            y = F.linear(x, self.w, self.b)
+            return y if residual is None else residual + y
         if residual is not None and residual.dtype == self.dtype == torch.float32:
             # the residual add fused into the matmul (a oneDNN post-op): bit-identical in fp32; not in bf16, where
             # it would skip the rounding of x W^T before the add (HF rounds first)

@@ -13,6 +13,8 @@ and by default the clock is this thread's CPU time (--clock cpu, needs --threads
 calling thread), so time spent descheduled by other jobs is not counted; --clock wall for wall-clock time.
 """
 import argparse
+import os
+import platform
 import statistics
 import sys
 import time
@@ -49,6 +51,17 @@ def best_of(fns: dict, reps: int) -> dict:
             f()
             times[k].append(clock() - t)
     return {k: min(v) for k, v in times.items()}
+
+
+def cpu_description() -> str:
+    """The CPU the figures belong to: model name, torch's vector ISA, and the bf16 matrix units (AMX, AVX512-BF16)
+    without which bf16 matmuls are emulated and slower than fp32."""
+    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
+    amx, bf16 = torch.cpu._is_amx_tile_supported(), torch.cpu._is_avx512_bf16_supported()
+    return (f"{name or platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores; torch ISA "
+            f"{torch.backends.cpu.get_cpu_capability()}, AMX {'yes' if amx else 'no'}, "
+            f"AVX512-BF16 {'yes' if bf16 else 'no'}")
 
 
 def read_bandwidth(mb: int = 512, reps: int = 5) -> float:
@@ -133,6 +146,8 @@ def decode_steps(m: Qwen2, prompts, new: int) -> tuple[float, float]:
 def section_a(args, bw):
     print("\n(a) Qwen2.generate vs transformers generate(), greedy, CPU, new tokens/s (best of reps)")
     for name, batch, new in (("tiny", args.tiny_batch, args.tiny_new), ("0.5b", args.big_batch, args.big_new)):
+        if name not in args.shapes.split(","):
+            continue
         hf, ours = make_pair(SHAPES[name])
         prompts = random_prompts(batch, args.prompt_len, ours.config.vocab_size)
         res = {}
@@ -232,6 +247,7 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the 2 cores are shared)")
     p.add_argument("--clock", default="cpu", choices=["cpu", "wall"],
                    help="cpu: this thread's CPU time (default; needs --threads 1), wall: wall-clock time")
+    p.add_argument("--shapes", default="tiny,0.5b", help="section a: comma list of tiny, 0.5b")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--tiny-batch", type=int, default=16)
@@ -252,6 +268,7 @@ def main():
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock")
+    print(f"CPU: {cpu_description()}")
     bw = read_bandwidth()
     print(f"read bandwidth (sum over a 512 MiB fp32 tensor): {bw / 1e9:.1f} GB/s")
     secs = args.sections.split(",")

@@ -33,6 +33,13 @@ def ours(seed=0, **kw) -> Qwen2:
     return randomize_(Qwen2(Qwen2Config(**{**TINY, **kw})), seed).eval()
 
 
+def decode_path(monkeypatch, path: str):
+    """generate()'s one-token steps on the parameters ("plain"), on the fused q|k|v and gate|up matrices kept as
+    plain tensors ("fused", what small matrices get), or on the fused matrices prepacked by oneDNN ("packed")."""
+    monkeypatch.setattr(qwen2, "PACK_MIN_NEW_TOKENS", 10**9 if path == "plain" else 1)
+    monkeypatch.setattr(qwen2, "PACK_MIN_BYTES", 0 if path == "packed" else 2**62)
+
+
 def hf_model(seed=0, **kw):
     cfg = transformers.Qwen2Config(**{**TINY, **kw}, attn_implementation="eager")
     return randomize_(transformers.Qwen2ForCausalLM(cfg), seed).eval()
@@ -258,11 +265,11 @@ def teacher_forced(m, out: GenerateOutput, skip, **kw):
     return logprobs_from_logits(logits, out.tokens, **kw), logits
 
 
-@pytest.mark.parametrize("pack", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("path", ["plain", "fused", "packed"])
 @pytest.mark.parametrize("skip", [None, [False, True, False, False], [False, True, True, False]])
-def test_greedy_kv_cache_decoding_equals_full_forward(skip, pack, monkeypatch):
-    """Both decode paths: plain F.linear and the CPU-prepacked fused weights (qwen2.pack_for_decode)."""
-    monkeypatch.setattr(qwen2, "PACK_MIN_NEW_TOKENS", 1 if pack else 10**9)
+def test_greedy_kv_cache_decoding_equals_full_forward(skip, path, monkeypatch):
+    """Every decode path: the parameters, and the fused decode weights plain or prepacked (pack_for_decode)."""
+    decode_path(monkeypatch, path)
     m = ours(seed=7)
     out = m.generate(PROMPTS, max_new_tokens=12, temperature=0.0, skip_mask=skip)
     assert out.tokens.shape == out.mask.shape == out.logprobs.shape == (3, 12)
@@ -410,17 +417,36 @@ def test_rms_norm_has_hf_rounding(dtype):
 
 def test_bf16_packed_decode_tracks_teacher_forced(monkeypatch):
     """bf16 prepacked decode (fused q|k|v and gate|up, packed bf16 matmuls) vs a bf16 full forward."""
-    monkeypatch.setattr(qwen2, "PACK_MIN_NEW_TOKENS", 1)
+    decode_path(monkeypatch, "packed")
     m = ours(seed=14).to(torch.bfloat16)
     out = m.generate(PROMPTS, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(0))
     lp, _ = teacher_forced(m, out, None)
     assert (out.logprobs - lp).abs().max() < 0.1 and (out.logprobs - lp).abs().mean() < 0.03
 
 
+def test_decode_weights_are_prepacked_from_pack_min_bytes(monkeypatch):
+    """DecodeLinear prepacks a fused matrix of at least PACK_MIN_BYTES and keeps a smaller one plain; a step that
+    mixes both kinds still decodes what the full forward predicts."""
+    m = ours(seed=16)
+    if not m.pack_for_decode(m.new_cache(len(PROMPTS), 8, None)):
+        pytest.skip("this torch build has no oneDNN weight packing (the plain decode path is used)")
+    layer = qwen2._PACKED[m]["layers"][0]
+    assert not any(w.packed for w in (layer.qkv, layer.o, layer.gate_up, layer.down))    # all < 1 MiB by default
+    qwen2._PACKED.pop(m)
+    decode_path(monkeypatch, "fused")
+    monkeypatch.setattr(qwen2, "PACK_MIN_BYTES", 128 * 64 * 4)           # q|k|v is [128, 64] fp32: exactly this
+    out = m.generate(PROMPTS, max_new_tokens=8, temperature=0)
+    layer = qwen2._PACKED[m]["layers"][0]
+    assert [w.packed for w in (layer.qkv, layer.o, layer.gate_up, layer.down)] == [True, False, True, False]
+    lp, logits = teacher_forced(m, out, None, temperature=0.0)
+    assert torch.equal(logits.argmax(-1), out.tokens)
+    torch.testing.assert_close(out.logprobs, lp, atol=1e-4, rtol=0)
+
+
 def test_packed_decode_weights_are_reused_until_the_weights_change(monkeypatch):
     """pack_for_decode keeps its packing across generate() calls while the weights are unchanged, and packs again
     after an in-place update (as an optimizer step does): stale packed weights would decode the old model."""
-    monkeypatch.setattr(qwen2, "PACK_MIN_NEW_TOKENS", 1)
+    decode_path(monkeypatch, "packed")
     m = ours(seed=15)
     if not m.pack_for_decode(m.new_cache(len(PROMPTS), 8, None)):
         pytest.skip("this torch build has no oneDNN weight packing (the plain decode path is used)")
@@ -451,12 +477,12 @@ def test_bf16_model_tracks_fp32():
     assert out.logprobs.dtype == torch.float32 and torch.isfinite(out.logprobs).all()
 
 
-@pytest.mark.parametrize("pack", [False, True], ids=["plain", "packed"])
-def test_generate_under_autocast_caches_in_the_compute_dtype(pack, monkeypatch):
+@pytest.mark.parametrize("path", ["plain", "fused", "packed"])
+def test_generate_under_autocast_caches_in_the_compute_dtype(path, monkeypatch):
     """fp32 master weights + bf16 autocast (the training loop's GPU path, here on CPU): the KV cache is bf16 and
     greedy decoding still equals the argmax of a full forward under the same autocast (packed: bf16 decode
     weights, fp32 residual stream, so the residual add is not fused into the matmul)."""
-    monkeypatch.setattr(qwen2, "PACK_MIN_NEW_TOKENS", 1 if pack else 10**9)
+    decode_path(monkeypatch, path)
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2)
