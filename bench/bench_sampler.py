@@ -5,6 +5,7 @@
     memory-bandwidth limit (weight bytes read per step / measured read bandwidth); bf16 vs fp32.
 (b) decode speedup of the nested model (k = round(r * 28) layers skipped) vs the FLOP-predicted speedup.
 (c) KV-cache bytes, full vs nested.
+(k) (not run by default) the 0.5B shape's decode matmuls alone: the weight GB/s each kernel reaches with a few rows.
 
     python bench/bench_sampler.py                       # all sections, modest sizes (a few minutes)
     python bench/bench_sampler.py --sections b --nested-shape 1.5b --new-tokens 32
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import collate_prompts  # noqa: E402
@@ -182,6 +184,25 @@ def section_a(args, bw):
         del hf, ours
 
 
+def section_k(args, bw):
+    """The decode step's matmuls alone: can any kernel of this torch build read a 0.5B-shaped weight at the memory
+    bandwidth with B rows? Timed: F.linear (MKL / oneDNN on the plain weight), the oneDNN-prepacked matmul that
+    generate() uses, and one matrix-vector product (a single row: the bandwidth a gemv reaches)."""
+    cfg = Qwen2Config(**SHAPES["0.5b"])
+    D, I, V, B = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, args.big_batch
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+    print(f"\n(k) decode matmuls of the 0.5B shape alone, {B} rows, fp32: weight GB/s (bandwidth {bw / 1e9:.1f} GB/s)")
+    for name, n_out, n_in in (("q|k|v", qkv, D), ("o_proj", D, D), ("gate|up", 2 * I, D), ("down", D, I),
+                              ("lm_head", V, D)):
+        w, x = torch.randn(n_out, n_in), torch.randn(B, n_in)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, B)
+        t = best_of({"linear": lambda: F.linear(x, w), "mv": lambda: torch.mv(w, x[0]),
+                     "packed": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")},
+                    args.reps)
+        print(f"  {name:8s} [{n_out} x {n_in}]  F.linear {w.nbytes / t['linear'] / 1e9:5.1f}   prepacked "
+              f"{w.nbytes / t['packed'] / 1e9:5.1f}   one row (mv) {w.nbytes / t['mv'] / 1e9:5.1f}  GB/s")
+
+
 def section_bc(args):
     shape = SHAPES[args.nested_shape]
     cfg = Qwen2Config(**shape)
@@ -244,7 +265,7 @@ def section_bc(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="a,b", help="comma list of a, b (b includes c)")
+    p.add_argument("--sections", default="a,b", help="comma list of a, b (b includes c), k (matmul kernels alone)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the 2 cores are shared)")
     p.add_argument("--clock", default="cpu", choices=["cpu", "wall"],
                    help="cpu: this thread's CPU time (default; needs --threads 1), wall: wall-clock time")
@@ -276,6 +297,8 @@ def main():
     secs = args.sections.split(",")
     if "a" in secs:
         section_a(args, bw)
+    if "k" in secs:
+        section_k(args, bw)
     if "b" in secs or "c" in secs:
         section_bc(args)
 
