@@ -1,7 +1,7 @@
 """The CPU demo: the whole Nested-ReFT paper in a few minutes on a 2-core machine, no GPU, no downloads.
 
-    python demo.py                  # ~6 minutes on 2 cores: the table, results.json, table.md, plots
-    python demo.py --quick          # same code path, fewer steps and problems (~2.5 minutes; the CI test)
+    python demo.py                  # 6-13 minutes on 2 cores (by CPU): the table, results.json, table.md, plots
+    python demo.py --quick          # same code path, fewer steps and problems (2.5-5 minutes; the CI test)
     python demo.py --out DIR        # where everything goes (default runs/demo, runs/demo_quick with --quick)
 
 What it does (every stage prints its progress):

@@ -308,7 +308,7 @@ class DecodeLinear:
 
 class DecodeWeights:
     """One decoder layer's matrices for the CPU decode step: q|k|v and gate|up fused (one matmul each instead of
-    3 and 2), all prepacked. Kept by pack_for_decode for later calls until the weights change (never parameters:
+    3 and 2), the large ones prepacked (DecodeLinear). Kept by pack_for_decode for later calls until the weights change (never parameters:
     the checkpoint layout stays HF)."""
 
     def __init__(self, layer: DecoderLayer, dtype, rows: int):
@@ -481,13 +481,14 @@ class Qwen2(nn.Module):
 
     @torch.no_grad()
     def pack_for_decode(self, cache: KVCache) -> bool:
-        """Attach prepacked copies of the active layers' matrices and the LM head to `cache` (DecodeWeights), in
-        the cache dtype, for its one-token steps. Only on CPU with oneDNN, fp32/bf16, with whole parameters (not
-        FSDP shards; inside distributed.gathered() they are whole); otherwise nothing (returns False).
-        Costs one pass over the weights plus page faults on the copy (0.5B shape: ~5-15 decode steps' worth), paid
-        once per weight update: later calls with the same weights, dtype and batch size (evaluation, benchmarks)
-        reuse it. Holds a second copy of the weights for as long as the model lives and its weights are
-        unchanged. The weights must not change while a cache uses them."""
+        """Attach decode copies of the active layers' matrices and the LM head to `cache` (DecodeWeights: q|k|v and
+        gate|up fused, matrices of PACK_MIN_BYTES or more prepacked), in the cache dtype, for its one-token steps.
+        Only on CPU with oneDNN, fp32/bf16, with whole parameters (not FSDP shards; inside distributed.gathered()
+        they are whole); otherwise nothing (returns False). Costs one pass over the weights plus page faults on the
+        copy (0.5B shape: ~5-15 decode steps' worth), paid once per weight update: later calls with the same
+        weights, dtype and batch size (evaluation, benchmarks) reuse it. Holds the fused and prepacked copies for as long
+        as the model lives and its weights are unchanged. The weights must not change while a cache uses
+        them."""
         dtype, rows = cache.k.dtype, cache.k.shape[1]
         if (self.device.type != "cpu" or not torch.backends.mkldnn.is_available()
                 or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")          # private op: may vanish
