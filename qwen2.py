@@ -7,8 +7,8 @@ HF-compatible safetensors checkpoint I/O and a batched KV-cache sampler.
 The nested behaviour model of Nested-ReFT (spec §2) is the same module called with `skip_mask`: a host-side
 sequence of N bools, True = that decoder layer is the identity on the residual stream. The mask never goes to
 the device, so there is no per-layer sync; the KV cache of a generate() call holds only the active layers.
-On CPU, generate()'s one-token steps use the active weights with q|k|v and gate|up fused, large matrices prepacked
-(DecodeWeights, Qwen2.pack_for_decode): skinny matmuls at near memory bandwidth.
+On CPU, generate()'s one-token steps use the active weights with q|k|v and gate|up fused and the large matrices
+prepacked (DecodeWeights, Qwen2.pack_for_decode): fewer calls, and skinny matmuls closer to memory bandwidth.
 
 Architecture (pre-norm decoder, per layer l):
     h = x + o_proj(Attn(RoPE(q_proj(RMSNorm(x))), RoPE(k_proj(.)), v_proj(.)))    q/k/v with bias, GQA
@@ -308,8 +308,8 @@ class DecodeLinear:
 
 class DecodeWeights:
     """One decoder layer's matrices for the CPU decode step: q|k|v and gate|up fused (one matmul each instead of
-    3 and 2), the large ones prepacked (DecodeLinear). Kept by pack_for_decode for later calls until the weights change (never parameters:
-    the checkpoint layout stays HF)."""
+    3 and 2), the large ones prepacked (DecodeLinear). Kept by pack_for_decode for later calls until the weights
+    change (never parameters: the checkpoint layout stays HF)."""
 
     def __init__(self, layer: DecoderLayer, dtype, rows: int):
         a, m = layer.self_attn, layer.mlp
@@ -486,8 +486,8 @@ class Qwen2(nn.Module):
         Only on CPU with oneDNN, fp32/bf16, with whole parameters (not FSDP shards; inside distributed.gathered()
         they are whole); otherwise nothing (returns False). Costs one pass over the weights plus page faults on the
         copy (0.5B shape: ~5-15 decode steps' worth), paid once per weight update: later calls with the same
-        weights, dtype and batch size (evaluation, benchmarks) reuse it. Holds the fused and prepacked copies for as long
-        as the model lives and its weights are unchanged. The weights must not change while a cache uses
+        weights, dtype and batch size (evaluation, benchmarks) reuse it. Holds the fused and prepacked copies for
+        as long as the model lives and its weights are unchanged. The weights must not change while a cache uses
         them."""
         dtype, rows = cache.k.dtype, cache.k.shape[1]
         if (self.device.type != "cpu" or not torch.backends.mkldnn.is_available()

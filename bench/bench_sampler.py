@@ -60,10 +60,12 @@ def cpu_description() -> str:
     without which bf16 matmuls are emulated and slower than fp32."""
     name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                  if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
-    amx, bf16 = torch.cpu._is_amx_tile_supported(), torch.cpu._is_avx512_bf16_supported()
+    def has(probe):                                 # private torch probes: "?" where this torch lacks them
+        f = getattr(torch.cpu, probe, None)
+        return "?" if f is None else "yes" if f() else "no"
     return (f"{name or platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores; torch ISA "
-            f"{torch.backends.cpu.get_cpu_capability()}, AMX {'yes' if amx else 'no'}, "
-            f"AVX512-BF16 {'yes' if bf16 else 'no'}")
+            f"{torch.backends.cpu.get_cpu_capability()}, AMX {has('_is_amx_tile_supported')}, "
+            f"AVX512-BF16 {has('_is_avx512_bf16_supported')}")
 
 
 def read_bandwidth(mb: int = 512, reps: int = 5) -> float:
