@@ -225,7 +225,15 @@ class Config:
     eval_batch_size: int = _f(32, "evaluation: prompts per generate() call", "ours")
     eval_limit: int = _f(0, "evaluation: first N problems per benchmark (0 = all)", "ours")
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+ROOT = Path(__file__).resolve().parent
+CONFIG_DIR = ROOT / "configs"
+
+
+def project_path(path: str) -> Path:
+    """A file named in a config: relative to the working directory or, failing that, to this project's folder (the
+    named configs name files in configs/), so that `python nested_reft.py --config tiny` runs from any folder."""
+    p = Path(path)
+    return ROOT / p if not p.is_absolute() and not p.exists() and (ROOT / p).exists() else p
 
 
 def config_names() -> list[str]:
@@ -391,7 +399,7 @@ def load_model(cfg: Config, device: torch.device, model_dir: str = "") -> tuple[
         model = Qwen2.from_pretrained(path, dtype=torch.float32, device=device)
     else:
         torch.manual_seed(cfg.seed)
-        model = Qwen2(Qwen2Config.from_json(cfg.model_config)).to(device)
+        model = Qwen2(Qwen2Config.from_json(project_path(cfg.model_config))).to(device)
     tok_dir = cfg.tokenizer or cfg.model
     if not tok_dir and cfg.dataset == "synthetic":      # the demo task: its own BPE, trained deterministically
         return model, synthetic_tokenizer()

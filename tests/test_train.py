@@ -72,6 +72,15 @@ def test_paper_configs_keep_paper_settings(name):
     assert ("7B" in cfg.model) == name.endswith("_7b")
 
 
+def test_named_config_runs_from_any_folder(tmp_path, monkeypatch):
+    """configs/tiny.json names configs/tiny_model.json: found from outside the project folder too."""
+    monkeypatch.chdir(tmp_path)
+    model, _ = nr.load_model(nr.load_config("tiny"), torch.device("cpu"))
+    assert model.config.num_hidden_layers == 12
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        nr.load_model(nr.load_config("tiny", {"model_config": "nope.json"}), torch.device("cpu"))
+
+
 def test_overrides_are_type_checked():
     cfg, resume = nr.parse_args(["--config", "gsm8k_1p5b", "--skip_ratio=0.15", "--group-size", "4",
                                  "--fixed_length=false", "--variant=base"])
