@@ -154,7 +154,8 @@ class Config:
     # --- model and data
     model: str = _f("", "HF-layout checkpoint dir (config.json + *.safetensors); empty: build `model_config` "
                     "with random weights (CPU demo)", "paper: Qwen2.5-Math-{1.5B,7B}-Instruct")
-    model_config: str = _f("", "JSON file with a Qwen2 config.json, used when `model` is empty", "ours")
+    model_config: str = _f("", "JSON file with a Qwen2 config.json, used when `model` is empty (a relative path: "
+                               "from the working directory, else from the project folder)", "ours")
     tokenizer: str = _f("", "tokenizer dir (tokenizer.json or vocab.json+merges.txt); empty: same as `model`",
                         "ours")
     dataset: str = _f("gsm8k", "fine-tuning set: gsm8k, svamp, math12k (or synthetic for the demo)",
