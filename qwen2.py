@@ -277,32 +277,44 @@ _PACKED = weakref.WeakKeyDictionary()     # model -> its last packing (pack_for_
                                           # deepcopy / state_dict / pickle of the model never see oneDNN tensors
 
 
+def native_bf16_matmul() -> bool:
+    """Does this CPU multiply bf16 in hardware (AMX or AVX512-BF16, as oneDNN sees it)? Without, a bf16 matmul is
+    emulated and several times slower than an fp32 one (bench/bench_sampler.py, README)."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 class DecodeLinear:
     """x [B, 1, in] -> x W^T + b for the decode step on CPU, W = the weights of `linears` (same input) concatenated
     along the output axis (one matmul instead of several). From PACK_MIN_BYTES on, W is prepacked ONCE into
     oneDNN's blocked layout for `rows` input rows. Why: with a few rows F.linear reads a large weight at ~11-16
     GB/s (Intel Xeon with AMX; fp32: MKL's small-M sgemm, bf16: oneDNN on an unpacked weight) and the prepacked
     matmul at ~25-31 GB/s, near the memory bandwidth; a small matrix is faster through F.linear, whose fixed cost
-    per call is lower (bench/bench_sampler.py, README)."""
+    per call is lower (bench/bench_sampler.py, README).
+    dtype: the model's compute dtype (x, W and the output are rounded to it, as autocast's F.linear does);
+    compute: the dtype the matmul runs in, dtype or float32. A bf16 matmul on a CPU without bf16 hardware runs in
+    fp32 on the bf16 values (exact: a product of two bf16 numbers fits in fp32; the sum accumulates in fp32 as in
+    a bf16 matmul), its output rounded to bf16."""
 
-    def __init__(self, linears, dtype, rows: int):
+    def __init__(self, linears, dtype, rows: int, compute=None):
+        self.dtype, self.compute = dtype, compute or dtype
         w = torch.cat([lin.weight for lin in linears]) if len(linears) > 1 else linears[0].weight
-        self.packed = w.numel() * dtype.itemsize >= PACK_MIN_BYTES
-        w = w.to(dtype)                                                                   # [out, in]
+        w = w.to(dtype).to(self.compute)                                                  # [out, in]
+        self.packed = w.numel() * self.compute.itemsize >= PACK_MIN_BYTES
         self.w = torch.ops.mkldnn._reorder_linear_weight(w, rows) if self.packed else w
-        self.b = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears]).to(dtype)
-        self.dtype = dtype
+        self.b = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears]).to(dtype).to(
+            self.compute)
 
-    def __call__(self, x, residual=None):           # [residual +] x W^T + b, in self.dtype as autocast's F.linear
-        x = x.to(self.dtype)
-        if not self.packed:
-            y = F.linear(x, self.w, self.b)
-            return y if residual is None else residual + y
-        if residual is not None and residual.dtype == self.dtype == torch.float32:
+    def __call__(self, x, residual=None):           # [residual +] x W^T + b, in self.dtype
+        x = x.to(self.dtype).to(self.compute)
+        if self.packed and residual is not None and residual.dtype == self.dtype == self.compute == torch.float32:
             # the residual add fused into the matmul (a oneDNN post-op): bit-identical in fp32; not in bf16, where
             # it would skip the rounding of x W^T before the add (HF rounds first)
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.w, self.b, "add")
-        y = torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "none", [], "")
+        if self.packed:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "none", [], "")
+        else:
+            y = F.linear(x, self.w, self.b)
+        y = y.to(self.dtype)
         return y if residual is None else residual + y
 
 
@@ -311,12 +323,12 @@ class DecodeWeights:
     3 and 2), the large ones prepacked (DecodeLinear). Kept by pack_for_decode for later calls until the weights
     change (never parameters: the checkpoint layout stays HF)."""
 
-    def __init__(self, layer: DecoderLayer, dtype, rows: int):
+    def __init__(self, layer: DecoderLayer, dtype, rows: int, compute=None):
         a, m = layer.self_attn, layer.mlp
-        self.qkv = DecodeLinear((a.q_proj, a.k_proj, a.v_proj), dtype, rows)
-        self.o = DecodeLinear((a.o_proj,), dtype, rows)
-        self.gate_up = DecodeLinear((m.gate_proj, m.up_proj), dtype, rows)
-        self.down = DecodeLinear((m.down_proj,), dtype, rows)
+        self.qkv = DecodeLinear((a.q_proj, a.k_proj, a.v_proj), dtype, rows, compute)
+        self.o = DecodeLinear((a.o_proj,), dtype, rows, compute)
+        self.gate_up = DecodeLinear((m.gate_proj, m.up_proj), dtype, rows, compute)
+        self.down = DecodeLinear((m.down_proj,), dtype, rows, compute)
 
 
 class KVCache:
@@ -482,7 +494,8 @@ class Qwen2(nn.Module):
     @torch.no_grad()
     def pack_for_decode(self, cache: KVCache) -> bool:
         """Attach decode copies of the active layers' matrices and the LM head to `cache` (DecodeWeights: q|k|v and
-        gate|up fused, matrices of PACK_MIN_BYTES or more prepacked), in the cache dtype, for its one-token steps.
+        gate|up fused, matrices of PACK_MIN_BYTES or more prepacked), in the cache dtype (bf16 held and multiplied
+        in fp32 where the CPU has no bf16 hardware: DecodeLinear), for its one-token steps.
         Only on CPU with oneDNN, fp32/bf16, with whole parameters (not FSDP shards; inside distributed.gathered()
         they are whole); otherwise nothing (returns False). Costs one pass over the weights plus page faults on the
         copy (0.5B shape: ~5-15 decode steps' worth), paid once per weight update: later calls with the same
@@ -493,18 +506,19 @@ class Qwen2(nn.Module):
         if (self.device.type != "cpu" or not torch.backends.mkldnn.is_available()
                 or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")          # private op: may vanish
                 or dtype not in (torch.float32, torch.bfloat16)
-                or dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
                 or any(type(p.data) is not torch.Tensor for p in self.parameters())):    # DTensor shards
             return False
+        compute = torch.float32 if dtype == torch.bfloat16 and not native_bf16_matmul() else dtype  # DecodeLinear
         # reuse the last packing while the weights are unchanged: same storage, same in-place version counter
         # (an optimizer step, load_state_dict or any in-place write bumps it). One packing is kept per model.
-        key = (dtype, rows, tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters()))
+        key = (dtype, compute, rows, tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters()))
         packed = _PACKED.get(self)
         if packed is None or packed["key"] != key:
-            packed = _PACKED[self] = {"key": key, "layers": {}, "lm_head": DecodeLinear((self.lm_head,), dtype, rows)}
+            packed = _PACKED[self] = {"key": key, "layers": {},
+                                      "lm_head": DecodeLinear((self.lm_head,), dtype, rows, compute)}
         for i in cache.active:
             if i not in packed["layers"]:
-                packed["layers"][i] = DecodeWeights(self.model.layers[i], dtype, rows)
+                packed["layers"][i] = DecodeWeights(self.model.layers[i], dtype, rows, compute)
         cache.weights = [packed["layers"][i] for i in cache.active]
         cache.lm_head = packed["lm_head"]
         return True

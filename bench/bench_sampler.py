@@ -125,6 +125,18 @@ def hf_generate(hf, out, new):
                            min_new_tokens=new, do_sample=False)[:, out.prompt_tokens.shape[1]:]
 
 
+def bf16_logit_errors(hf, ours, out) -> tuple[float, float]:
+    """Max |logit - fp32 transformers logit| over the real tokens of prompt + greedy completion `out`, for our bf16
+    model and for transformers in bf16: how far each bf16 model is from the fp32 one."""
+    seq, am = torch.cat([out.prompt_tokens, out.tokens], 1), torch.cat([out.prompt_mask, out.mask], 1)
+    with torch.no_grad():
+        ours_bf16 = ours(seq, None, am).float()[am]
+        hf_bf16 = hf(seq, attention_mask=am.long()).logits.float()[am]
+        hf_fp32 = hf.float()(seq, attention_mask=am.long()).logits[am]
+    hf.to(torch.bfloat16)
+    return (ours_bf16 - hf_fp32).abs().max().item(), (hf_bf16 - hf_fp32).abs().max().item()
+
+
 def decode_steps(m: Qwen2, prompts, new: int) -> tuple[float, float]:
     """(median time of one decode step, time of pack_for_decode) as generate(prompts, new) runs them: prefill,
     prepack the decode weights (CPU, from PACK_MIN_NEW_TOKENS on), then new - 1 one-token steps (forward +
@@ -181,6 +193,10 @@ def section_a(args, bw):
             print(f"        decode {step * 1e3:.1f} ms/step (packing the decode weights: {packing});"
                   f" weights {weight_bytes_per_step(ours) / 1e6:.0f} MB"
                   f" / {bw / 1e9:.1f} GB/s = {limit * 1e3:.1f} ms  -> {limit / step:.0%} of the bandwidth limit (target >= 60%)")
+            if dtype == torch.bfloat16:
+                a, b = bf16_logit_errors(hf, ours, ref)
+                print(f"        teacher-forced logits vs transformers in fp32, max |diff|: ours bf16 {a:.4f}, transformers "
+                      f"bf16 {b:.4f} (greedy tokens differ where bf16 rounding flips a near-tie)")
         if torch.bfloat16 in res:
             print(f"  {name:5s} bf16 gain over fp32 (ours, end to end): {res[torch.float32] / res[torch.bfloat16]:.2f}x")
         del hf, ours

@@ -415,13 +415,42 @@ def test_rms_norm_has_hf_rounding(dtype):
         assert torch.equal(norm(x), ref)
 
 
-def test_bf16_packed_decode_tracks_teacher_forced(monkeypatch):
-    """bf16 prepacked decode (fused q|k|v and gate|up, packed bf16 matmuls) vs a bf16 full forward."""
+NATIVE_BF16 = [pytest.param(False, id="bf16-in-fp32"),
+               pytest.param(True, id="bf16-native", marks=pytest.mark.skipif(
+                   not qwen2.native_bf16_matmul(), reason="this CPU has no bf16 matmul hardware"))]
+
+
+@pytest.mark.parametrize("native", NATIVE_BF16)
+def test_bf16_packed_decode_tracks_teacher_forced(native, monkeypatch):
+    """bf16 prepacked decode (fused q|k|v and gate|up, packed matmuls: bf16 where the CPU has bf16 hardware, else
+    fp32 on the bf16 values) vs a bf16 full forward."""
     decode_path(monkeypatch, "packed")
+    monkeypatch.setattr(qwen2, "native_bf16_matmul", lambda: native)
     m = ours(seed=14).to(torch.bfloat16)
     out = m.generate(PROMPTS, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert qwen2._PACKED[m]["lm_head"].compute == (torch.bfloat16 if native else torch.float32)
     lp, _ = teacher_forced(m, out, None)
     assert (out.logprobs - lp).abs().max() < 0.1 and (out.logprobs - lp).abs().mean() < 0.03
+
+
+def test_bf16_decode_in_fp32_rounds_like_a_bf16_matmul(monkeypatch):
+    """A bf16 DecodeLinear that runs in fp32 (no bf16 hardware) rounds x, W and b to bf16 first and its output
+    back to bf16: it equals the fp32 product of the bf16-rounded operands, rounded once."""
+    monkeypatch.setattr(qwen2, "PACK_MIN_BYTES", 0)
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 48)                                       # fp32 master weights (autocast's case)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(48, 64, generator=g) / 8)
+        lin.bias.copy_(torch.randn(48, generator=g))
+    x = torch.randn(3, 1, 64, generator=g)
+    dl = qwen2.DecodeLinear((lin,), torch.bfloat16, 3, torch.float32)
+    bf = lambda t: t.to(torch.bfloat16).float()                        # noqa: E731
+    with torch.no_grad():
+        ref = (bf(x) @ bf(lin.weight).T + bf(lin.bias)).to(torch.bfloat16)
+        y = dl(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=2 ** -7)       # one bf16 ulp, or a cancellation's residue
+    assert (y != ref).float().mean() < 0.05                             # unrounded operands: ~50 % differ
 
 
 def test_decode_weights_are_prepacked_from_pack_min_bytes(monkeypatch):
@@ -477,12 +506,14 @@ def test_bf16_model_tracks_fp32():
     assert out.logprobs.dtype == torch.float32 and torch.isfinite(out.logprobs).all()
 
 
+@pytest.mark.parametrize("native", NATIVE_BF16)
 @pytest.mark.parametrize("path", ["plain", "fused", "packed"])
-def test_generate_under_autocast_caches_in_the_compute_dtype(path, monkeypatch):
+def test_generate_under_autocast_caches_in_the_compute_dtype(path, native, monkeypatch):
     """fp32 master weights + bf16 autocast (the training loop's GPU path, here on CPU): the KV cache is bf16 and
     greedy decoding still equals the argmax of a full forward under the same autocast (packed: bf16 decode
     weights, fp32 residual stream, so the residual add is not fused into the matmul)."""
     decode_path(monkeypatch, path)
+    monkeypatch.setattr(qwen2, "native_bf16_matmul", lambda: native)
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2)
