@@ -301,8 +301,8 @@ class DecodeLinear:
         w = w.to(dtype).to(self.compute)                                                  # [out, in]
         self.packed = w.numel() * self.compute.itemsize >= PACK_MIN_BYTES
         self.w = torch.ops.mkldnn._reorder_linear_weight(w, rows) if self.packed else w
-        self.b = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears]).to(dtype).to(
-            self.compute)
+        b = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+        self.b = None if b is None else b.to(dtype).to(self.compute)
 
     def __call__(self, x, residual=None):           # [residual +] x W^T + b, in self.dtype
         x = x.to(self.dtype).to(self.compute)
