@@ -272,7 +272,7 @@ class Backbone(nn.Module):
 
 PACK_MIN_NEW_TOKENS = 16     # generate() packs the decode weights from here on: packing costs ~5-15 steps
 PACK_MIN_BYTES = 2**20       # DecodeLinear prepacks a (fused) matrix from this size on; a smaller one, read from
-                             # the caches, is faster through F.linear than through oneDNN's per-call setup
+                             # the caches, is faster through torch.mm than through oneDNN's per-call setup
 _PACKED = weakref.WeakKeyDictionary()     # model -> its last packing (pack_for_decode); not an attribute, so
                                           # deepcopy / state_dict / pickle of the model never see oneDNN tensors
 
@@ -288,8 +288,9 @@ class DecodeLinear:
     along the output axis (one matmul instead of several). From PACK_MIN_BYTES on, W is prepacked ONCE into
     oneDNN's blocked layout for `rows` input rows. Why: with a few rows F.linear reads a large weight at ~11-16
     GB/s (Intel Xeon with AMX; fp32: MKL's small-M sgemm, bf16: oneDNN on an unpacked weight) and the prepacked
-    matmul at ~25-31 GB/s, near the memory bandwidth; a small matrix is faster through F.linear, whose fixed cost
-    per call is lower (bench/bench_sampler.py, README).
+    matmul at ~25-31 GB/s, near the memory bandwidth. A smaller matrix is kept transposed, W^T [in, out] contiguous,
+    and multiplied by torch.mm / addmm: lower fixed cost per call than oneDNN's, and MKL's fastest layout for a few
+    rows (1.6-2.6x F.linear's [out, in] at 16 rows; bench/bench_sampler.py --sections k, README).
     dtype: the model's compute dtype (x, W and the output are rounded to it, as autocast's F.linear does);
     compute: the dtype the matmul runs in, dtype or float32. A bf16 matmul on a CPU without bf16 hardware runs in
     fp32 on the bf16 values (exact: a product of two bf16 numbers fits in fp32; the sum accumulates in fp32 as in
@@ -300,12 +301,13 @@ class DecodeLinear:
         w = torch.cat([lin.weight for lin in linears]) if len(linears) > 1 else linears[0].weight
         w = w.to(dtype).to(self.compute)                                                  # [out, in]
         self.packed = w.numel() * self.compute.itemsize >= PACK_MIN_BYTES
-        self.w = torch.ops.mkldnn._reorder_linear_weight(w, rows) if self.packed else w
+        self.w = torch.ops.mkldnn._reorder_linear_weight(w, rows) if self.packed else w.t().contiguous()
         b = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
         self.b = None if b is None else b.to(dtype).to(self.compute)
 
-    def __call__(self, x, residual=None):           # [residual +] x W^T + b, in self.dtype
-        x = x.to(self.dtype).to(self.compute)
+    def __call__(self, x, residual=None):           # [residual +] x W^T + b, in self.dtype; x [B, T, in]
+        if x.dtype != self.dtype or self.compute != self.dtype:
+            x = x.to(self.dtype).to(self.compute)
         if self.packed and residual is not None and residual.dtype == self.dtype == self.compute == torch.float32:
             # the residual add fused into the matmul (a oneDNN post-op): bit-identical in fp32; not in bf16, where
             # it would skip the rounding of x W^T before the add (HF rounds first)
@@ -313,8 +315,11 @@ class DecodeLinear:
         if self.packed:
             y = torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "none", [], "")
         else:
-            y = F.linear(x, self.w, self.b)
-        y = y.to(self.dtype)
+            x2 = x.reshape(-1, x.shape[-1])                                               # [B*T, in]
+            y = torch.mm(x2, self.w) if self.b is None else torch.addmm(self.b, x2, self.w)
+            y = y.view(*x.shape[:-1], y.shape[-1])                                        # [B, T, out]
+        if y.dtype != self.dtype:
+            y = y.to(self.dtype)
         return y if residual is None else residual + y
 
 

@@ -203,22 +203,26 @@ def section_a(args, bw):
 
 
 def section_k(args, bw):
-    """The decode step's matmuls alone: can any kernel of this torch build read a 0.5B-shaped weight at the memory
-    bandwidth with B rows? Timed: F.linear (MKL / oneDNN on the plain weight), the oneDNN-prepacked matmul that
-    generate() uses, and one matrix-vector product (a single row: the bandwidth a gemv reaches)."""
-    cfg = Qwen2Config(**SHAPES["0.5b"])
-    D, I, V, B = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, args.big_batch
-    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
-    print(f"\n(k) decode matmuls of the 0.5B shape alone, {B} rows, fp32: weight GB/s (bandwidth {bw / 1e9:.1f} GB/s)")
-    for name, n_out, n_in in (("q|k|v", qkv, D), ("o_proj", D, D), ("gate|up", 2 * I, D), ("down", D, I),
-                              ("lm_head", V, D)):
-        w, x = torch.randn(n_out, n_in), torch.randn(B, n_in)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, B)
-        t = best_of({"linear": lambda: F.linear(x, w), "mv": lambda: torch.mv(w, x[0]),
-                     "packed": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")},
-                    args.reps)
-        print(f"  {name:8s} [{n_out} x {n_in}]  F.linear {w.nbytes / t['linear'] / 1e9:5.1f}   prepacked "
-              f"{w.nbytes / t['packed'] / 1e9:5.1f}   one row (mv) {w.nbytes / t['mv'] / 1e9:5.1f}  GB/s")
+    """The decode step's matmuls alone, with the batch's few rows: which kernel of this torch build is fastest, and
+    can any read a 0.5B-shaped weight at the memory bandwidth? Timed: F.linear on the [out, in] weight (MKL /
+    oneDNN), torch.mm on the transposed [in, out] copy (DecodeLinear's choice below PACK_MIN_BYTES), the
+    oneDNN-prepacked matmul (DecodeLinear's choice from PACK_MIN_BYTES on) and one matrix-vector product (a single
+    row: the bandwidth a gemv reaches)."""
+    print(f"\n(k) decode matmuls alone, fp32: us per call (weight GB/s); read bandwidth {bw / 1e9:.1f} GB/s")
+    for shape, B in (("tiny", args.tiny_batch), ("0.5b", args.big_batch)):
+        cfg = Qwen2Config(**SHAPES[shape])
+        D, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+        qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+        print(f"  {shape} shape, {B} rows:")
+        for name, n_out, n_in in (("q|k|v", qkv, D), ("o_proj", D, D), ("gate|up", 2 * I, D), ("down", D, I),
+                                  ("lm_head", V, D)):
+            w, x = torch.randn(n_out, n_in), torch.randn(B, n_in)
+            wt, packed = w.t().contiguous(), torch.ops.mkldnn._reorder_linear_weight(w, B)
+            t = best_of({"F.linear": lambda: F.linear(x, w), "mm W^T": lambda: torch.mm(x, wt),
+                         "prepacked": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+                         "one row (mv)": lambda: torch.mv(w, x[0])}, args.reps)
+            print(f"    {name:8s} [{n_out} x {n_in}] " + "  ".join(
+                f"{k} {v * 1e6:7.1f} ({w.nbytes / v / 1e9:4.1f})" for k, v in t.items()))
 
 
 def section_bc(args):
