@@ -433,10 +433,12 @@ def test_bf16_packed_decode_tracks_teacher_forced(native, monkeypatch):
     assert (out.logprobs - lp).abs().max() < 0.1 and (out.logprobs - lp).abs().mean() < 0.03
 
 
-def test_bf16_decode_in_fp32_rounds_like_a_bf16_matmul(monkeypatch):
+@pytest.mark.parametrize("packed", [True, False])
+def test_bf16_decode_in_fp32_rounds_like_a_bf16_matmul(monkeypatch, packed):
     """A bf16 DecodeLinear that runs in fp32 (no bf16 hardware) rounds x, W and b to bf16 first and its output
-    back to bf16: it equals the fp32 product of the bf16-rounded operands, rounded once."""
-    monkeypatch.setattr(qwen2, "PACK_MIN_BYTES", 0)
+    back to bf16: it equals the fp32 product of the bf16-rounded operands, rounded once; prepacked or kept as
+    W^T for torch.addmm."""
+    monkeypatch.setattr(qwen2, "PACK_MIN_BYTES", 0 if packed else 2**62)
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(64, 48)                                       # fp32 master weights (autocast's case)
     with torch.no_grad():
@@ -444,6 +446,7 @@ def test_bf16_decode_in_fp32_rounds_like_a_bf16_matmul(monkeypatch):
         lin.bias.copy_(torch.randn(48, generator=g))
     x = torch.randn(3, 1, 64, generator=g)
     dl = qwen2.DecodeLinear((lin,), torch.bfloat16, 3, torch.float32)
+    assert dl.packed == packed
     bf = lambda t: t.to(torch.bfloat16).float()                        # noqa: E731
     with torch.no_grad():
         ref = (bf(x) @ bf(lin.weight).T + bf(lin.bias)).to(torch.bfloat16)
