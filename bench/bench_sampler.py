@@ -5,7 +5,8 @@
     memory-bandwidth limit (weight bytes read per step / measured read bandwidth); bf16 vs fp32.
 (b) decode speedup of the nested model (k = round(r * 28) layers skipped) vs the FLOP-predicted speedup.
 (c) KV-cache bytes, full vs nested.
-(k) (not run by default) the 0.5B shape's decode matmuls alone: the weight GB/s each kernel reaches with a few rows.
+(k) (not run by default) the decode matmuls alone, tiny (16 rows) and 0.5B (4 rows) shapes: time and weight GB/s
+    of F.linear, torch.mm on W^T, the oneDNN-prepacked matmul and a matrix-vector product.
 
     python bench/bench_sampler.py                       # all sections, modest sizes (a few minutes)
     python bench/bench_sampler.py --sections b --nested-shape 1.5b --new-tokens 32
