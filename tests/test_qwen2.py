@@ -368,6 +368,15 @@ def test_process_logits_golden_values():
     torch.testing.assert_close(lp, torch.tensor([[math.log(0.375), math.log(0.625), -math.inf]]))
 
 
+def test_greedy_pick_is_the_first_maximum():
+    """Greedy takes the first of tied maxima, as argmax does (on a 4-row, 151936-id row too: the real vocab)."""
+    logp = torch.tensor([[-1.0, -0.5, -0.5, -2.0], [-0.1, -3.0, -0.1, -0.1]])
+    assert qwen2.sample_from_logprobs(logp, 0.0).tolist() == [1, 0]
+    big = torch.randn(4, 151936, generator=torch.Generator().manual_seed(0))
+    big[:, 1000] = big[:, 90000] = 10.0
+    assert qwen2.sample_from_logprobs(big, 0.0).tolist() == [1000] * 4
+
+
 def test_generate_argument_errors():
     m = ours()
     with pytest.raises(ValueError, match="prompts"):
