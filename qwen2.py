@@ -570,12 +570,16 @@ class Qwen2(nn.Module):
             elif cache.has_padding:
                 mask = padded_causal_mask(cache.mask[:, :start + T], T, start)
         x = self.model.embed_tokens(input_ids)                                           # [B, T, D]
-        packed = T == 1 and cache is not None and cache.weights is not None              # decode step, CPU
+        packed = cache is not None and cache.weights is not None           # pack_for_decode's copies (CPU)
         for j, i in enumerate(active):
             kv = None if cache is None else (cache.k[j], cache.v[j])
-            x = self.model.layers[i](x, cos, sin, mask, kv, start, cache.weights[j] if packed else None)
-        x = self.model.norm(x[:, logits_from:] if logits_from else x)
-        return (cache.lm_head if packed else self.lm_head)(x)                            # [B, T', V]
+            w = cache.weights[j] if packed and T == 1 else None                          # one-token step
+            x = self.model.layers[i](x, cos, sin, mask, kv, start, w)
+        x = self.model.norm(x[:, logits_from:] if logits_from else x)                    # [B, T', D]
+        head = self.lm_head
+        if packed and x.shape[1] == 1:
+            head = cache.lm_head         # one position per row: a decode step, or generate()'s prefill
+        return head(x)                                                                   # [B, T', V]
 
     # ------------------------------------------------------------------------------------------------------
     # sampling

@@ -306,6 +306,8 @@ def main():
     p.add_argument("--new-tokens", type=int, default=32, help="new tokens per row for section b")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.10, 0.15])
     args = p.parse_args()
+    if not args.sections or not set(args.sections.split(",")) <= {"a", "b", "c", "k"}:
+        p.error(f"--sections {args.sections!r}: expected a comma list of a, b, c, k (e.g. a,b)")
     if args.clock == "cpu" and args.threads != 1:
         p.error("--clock cpu needs --threads 1 (a thread's CPU time does not count the other threads)")
     if min(args.tiny_new, args.big_new) < 2:
