@@ -343,7 +343,8 @@ class KVCache:
     layer; `next_pos` [B] is each row's next RoPE position; `cos`, `sin` [S_max, 1, hd] the RoPE table of
     positions 0..S_max-1 (a position never exceeds its column); `length` (host int) is the number of columns
     written; `active` the layer indices it serves. `weights` (DecodeWeights per active layer) and `lm_head`
-    (DecodeLinear): set by Qwen2.pack_for_decode, used by one-token steps; None = the parameters."""
+    (DecodeLinear): set by Qwen2.pack_for_decode, used by one-token steps (the LM head by any cached call that
+    wants one position per row, as generate()'s prefill does); None = the parameters."""
 
     def __init__(self, cfg: Qwen2Config, active: tuple[int, ...], batch: int, max_len: int, dtype, device,
                  rope: tuple[torch.Tensor, torch.Tensor]):
@@ -500,7 +501,8 @@ class Qwen2(nn.Module):
     def pack_for_decode(self, cache: KVCache) -> bool:
         """Attach decode copies of the active layers' matrices and the LM head to `cache` (DecodeWeights: q|k|v and
         gate|up fused, matrices of PACK_MIN_BYTES or more prepacked), in the cache dtype (bf16 held and multiplied
-        in fp32 where the CPU has no bf16 hardware: DecodeLinear), for its one-token steps.
+        in fp32 where the CPU has no bf16 hardware: DecodeLinear), for its one-token steps and the LM head of
+        generate()'s prefill (one position per row).
         Only on CPU with oneDNN, fp32/bf16, with whole parameters (not FSDP shards; inside distributed.gathered()
         they are whole); otherwise nothing (returns False). Costs one pass over the weights plus page faults on the
         copy (0.5B shape: ~5-15 decode steps' worth), paid once per weight update: later calls with the same
