@@ -132,8 +132,10 @@ def policy_loss(logp: torch.Tensor, logp_mu: torch.Tensor, advantages: torch.Ten
         For Base this is exactly TRL's -min(rho A, clip(rho, 1-eps, 1+eps) A) in value and gradient; for Retrace and
         Practical it is the same trust-region mask applied to their weight.
     ref_logp, beta: + beta * KL_t with the k3 estimator KL_t = exp(ref - logp) - (ref - logp) - 1 (gradient through
-        logp; ref - logp capped at MAX_LOG_RATIO like the ratio). With beta = 0 a given ref_logp only feeds
+        logp; ref - logp clamped to +-MAX_LOG_RATIO like the ratio). With beta = 0 a given ref_logp only feeds
         stats["kl_ref"].
+    top_p < 1: a token with logp = -inf (sampled from mu's nucleus, outside pi_theta's) has rho = 0: its term is 0,
+        with no gradient, in every variant; it still counts in the normaliser.
     aggregation (of l over the masked tokens; padded tokens never count):
         "token_mean"  sum_{b,t} m l / sum_{b,t} m                (TRL "bnpo", default)
         "seq_mean"    (1/B) sum_b (sum_t m l / sum_t m)          (TRL "grpo")
@@ -157,6 +159,12 @@ def policy_loss(logp: torch.Tensor, logp_mu: torch.Tensor, advantages: torch.Ten
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     logp = torch.where(mask, logp, zero)                                  # padding: whatever it held -> 0, so
     logp_mu = torch.where(mask, logp_mu.detach().to(logp.dtype), zero)    # no inf/NaN can leak into values or grads
+    # top_p < 1: a token sampled from mu's nucleus can lie outside pi_theta's (log pi = -inf). There pi_theta is
+    # locally constant 0, so rho = 0 and the token's term is 0 with no gradient, in every variant (Practical's
+    # A * grad log pi does not exist there); it still counts in the normaliser. Placeholder 0 until zeroed below.
+    outside = mask & (logp == float("-inf"))
+    logp_stats = logp.detach()
+    logp = torch.where(outside, zero, logp)
 
     rho_sg = importance_ratio(logp.detach(), logp_mu)                     # sg[rho]  [B, T]
     pi_over_sg_pi = torch.exp(logp - logp.detach())                       # pi / sg[pi]: value 1, grad = grad log pi
@@ -169,20 +177,24 @@ def policy_loss(logp: torch.Tensor, logp_mu: torch.Tensor, advantages: torch.Ten
         clipped = ppo_clipped(rho_sg, adv, clip_eps)                      # clip active: constant, no gradient
         w_clip = offpolicy_weight(rho_sg.clamp(1 - clip_eps, 1 + clip_eps), variant, lam)
         per_token = torch.where(clipped, -w_clip * adv, per_token)        # l_t = -f(clip(rho)) A
-    kl = None
     if ref_logp is not None:
-        d = torch.where(mask, ref_logp.detach().to(logp.dtype), zero) - logp   # log pi_ref - log pi_theta
-        d = torch.clamp(d, max=MAX_LOG_RATIO)                             # same overflow guard as the ratio
-        kl = torch.exp(d) - d - 1                                         # k3: exp(d) - d - 1 >= 0
+        ref_logp = torch.where(mask, ref_logp.detach().to(logp.dtype), zero)
         if beta > 0:
-            per_token = per_token + beta * kl                             # l_t += beta * KL_t
+            per_token = per_token + beta * kl_k3(logp, ref_logp)          # l_t += beta * KL_t
+    per_token = torch.where(outside, zero, per_token)                    # rho = 0 outside pi_theta's nucleus
     loss = aggregate(per_token, mask, aggregation, max_len=max_len, token_normaliser=token_normaliser)
 
-    stats = offpolicy_stats(logp, logp_mu, mask, advantages, variant=variant, lam=lam, clip_eps=clip_eps)
+    stats = offpolicy_stats(logp_stats, logp_mu, mask, advantages, variant=variant, lam=lam, clip_eps=clip_eps,
+                            ref_logp=ref_logp)
     stats["loss"] = loss.item()
-    if kl is not None:
-        stats["kl_ref"] = _masked_mean(kl.detach(), mask).item()
     return loss, stats
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """KL_t(pi_theta || pi_ref) by the k3 estimator on tokens sampled from pi: exp(d) - d - 1 >= 0, d = log pi_ref -
+    log pi_theta, clamped to +-MAX_LOG_RATIO like the ratio (a ref log-prob of -inf under top_p < 1 stays finite)."""
+    d = torch.clamp(ref_logp - logp, -MAX_LOG_RATIO, MAX_LOG_RATIO)
+    return torch.exp(d) - d - 1
 
 
 def loss_normaliser(mask: torch.Tensor, aggregation: str, max_len: int | None = None) -> int:
@@ -231,7 +243,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str = "t
 def offpolicy_stats(logp: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor,
                     advantages: torch.Tensor | None = None, *, variant: str = "base", lam: float = 1.0,
                     clip_eps: float | None = None, logits: torch.Tensor | None = None, temperature: float = 1.0,
-                    max_log: float = MAX_LOG_RATIO) -> dict[str, float]:
+                    ref_logp: torch.Tensor | None = None, max_log: float = MAX_LOG_RATIO) -> dict[str, float]:
     """Floats describing how off-policy the batch is, all over the masked (completion) tokens:
 
     ratio_min / ratio_mean / ratio_max   rho = pi_theta / mu (after the overflow guard)
@@ -242,6 +254,8 @@ def offpolicy_stats(logp: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tenso
     kl_mu_pi       KL(mu || pi_theta) ~ mean(log mu - log pi_theta) on tokens sampled from mu (k1, unbiased, can be < 0)
     kl_mu_pi_k3    the same with k3: mean(rho - 1 - log rho) >= 0 (lower variance)
     entropy        mean entropy of pi_theta(. | s_t), exact -- only when logits [B, T, V] are given
+    kl_ref         mean k3 KL(pi_theta || pi_ref) (kl_k3) -- only when ref_logp is given; tokens with log pi_theta =
+                   -inf (outside its top-p nucleus) left out
     neg_logp       mean -log pi_theta(y_t) -- always; an entropy PROXY (a cross-entropy, since y_t ~ mu)
     completion_len mean #tokens per completion;  n_tokens, n_seqs
     """
@@ -275,6 +289,9 @@ def offpolicy_stats(logp: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tenso
         }
         if logits is not None:
             values["entropy"] = _masked_mean(token_entropy(logits, temperature).double(), m)
+        if ref_logp is not None:
+            live = m & (logp > -math.inf)
+            values["kl_ref"] = _masked_mean(kl_k3(torch.where(live, logp, 0.0), ref_logp.detach().double()), live)
         out = dict(zip(values, torch.stack([v.double() for v in values.values()]).tolist()))  # one host sync
         if out["n_tokens"] == 0:
             out["ratio_min"] = out["ratio_max"] = math.nan

@@ -303,24 +303,44 @@ def load_config(name: str = "", overrides: dict | None = None) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a type check cannot do."""
+    """Range and cross-field checks that a type check cannot do: every bad value fails here, before the SFT warm-up
+    (k = round(r*N) against the model's layers is checked by train() once the model config is read)."""
     choices = {"variant": ("base", "practical", "retrace"), "weight_grad": ("detached", "surrogate"),
                "aggregation": ("token_mean", "seq_mean", "dr_grpo"), "lr_schedule": ("linear", "constant"),
                "dtype": ("auto", "float32", "bfloat16"), "parallel": ("ddp", "fsdp")}
     for key, ok in choices.items():
         if getattr(cfg, key) not in ok:
             raise UserError(f"config key '{key}' = {getattr(cfg, key)!r}: expected one of {', '.join(ok)}")
-    for key in ("steps", "prompts_per_step", "group_size", "micro_batch", "rollout_batch", "max_new_tokens"):
-        if getattr(cfg, key) < 1 and not (key == "steps" and getattr(cfg, key) == 0):
-            raise UserError(f"config key '{key}' = {getattr(cfg, key)}: expected a positive integer")
+    ranges = {  # key: (test, what is expected); written so that NaN fails every test
+        **{k: (lambda v: v >= 1, "a positive integer") for k in (
+            "prompts_per_step", "group_size", "micro_batch", "rollout_batch", "max_new_tokens", "max_prompt_len",
+            "sft_batch_size", "sft_micro_batch", "max_seq_len", "log_every", "eval_max_new_tokens",
+            "eval_batch_size")},
+        **{k: (lambda v: v >= 0, "an integer >= 0") for k in (
+            "steps", "warmup_steps", "save_every", "skip_border", "eval_limit")},
+        **{k: (lambda v: v > 0 and math.isfinite(v), "a number > 0") for k in ("lr", "sft_lr", "temperature")},
+        **{k: (lambda v: v >= 0 and math.isfinite(v), "a number >= 0") for k in (
+            "sft_epochs", "weight_decay", "grad_clip", "beta")},
+        "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+        "sft_skip_prob": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+        "skip_ratio": (lambda v: 0 <= v < 1, "0 <= r < 1"),
+        "clip_eps": (lambda v: v == 0 or 0 < v < 1, "0 (off) or a number in (0, 1)"),
+        "lam": (lambda v: cfg.variant != "retrace" or 0 < v <= 1, "Retrace's lambda in (0, 1]"),
+    }
+    for key, (ok, expected) in ranges.items():
+        if not ok(getattr(cfg, key)):
+            raise UserError(f"config key '{key}' = {getattr(cfg, key)!r}: expected {expected}")
     if cfg.group_size < 2:
         raise UserError(f"config key 'group_size' = {cfg.group_size}: GRPO needs at least 2 rollouts per prompt")
+    betas = cfg.adam_betas.split(",")
+    try:
+        ok = len(betas) == 2 and all(0 <= float(b) < 1 for b in betas)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UserError(f"config key 'adam_betas' = {cfg.adam_betas!r}: expected two numbers in [0, 1), e.g. 0.9,0.999")
     if not cfg.model and not cfg.model_config:
         raise UserError("config: set 'model' (a checkpoint dir) or 'model_config' (a config.json to build)")
-    if not 0.0 <= cfg.sft_skip_prob <= 1.0:
-        raise UserError(f"config key 'sft_skip_prob' = {cfg.sft_skip_prob}: expected a probability in [0, 1]")
-    if not 0.0 <= cfg.skip_ratio < 1.0:
-        raise UserError(f"config key 'skip_ratio' = {cfg.skip_ratio}: expected 0 <= r < 1")
 
 
 def help_text() -> str:
@@ -571,6 +591,7 @@ def reft_step(model: Qwen2, opt, sched, r: Rollouts, cfg: Config, tok: Tokenizer
     Z = distributed.all_reduce_sum(Z)                                                   # (torchrun: all ranks)
     S = r.tokens.shape[0]
     logp_all, entropy = torch.zeros(r.tokens.shape), torch.zeros(r.tokens.shape)
+    ref_all = torch.zeros(r.tokens.shape) if ref_model is not None else None
     model.train()
     loss_sum = 0.0
     for i in range(0, S, cfg.micro_batch):
@@ -591,14 +612,17 @@ def reft_step(model: Qwen2, opt, sched, r: Rollouts, cfg: Config, tok: Tokenizer
             distributed.backward(loss)
         loss_sum += loss.item()
         logp_all[rows] = logp.detach().cpu()
+        if ref_all is not None:
+            ref_all[rows] = ref_logp.cpu()
         entropy[rows] = token_entropy(logits, cfg.temperature).cpu()
         del logits, logp, loss
     lr = sched.get_last_lr()[0]
     grad_norm = optimizer_step(model, opt, sched, cfg.grad_clip)                         # step 9
     # statistics of the whole batch (torchrun: every rank's rows, gathered)
     logp_all, logp_mu, mask, adv, entropy = map(distributed.gather_rows, (logp_all, r.logp_mu, r.mask, adv, entropy))
+    ref_all = None if ref_all is None else distributed.gather_rows(ref_all)
     stats = offpolicy_stats(logp_all, logp_mu, mask, adv, variant=cfg.variant, lam=cfg.lam,
-                            clip_eps=cfg.clip_eps or None)
+                            clip_eps=cfg.clip_eps or None, ref_logp=ref_all)            # + kl_ref when beta > 0
     stats["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
     return {"loss": distributed.all_reduce_sum(loss_sum), "grad_norm": grad_norm, "lr": lr, **stats}
 
@@ -688,12 +712,15 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
         if getattr(cfg, key) % world:
             raise UserError(f"config key '{key}' = {getattr(cfg, key)}: expected a multiple of the number of "
                             f"processes ({world}), each takes an equal share")
+    ckpt = run_dir / "checkpoint"
+    if resume and not (ckpt / "trainer_state.pt").is_file():
+        raise UserError(f"--resume {resume}: no checkpoint/trainer_state.pt in it")
+    if not resume and ((run_dir / "metrics.jsonl").exists() or ckpt.exists()):
+        raise UserError(f"out_dir {run_dir} already holds a run: continue it with --resume {run_dir}, or start a "
+                        f"new one in another --out_dir (or delete it)")
     if main_rank:                                                             # only rank 0 writes files
         run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = run_dir / "checkpoint"
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False, mmap=world > 1) if resume else None
-    if resume and state is None:
-        raise UserError(f"--resume {resume}: no checkpoint/trainer_state.pt in it")
     if state is not None and state.get("world_size", 1) != world:
         raise UserError(f"--resume {resume}: the checkpoint was written by {state.get('world_size', 1)} "
                         f"process(es) but this run has {world}: resume with the same number")
@@ -701,6 +728,7 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
         write_json_atomic(run_dir / "run_config.json", asdict(cfg))
     log = MetricsLog(run_dir / "metrics.jsonl", cfg.log_every, quiet, enabled=main_rank)
     model, tok = load_model(cfg, device, str(ckpt) if state else "")
+    _k_and_valid(model.config.num_hidden_layers, cfg.skip_ratio, cfg.skip_border)   # k <= |V|, before SFT
     model = distributed.wrap(model, cfg.parallel, device, dtype)              # torchrun: DDP or FSDP2
     data_dir = resolve_data_dir(cfg)
     train_set = load_dataset(cfg.dataset, data_dir, "train")

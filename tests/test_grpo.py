@@ -252,6 +252,33 @@ def test_overflow_guard_in_loss():
             assert math.isfinite(stats["ratio_max"]) and math.isfinite(stats["ess_ratio"])
 
 
+def test_token_outside_pi_nucleus_has_rho_zero():
+    # top_p < 1: the second token was drawn from mu's nucleus but lies outside pi_theta's (log pi = -inf).
+    # rho = 0 there: term 0, no gradient, still in the normaliser. Token 1: rho = 2, A = 1, 2 tokens:
+    #   base  -2/2 = -1   (grad -2/2)      retrace  -1/2   (grad -1/2)      practical  -1/2   (grad -1/2)
+    expect = {"base": (-1.0, -1.0), "retrace": (-0.5, -0.5), "practical": (-0.5, -0.5)}
+    for variant in grpo.VARIANTS:
+        for grad in grpo.GRADS:
+            for clip_eps in (None, 0.2):
+                logits = torch.tensor([[[math.log(3.0), 0.0], [5.0, 0.0]]], requires_grad=True)   # [1, 2, 2]
+                logp = token_logprobs(logits, torch.tensor([[0, 1]]), top_p=0.9)   # [[log 3/4, -inf]]
+                assert logp[0, 1] == -math.inf
+                logp_mu = torch.tensor([[math.log(0.375), math.log(0.5)]])         # rho_1 = 0.75 / 0.375 = 2
+                ref = torch.tensor([[math.log(0.75), -math.inf]])
+                loss, stats = policy_loss(logp, logp_mu, torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool),
+                                          variant=variant, grad=grad, clip_eps=clip_eps, ref_logp=ref, beta=0.1)
+                loss.backward()
+                assert torch.isfinite(logits.grad).all(), (variant, grad, clip_eps)
+                assert logits.grad[0, 1].abs().sum() == 0                       # no gradient from the outside token
+                if clip_eps is None and not (variant == "retrace" and grad == "surrogate"):
+                    value, dlogp = expect[variant]
+                    assert close(loss.item(), value), (variant, grad, loss.item())
+                    # d loss / d logit_0 of position 0 = dlogp * (1 - p_0) = dlogp * 1/4
+                    assert close(logits.grad[0, 0, 0].item(), dlogp / 4, atol=1e-6), (variant, grad)
+                assert stats["ratio_min"] == 0.0 and close(stats["ratio_max"], 2.0)
+                assert close(stats["kl_ref"], 0.0)                               # only token 1 counts: d = 0
+
+
 # ---------------------------------------------------------------------------------------------- sanity facts
 
 def random_batch(seed, B=6, T=7, dtype=torch.float64):

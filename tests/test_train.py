@@ -159,8 +159,10 @@ def test_end_to_end_sft_then_nested_reft(workspace, tmp_path, coin_reward):
 
 
 def test_plain_reft_is_on_policy(workspace, tmp_path):
-    """r = 0, e = 0: mu = pi_theta_old, so every recorded ratio is 1 (same logit processing on both sides)."""
-    cfg = tiny_config(workspace, tmp_path / "run", skip_ratio=0, skip_border=0, sft_epochs=0, steps=2)
+    """r = 0, e = 0: mu = pi_theta_old, so every recorded ratio is 1 (same logit processing on both sides: at a
+    temperature other than 1, pi_theta's logits are divided by it too, spec §3.6)."""
+    cfg = tiny_config(workspace, tmp_path / "run", skip_ratio=0, skip_border=0, sft_epochs=0, steps=2,
+                      temperature=0.7)
     nr.train(cfg, quiet=True)
     for r in read_metrics(tmp_path / "run"):
         assert r["skip"] == []
@@ -188,11 +190,45 @@ def test_resume_reproduces_an_uninterrupted_run(workspace, tmp_path, coin_reward
 
 
 def test_kl_penalty_uses_a_frozen_reference(workspace, tmp_path, coin_reward):
-    """beta > 0 loads a reference (the start model) and the loss gains beta * k3 KL; resume reloads it."""
-    cfg = tiny_config(workspace, tmp_path / "run", beta=0.5, sft_epochs=0, steps=3, lr=1e-2)
-    nr.train(cfg, quiet=True, stop_after=2)
+    """beta > 0 loads a reference (the start model) and the loss gains beta * k3 KL; resume reloads it.
+    Step 1: pi_theta = pi_ref, so KL = 0 and its gradient (1 - e^0) = 0: the beta and beta = 0 runs take the same
+    step 1 and sample the same step-2 rollouts, where their losses differ by exactly beta * kl_ref."""
+    kw = dict(sft_epochs=0, steps=3, lr=1e-2)
+    nr.train(tiny_config(workspace, tmp_path / "b0", beta=0.0, steps=2, **{k: v for k, v in kw.items() if k != "steps"}),
+             quiet=True)
+    nr.train(tiny_config(workspace, tmp_path / "full", beta=0.5, **kw), quiet=True)
+    nr.train(tiny_config(workspace, tmp_path / "run", beta=0.5, **kw), quiet=True, stop_after=2)
     cfg2, resume = nr.parse_args(["--resume", str(tmp_path / "run")])
     nr.train(cfg2, resume=resume, quiet=True)
-    rows = read_metrics(tmp_path / "run")
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert all(r["grad_norm"] > 0 for r in rows)
+    b0, full, rows = read_metrics(tmp_path / "b0"), read_metrics(tmp_path / "full"), read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3] and "kl_ref" not in b0[0]
+    assert full[0]["kl_ref"] == 0 and full[0]["loss"] == b0[0]["loss"]
+    assert full[1]["kl_ref"] > 1e-6 and full[1]["reward_mean"] == b0[1]["reward_mean"]
+    assert full[1]["loss"] - b0[1]["loss"] == pytest.approx(0.5 * full[1]["kl_ref"], rel=1e-4, abs=1e-7)
+    for a, b in zip(full, rows):                       # the resumed run reloaded the same reference
+        assert (a["kl_ref"], a["loss"]) == (b["kl_ref"], b["loss"])
+
+
+def test_config_values_are_checked_before_any_work():
+    """Every out-of-range value is a one-line UserError at load time, not a failure after the SFT warm-up."""
+    bad = {"lam": "0", "clip_eps": "1.5", "top_p": "0", "temperature": "0", "beta": "-1", "sft_batch_size": "0",
+           "sft_micro_batch": "0", "max_prompt_len": "0", "save_every": "-1", "skip_border": "-1", "lr": "nan",
+           "adam_betas": "0.9", "grad_clip": "-1", "sft_epochs": "-1", "log_every": "0"}
+    for key, value in bad.items():
+        with pytest.raises(nr.UserError, match=f"'{key}'"):
+            nr.load_config("gsm8k_1p5b", {key: value})
+    nr.load_config("gsm8k_1p5b", {"lam": "2", "variant": "base"})       # lambda is Retrace's only
+    nr.load_config("gsm8k_1p5b", {"clip_eps": "0.2", "top_p": "1", "steps": "0"})
+
+
+def test_run_folder_errors(workspace, tmp_path):
+    """k > |V| fails before the SFT warm-up; --resume needs a checkpoint; a fresh run never reuses a run folder."""
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="k=round"):
+        nr.train(tiny_config(workspace, run, skip_ratio=0.75, skip_border=1), quiet=True)   # k = 3 > |V| = 2
+    assert not (run / "metrics.jsonl").exists() and not (run / "sft").exists()
+    with pytest.raises(nr.UserError, match="no checkpoint/trainer_state.pt"):
+        nr.train(tiny_config(workspace, run), resume=str(run), quiet=True)
+    nr.train(tiny_config(workspace, run, sft_epochs=0, steps=1), quiet=True)
+    with pytest.raises(nr.UserError, match="already holds a run: continue it with --resume"):
+        nr.train(tiny_config(workspace, run, sft_epochs=0, steps=1), quiet=True)
