@@ -17,6 +17,7 @@ calling thread), so time spent descheduled by other jobs is not counted; --clock
 import argparse
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -315,6 +316,7 @@ def main():
     global clock
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
+    print("command:", shlex.join(["python", *sys.argv]))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock")
     print(f"CPU: {cpu_description()}")
     bw = read_bandwidth()
