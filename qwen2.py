@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # ----------------------------------------------------------------------------------------------------------
 # config
@@ -115,19 +116,21 @@ class Qwen2Config:
         for k in (f.name for f in fields(cls) if f.default is MISSING):
             if k not in kw:
                 raise ValueError(f"{source}: missing required key {k!r}")
-        # features of the HF Qwen2 family that this implementation does not have
-        for key, ok in (("hidden_act", lambda v: v == "silu"),
-                        ("use_sliding_window", lambda v: not v),
-                        ("rope_scaling", lambda v: v is None or v.get("rope_type", v.get("type")) == "default"),
-                        ("rope_parameters", lambda v: v is None or v.get("rope_type", "default") == "default"),
-                        ("head_dim", lambda v: v is None or v == d["hidden_size"] // d["num_attention_heads"])):
-            if key in d and not ok(d[key]):
-                raise ValueError(f"{source}: {key}={d[key]!r} is not supported by this Qwen2 implementation")
         cfg = cls.__new__(cls)
         for f in fields(cls):
             setattr(cfg, f.name, kw.get(f.name, f.default))
         cfg.torch_dtype = str(cfg.torch_dtype).removeprefix("torch.")
         cfg.validate(source)
+        # features of the HF Qwen2 family that this implementation does not have
+        for key, ok in (("hidden_act", lambda v: v == "silu"),
+                        ("use_sliding_window", lambda v: not v),
+                        ("rope_scaling", lambda v: v is None or isinstance(v, dict)
+                         and v.get("rope_type", v.get("type")) == "default"),
+                        ("rope_parameters", lambda v: v is None or isinstance(v, dict)
+                         and v.get("rope_type", "default") == "default"),
+                        ("head_dim", lambda v: v is None or v == cfg.head_dim)):
+            if key in d and not ok(d[key]):
+                raise ValueError(f"{source}: {key}={d[key]!r} is not supported by this Qwen2 implementation")
         return cfg
 
     @classmethod
@@ -275,6 +278,17 @@ PACK_MIN_BYTES = 2**20       # DecodeLinear prepacks a (fused) matrix from this 
                              # the caches, is faster through torch.mm than through oneDNN's per-call setup
 _PACKED = weakref.WeakKeyDictionary()     # model -> its last packing (pack_for_decode); not an attribute, so
                                           # deepcopy / state_dict / pickle of the model never see oneDNN tensors
+# any optimizer step drops every packing: a fused optimizer writes the weights without bumping their version counter
+register_optimizer_step_post_hook(lambda *_: _PACKED.clear())
+
+
+def _weights_key(model: nn.Module) -> tuple:
+    """What pack_for_decode's reuse checks: per parameter its storage and in-place version counter (bumped by writes
+    through autograd: optimizer steps, load_state_dict, p.add_), plus 16 of its values spread over it, which also
+    catch writes that bypass the counter (p.data.copy_(...), as weight syncing and EMA code do)."""
+    ps = list(model.parameters())
+    sample = torch.cat([p.detach().reshape(-1)[::max(1, p.numel() // 16)][:16].float() for p in ps])
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in ps), sample
 
 
 def native_bf16_matmul() -> bool:
@@ -506,9 +520,9 @@ class Qwen2(nn.Module):
         Only on CPU with oneDNN, fp32/bf16, with whole parameters (not FSDP shards; inside distributed.gathered()
         they are whole); otherwise nothing (returns False). Costs one pass over the weights plus page faults on the
         copy (0.5B shape: ~5-15 decode steps' worth), paid once per weight update: later calls with the same
-        weights, dtype and batch size (evaluation, benchmarks) reuse it. Holds the fused and prepacked copies for
-        as long as the model lives and its weights are unchanged. The weights must not change while a cache uses
-        them."""
+        weights (_weights_key; any optimizer step drops the packing), dtype and batch size (evaluation, benchmarks)
+        reuse it. Holds the fused and prepacked copies for as long as the model lives and its weights are unchanged.
+        The weights must not change while a cache uses them."""
         dtype, rows = cache.k.dtype, cache.k.shape[1]
         if (self.device.type != "cpu" or not torch.backends.mkldnn.is_available()
                 or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")          # private op: may vanish
@@ -516,12 +530,12 @@ class Qwen2(nn.Module):
                 or any(type(p.data) is not torch.Tensor for p in self.parameters())):    # DTensor shards
             return False
         compute = torch.float32 if dtype == torch.bfloat16 and not native_bf16_matmul() else dtype  # DecodeLinear
-        # reuse the last packing while the weights are unchanged: same storage, same in-place version counter
-        # (an optimizer step, load_state_dict or any in-place write bumps it). One packing is kept per model.
-        key = (dtype, compute, rows, tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters()))
-        packed = _PACKED.get(self)
-        if packed is None or packed["key"] != key:
-            packed = _PACKED[self] = {"key": key, "layers": {},
+        # reuse the last packing while the weights are unchanged (_weights_key; any optimizer step also drops it).
+        # One packing is kept per model.
+        (ptrs, sample), packed = _weights_key(self), _PACKED.get(self)
+        key = (dtype, compute, rows, ptrs)
+        if packed is None or packed["key"] != key or not torch.equal(packed["sample"], sample):
+            packed = _PACKED[self] = {"key": key, "sample": sample, "layers": {},
                                       "lm_head": DecodeLinear((self.lm_head,), dtype, rows, compute)}
         for i in cache.active:
             if i not in packed["layers"]:
@@ -617,6 +631,8 @@ class Qwen2(nn.Module):
         for b, p in enumerate(prompts):
             prompt_tokens[b, Tp - len(p):] = torch.as_tensor(p, dtype=torch.long)
             prompt_mask[b, Tp - len(p):] = True
+        if not 0 <= pad_token_id < V:
+            raise ValueError(f"pad_token_id={pad_token_id}, expected an id in [0, {V})")
         if int(prompt_tokens.min()) < 0 or int(prompt_tokens.max()) >= V:
             raise ValueError(f"prompt token ids must be in [0, {V})")
         prompt_tokens, prompt_mask = prompt_tokens.to(dev), prompt_mask.to(dev)
@@ -715,8 +731,9 @@ class Qwen2(nn.Module):
         """Write config.json + model.safetensors (or model-0000i-of-0000n.safetensors shards and
         model.safetensors.index.json when the weights exceed max_shard_size_bytes) in the HF layout, loadable
         by transformers and vLLM. Atomic: everything is written to a temp dir beside `path` which is then
-        renamed to `path`; if `path` already exists, each file is moved in with os.replace (other files in
-        it, e.g. a tokenizer, are kept; stale weight files of an earlier save are removed)."""
+        renamed to `path`. If `path` already exists, its other files (e.g. a tokenizer) are copied into the temp
+        dir, the old folder is renamed aside, the new one into place, and only then the old one is deleted: a
+        failed save leaves the previous checkpoint whole."""
         from safetensors.torch import save_file
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -748,13 +765,20 @@ class Qwen2(nn.Module):
             if not path.exists():
                 os.replace(tmp, path)
                 return
-            new = set(os.listdir(tmp))
-            for f in os.listdir(path):                                  # stale weights of an earlier save
-                if f not in new and (f.startswith("model") and f.endswith(".safetensors")
-                                     or f == "model.safetensors.index.json"):
-                    os.remove(path / f)
-            for f in sorted(new, key=lambda f: f == "config.json"):     # config.json last
-                os.replace(tmp / f, path / f)
+            # an existing folder: copy in its other files (a tokenizer, ...), not its config or weights, then swap
+            # the folders; the old one is deleted only once the new one is in place
+            ours = lambda n: n in ("config.json", "model.safetensors.index.json") or (
+                n.startswith("model") and n.endswith(".safetensors"))
+            shutil.copytree(path, tmp, dirs_exist_ok=True,
+                            ignore=lambda d, names: [n for n in names if Path(d) == path and ours(n)])
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)                                   # put the previous checkpoint back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -113,10 +113,11 @@ def train_a_bit(ws: Path, parallel: str) -> dict:
 
 
 def fsdp_checks(model, device, dtype) -> dict:
-    """Sampling inside gathered() and the sharded frozen copy (KL reference) under FSDP."""
+    """Sampling inside gathered() (16 tokens: the packed CPU decode path, PACK_MIN_NEW_TOKENS) and the sharded
+    frozen copy (KL reference) under FSDP."""
     prompts = [[5, 6, 7, 8], [9, 10]]
     with distributed.gathered(model):
-        sampled = model.generate(prompts, max_new_tokens=5, generator=torch.Generator().manual_seed(3)).tokens
+        sampled = model.generate(prompts, max_new_tokens=16, generator=torch.Generator().manual_seed(3)).tokens
         unsharded = not any(isinstance(p, DTensor) for p in model.parameters())
     resharded = all(isinstance(p, DTensor) for p in model.parameters())
     ref = distributed.frozen_copy(model, device, dtype)
@@ -158,7 +159,7 @@ def test_two_ranks_take_the_step_of_one_process(workspace, one_process, two_rank
         assert two["frozen_copy_same_logits"] and two["frozen_copy_no_grad"]
         full = Qwen2(Qwen2.from_pretrained(workspace / "model").config)       # the same weights, not sharded
         full.load_state_dict(pb)
-        want = full.generate([[5, 6, 7, 8], [9, 10]], max_new_tokens=5, generator=torch.Generator().manual_seed(3))
+        want = full.generate([[5, 6, 7, 8], [9, 10]], max_new_tokens=16, generator=torch.Generator().manual_seed(3))
         assert torch.equal(two["sampled"], want.tokens)
 
 

@@ -3,6 +3,7 @@ layer skipping, the KV-cache sampler and its behaviour log-probs. Tiny random mo
 import copy
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -80,6 +81,11 @@ def test_config_from_hf_config_json(tmp_path):
     ({"hidden_act": "gelu"}, ["hidden_act"]),
     ({"num_key_value_heads": 3}, ["num_key_value_heads"]),
     ({"vocab_size": -1}, ["vocab_size"]),
+    ({"num_attention_heads": 0, "head_dim": 8}, ["num_attention_heads"]),     # checked before the feature checks
+    ({"hidden_size": "32", "head_dim": 8}, ["hidden_size"]),
+    ({"rope_scaling": "linear"}, ["rope_scaling"]),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, ["rope_scaling"]),
+    ({"head_dim": 64}, ["head_dim"]),
 ])
 def test_config_errors_name_file_and_key(tmp_path, change, words):
     d = {**TINY, "model_type": "qwen2"}
@@ -176,6 +182,36 @@ def test_save_into_existing_dir_keeps_other_files(tmp_path):
                                                                   "tokenizer.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
     Qwen2.from_pretrained(tmp_path / "ck")
+
+
+def test_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    """A save into an existing checkpoint folder that dies while writing (disk full) or while moving the new files
+    into place: the old checkpoint still loads, unchanged, with its other files, and no temp folder is left."""
+    import safetensors.torch
+    old = ours(seed=1)
+    old.save_pretrained(tmp_path / "ck")
+    (tmp_path / "ck" / "tokenizer.json").write_text("{}")
+    real_save, real_replace = safetensors.torch.save_file, os.replace
+
+    def fail_on_call(n, real):
+        calls = []
+        def f(*a, **kw):
+            calls.append(1)
+            if len(calls) == n:
+                raise OSError("No space left on device")
+            return real(*a, **kw)
+        return f
+    for target, name, fake in ((safetensors.torch, "save_file", fail_on_call(2, real_save)),   # 2nd shard
+                               (qwen2.os, "replace", fail_on_call(2, real_replace))):          # moving in
+        with monkeypatch.context() as mp:
+            mp.setattr(target, name, fake)
+            with pytest.raises(OSError, match="No space"):
+                ours(seed=2).save_pretrained(tmp_path / "ck", max_shard_size_bytes=40_000)
+        assert [p.name for p in tmp_path.iterdir()] == ["ck"], name
+        assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors",
+                                                                      "tokenizer.json"], name
+        back = Qwen2.from_pretrained(tmp_path / "ck").state_dict()
+        assert all(torch.equal(back[k], v) for k, v in old.state_dict().items()), name
 
 
 def _edit_checkpoint(tmp_path, edit):
@@ -385,6 +421,8 @@ def test_generate_argument_errors():
         m.generate([[1]], max_new_tokens=2, min_new_tokens=3)
     with pytest.raises(ValueError, match="token ids"):
         m.generate([[1, 96]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="pad_token_id=-1"):
+        m.generate([[1, 2], [3]], max_new_tokens=2, pad_token_id=-1)
     with pytest.raises(ValueError, match="skip_mask"):
         m.generate([[1]], max_new_tokens=2, skip_mask=[True])
 
@@ -504,6 +542,17 @@ def test_packed_decode_weights_are_reused_until_the_weights_change(monkeypatch):
     plain = m.generate(PROMPTS, max_new_tokens=6, temperature=0)
     assert torch.equal(packed.tokens, plain.tokens) and not torch.equal(packed.tokens, a.tokens)
     copy.deepcopy(m)                                                        # the packing is not part of the model
+    # writes that do not bump the version counter: a fused AdamW step, and writes through p.data (weight syncing)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.05, fused=True)
+    m(torch.tensor(PROMPTS[0])[None]).logsumexp(-1).sum().backward()
+    for update in (opt.step, lambda: [p.data.mul_(-1.5) for p in m.parameters()]):
+        monkeypatch.setattr(qwen2, "PACK_MIN_NEW_TOKENS", 1)
+        before = m.generate(PROMPTS, max_new_tokens=6, temperature=0)       # packs (or reuses) the current weights
+        update()
+        packed = m.generate(PROMPTS, max_new_tokens=6, temperature=0)
+        monkeypatch.setattr(qwen2, "PACK_MIN_NEW_TOKENS", 10**9)
+        plain = m.generate(PROMPTS, max_new_tokens=6, temperature=0)
+        assert torch.equal(packed.tokens, plain.tokens) and not torch.equal(packed.tokens, before.tokens)
 
 
 def test_bf16_model_tracks_fp32():
