@@ -210,9 +210,11 @@ def load_dataset(name: str, data_dir: str | os.PathLike, split: str) -> list[Exa
     svamp    train       ReFT's 3076 GPT-written CoTs; their final 'the answer is <X>' becomes '\\boxed{X}'
                          (X as the CoT wrote it, e.g. 3.33 or 6%); gold = answer_value as a clean number.
              test        the 1000-item SVAMP.json; question = Body + " " + Question; gold 51.0 -> "51".
-    math12k  train       problem / solution / answer, as given (4 source golds are broken: "" at lines 1166
-                         and 8126, "None" at 4013 and 10892; harmless under GRPO, whose all-zero-reward groups
-                         carry no gradient).      math500  test   same fields.
+    math12k  train       problem / solution / answer, as given, except the 4 records whose source gold is
+                         missing ("" at lines 1166 and 8126, "None" at 4013 and 10892; their solutions end in an
+                         empty or brace-less box): they are dropped, so 11,996 of the file's 12,000 records load
+                         (no completion could be rewarded on them; eval.grade also never rewards an empty gold).
+    math500  test        same fields, all 500 records.
     aime, amc test       solution None; AMC's float golds (142.0) are stored as clean number strings ("142").
     minerva, olympiad    solution None; gold = list of strings, whitespace stripped ("9.6\\n" -> "9.6").
     """
@@ -225,7 +227,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike, split: str) -> list[Exa
         raise FileNotFoundError(f"{path}: dataset file not found (get it from {DATA_SOURCES[name]}; "
                                 f"see the README's data section)")
     parse = _PARSERS[(name, split)] if (name, split) in _PARSERS else _PARSERS[name]
-    return [parse(rec, _Where(path, where)) for where, rec in _records(path)]
+    examples = (parse(rec, _Where(path, where)) for where, rec in _records(path))
+    return [ex for ex in examples if ex is not None]       # a parser drops a record by returning None
 
 
 class _Where:
@@ -273,7 +276,9 @@ def _records(path: Path):
 
 
 def _jsonl_items(path: Path, text: str):
-    for n, line in enumerate(text.splitlines(), start=1):
+    # split at "\n" only: str.splitlines() also splits at U+2028, U+2029, U+0085, ..., legal raw in JSON strings
+    for n, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -330,6 +335,15 @@ def _math(rec: dict, w: _Where) -> Example:
     return Example(w.get(rec, "problem"), w.get(rec, "solution"), w.get(rec, "answer").strip())
 
 
+MISSING_GOLDS = ("", "None")  # source golds that stand for "no answer" (4 Math12k records; see load_dataset)
+
+
+def _math_train(rec: dict, w: _Where) -> Example | None:
+    """A Math12k record, or None (dropped) when its gold is missing: no answer could ever earn a reward."""
+    ex = _math(rec, w)
+    return None if ex.answer in MISSING_GOLDS else ex
+
+
 def _scalar_gold(rec: dict, w: _Where) -> Example:
     a = w.get(rec, "answer", (str, int, float))
     return Example(w.get(rec, "problem"), None, a.strip() if isinstance(a, str) else _clean_number(a, w))
@@ -345,7 +359,7 @@ def _list_gold(rec: dict, w: _Where) -> Example:
 
 _PARSERS = {
     "gsm8k": _gsm8k, ("svamp", "train"): _svamp_reft, ("svamp", "test"): _svamp_test,
-    "math12k": _math, "math500": _math, "aime": _scalar_gold, "amc": _scalar_gold,
+    "math12k": _math_train, "math500": _math, "aime": _scalar_gold, "amc": _scalar_gold,
     "minerva": _list_gold, "olympiad": _list_gold,
 }
 

@@ -15,18 +15,40 @@ How grade() decides (each rule is documented where it is implemented):
   3. Structure: matrices cell by cell; tuples/points/intervals in order with the same brackets; sets
      \\{..\\}, unions and bare comma lists as unordered multisets ("a \\pm b" is the list a+b, a-b).
   4. Scalars: a small hand-written recursive-descent parser (numbers, + - * / ^, \\frac, \\sqrt, \\pi, e, i,
-     functions, single-letter variables) turns both sides into expression trees evaluated with complex floats,
-     at fixed pseudo-random points when variables occur. Never eval/exec; no sympy.
-     Tolerance decision: a gold that is an integer literal (204, -3, 142.0, 1,000) needs an exact match
-     (relative 1e-9, i.e. float round-off only): pass@1 on AIME/AMC must not reward 204.01 for 204.
-     Any other constant gold allows a relative error of 1e-4 (rounded decimals: 0.866 for \\frac{\\sqrt3}{2},
-     Minerva's 3-significant-digit physics answers); expressions with variables must agree to 1e-6 at every
-     point. A gold equal to 0 needs |pred| <= 1e-12.
+     functions, single-letter variables) turns both sides into expression trees. Never eval/exec; no sympy.
+     Constants (no variables) are compared by these rules, in order ("exact" text: no decimal literal
+     anywhere, or an integer literal with zero decimals such as 142.0):
+       a. A gold written as a decimal literal with d decimals (408.04, -0.5, also 4.5e33 / 2.88 \\times 10^{16}
+          with d decimals in the mantissa and exponent k): the prediction must agree to the gold's last digit,
+          |pred - gold| <= 0.5 * 10^(k-d) (+ relative 1e-12 for golds that are printed floats: 2/3 is right for
+          SVAMP's 0.6666666666666666). So 408 and 408.0 are wrong for 408.04, 54.55 for 54.545; \\pi is right for
+          3.14 and \\frac13 for 0.33. A gold with one significant digit (0.5, 0.01, 0.3) is taken as exact:
+          0.499, 0.006 and \\frac13 are wrong for them.
+       b. Exact gold and exact prediction, or an integer-valued exact gold (204, 2^{100}-2, 1,000): exact
+          comparison. Rational values (integers, + - * /, integer powers, mixed numbers, percents, n!, binomials,
+          floor/ceil/|.| of rationals) are evaluated exactly with int / fractions.Fraction, so 2^{100}-3 !=
+          2^{100}-2 and 204.01 != 204; irrational ones (\\pi, roots, e, i, logs, trig) in complex floating point
+          with relative tolerance 1e-9 (12349\\pi != 12348\\pi).
+       c. A prediction written with a decimal literal against an exact non-integer gold (0.3333 for \\frac13,
+          1.4142 for \\sqrt2, 0.866 for \\frac{\\sqrt3}{2}): relative 1e-4. An integer-literal prediction gets no
+          slack (rule b).
+       d. A gold with decimals inside an expression (2.5\\pi): relative 1e-4.
+     Floating-point comparisons also allow round-off: relative 1e-9 of the larger value plus 1e-12 absolute.
+     Expressions with variables are evaluated in complex floats at fixed pseudo-random points and must agree to
+     relative 1e-6 at every point: 6 positive non-integer points in [0.3, 7.5) (a point where both sides are
+     undefined is skipped, one where only one side is fails, at least 3 must compare); when a tree holds |.|,
+     floor or ceil, also 4 points with negative coordinates and 4 with small integer ones, skipping those where
+     a side is undefined or not real (so x != |x|, 3-x != |x-3|, \\lfloor n/2 \\rfloor + 1 != \\lceil n/2 \\rceil).
+     Equivalences that hold only on integers (\\lceil n/2 \\rceil = \\lfloor (n+1)/2 \\rfloor) are not recognised.
+     Roots: \\sqrt{a} is the principal square root (\\sqrt{-4} = 2i); an odd root of a negative real is the
+     real root (\\sqrt[3]{-8} = -2); a^{1/3} written as a power is the principal (complex) one.
      Percent decision: the % sign is dropped, so "10\\%" == "10"; when exactly one side wrote %, that side's
      value / 100 is accepted too, so "50\\%" == "0.5" (and "50\\%" == "50").
+     An empty gold (after normalisation) matches nothing: a broken record never rewards.
   5. Bounded time on any input: answers longer than MAX_ANSWER_CHARS are compared as stripped strings only,
      the parser stops at MAX_TOKENS tokens / MAX_DEPTH nesting, exponents above MAX_EXPONENT in magnitude,
-     factorials above 170 and non-finite values make an expression "not comparable" (-> not equal).
+     factorials above 170 and non-finite values make an expression "not comparable" (-> not equal); exact
+     values above _EXACT_BITS bits are left to floating point.
 """
 from __future__ import annotations
 
@@ -38,6 +60,7 @@ import os
 import re
 import sys
 import time
+from fractions import Fraction
 from functools import lru_cache
 
 MAX_ANSWER_CHARS = 1000   # longer answers: exact (stripped) string comparison only
@@ -388,7 +411,7 @@ _LHS_RE = re.compile(r"^(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\w|_\{[^{}]*\})?(?:\([a-zA-Z
 _WORD_RE = re.compile(r"^[A-Za-z]{2,}$")
 
 
-def _scalar_equiv(p: str, g: str, p_scale: float = 1.0, g_scale: float = 1.0) -> bool:
+def _scalar_equiv(p: str, g: str, p_scale: Fraction = Fraction(1), g_scale: Fraction = Fraction(1)) -> bool:
     """Equivalence of two single answers.
 
     - words ("Evelyn", "yes") compare case-insensitively
@@ -416,19 +439,16 @@ def _scalar_equiv(p: str, g: str, p_scale: float = 1.0, g_scale: float = 1.0) ->
     ap, ag = _parse(p), _parse(g)
     if ap is None or ag is None:
         return False
-    if p_scale != 1.0:
-        ap = ("*", ap, ("num", complex(p_scale)))
-    if g_scale != 1.0:
-        ag = ("*", ag, ("num", complex(g_scale)))
-    rel = 1e-9 if _is_integer_literal(g) else 1e-4
-    return _values_equal(ap, ag, rel=rel)
+    if p_scale != 1:
+        ap = ("*", ap, ("num", complex(p_scale), Fraction(p_scale)))
+    if g_scale != 1:
+        ag = ("*", ag, ("num", complex(g_scale), Fraction(g_scale)))
+    if _variables(ap, set()) or _variables(ag, set()):
+        return _values_equal(ap, ag, rel=1e-6)
+    return _constants_equal(ap, ag, p, g, g_scale)
 
 
 _INT_LITERAL_RE = re.compile(r"^-?\d+(?:\.0*)?$")
-
-
-def _is_integer_literal(g: str) -> bool:
-    return bool(_INT_LITERAL_RE.match(g))
 
 
 def _parse_pair(lhs: str, rhs: str):
@@ -454,8 +474,9 @@ class _NotComparable(Exception):
 
 class _Parser:
     """Recursive descent over the token list; builds a tuple tree:
-    ('num', complex) ('var', name) ('+'|'-'|'*'|'/'|'^', a, b) ('neg', a) ('fn', name, a) ('!', a)
-    ('binom', a, b) ('floor'|'ceil'|'abs', a).
+    ('num', complex, Fraction | None) ('var', name) ('+'|'-'|'*'|'/'|'^', a, b) ('neg', a) ('fn', name, a)
+    ('!', a) ('binom', a, b) ('root', radicand, index) ('floor'|'ceil'|'abs', a). A number's Fraction is its exact
+    value (None for \\pi, e, i and literals with a huge exponent).
 
         expr    := term (('+'|'-') term)*
         term    := unary (('*'|'\\cdot'|'\\times'|'/'|'\\div') unary | <implicit> power)*
@@ -596,7 +617,7 @@ class _Parser:
         if tok[0].isdigit() or tok[0] == ".":
             if self.peek() == "_":                    # 4343_6: a base-b numeral, compared as text only
                 raise _NotComparable("base numeral")
-            return ("num", complex(float(tok)))
+            return _number(tok)
         if tok in ("(", "{", "["):
             node = self.expr()
             self.expect({"(": ")", "{": "}", "[": "]"}[tok])
@@ -607,15 +628,15 @@ class _Parser:
             return ("abs", node)
         if len(tok) == 1 and tok.isalpha():
             if tok == "e" and self.peek() != "_":
-                return ("num", complex(math.e))
+                return ("num", complex(math.e), None)
             if tok == "i" and self.peek() != "_":
-                return ("num", 1j)
+                return ("num", 1j, None)
             return self.variable(tok)
         if not tok.startswith("\\"):
             raise _NotComparable(f"unexpected {tok}")
         name = tok[1:]
         if name == "pi":
-            return ("num", complex(math.pi))
+            return ("num", complex(math.pi), None)
         if name in _GREEK:
             return self.variable(tok)
         if name == "frac":
@@ -623,12 +644,12 @@ class _Parser:
         if name == "binom":
             return ("binom", self.group(), self.group())
         if name == "sqrt":
-            index = ("num", 2 + 0j)
+            index = ("num", 2 + 0j, Fraction(2))
             if self.peek() == "[":
                 self.take()
                 index = self.expr()
                 self.expect("]")
-            return ("^", self.group(), ("/", ("num", 1 + 0j), index))
+            return ("root", self.group(), index)
         if name in ("lfloor", "lceil"):
             node = self.expr()
             self.expect("\\r" + name[1:])
@@ -661,6 +682,16 @@ class _Parser:
         return node if power is None else ("^", node, power)
 
 
+_EXPONENT_PART_RE = re.compile(r"[eE]([-+]?\d+)$")
+
+
+def _number(tok: str):
+    """A numeric literal: its float value and its exact value (None for an exponent too large to expand)."""
+    m = _EXPONENT_PART_RE.search(tok)
+    exact = Fraction(tok) if not m or abs(int(m.group(1))) <= MAX_EXPONENT else None
+    return ("num", complex(float(tok)), exact)
+
+
 @lru_cache(maxsize=1 << 10)
 def _parse(s: str):
     """Expression tree of a normalised scalar answer, or None when it is not a parseable expression."""
@@ -683,6 +714,11 @@ def _variables(node, out: set) -> set:
             if isinstance(child, tuple):
                 _variables(child, out)
     return out
+
+
+def _has_op(node, ops: set) -> bool:
+    """Does the tree contain a node whose operator is in `ops`?"""
+    return node[0] in ops or any(isinstance(c, tuple) and _has_op(c, ops) for c in node[1:])
 
 
 _CMATH = {"sin": cmath.sin, "cos": cmath.cos, "tan": cmath.tan, "arcsin": cmath.asin, "arccos": cmath.acos,
@@ -711,8 +747,9 @@ def _evaluate(node, env: dict) -> complex:
         if node[1] == "exp" and abs(x.real) > 700:
             raise _NotComparable("exp overflow")
         return _CMATH[node[1]](x)
-    if op in ("floor", "ceil"):
+    if op in ("floor", "ceil"):                      # round-off next to an integer is snapped: 2.9999999999999996 -> 3
         x = _real(_evaluate(node[1], env))
+        x = round(x) if abs(x - round(x)) <= 1e-9 * max(1.0, abs(x)) else x
         return complex(math.floor(x) if op == "floor" else math.ceil(x))
     if op == "abs":
         return complex(abs(_evaluate(node[1], env)))
@@ -731,11 +768,9 @@ def _evaluate(node, env: dict) -> complex:
     if op == "/":
         return a / b
     if op == "^":
-        if abs(b) > MAX_EXPONENT:
-            raise _NotComparable("exponent too large")
-        if b.imag == 0 and a.imag == 0 and (a.real >= 0 or b.real == int(b.real)):
-            return complex(a.real ** b.real)         # real power: exact for integers, no complex round-off
-        return a ** b
+        return _power(a, b)
+    if op == "root":
+        return _root(a, b)
     if op == "binom":
         n, k = _real(a), _real(b)
         if n == int(n) and k == int(k) and 0 <= n <= 10_000:
@@ -744,28 +779,213 @@ def _evaluate(node, env: dict) -> complex:
     raise _NotComparable(f"unknown node {op}")
 
 
-def _points(names: list[str], count: int = 3) -> list[dict]:
-    """Fixed pseudo-random evaluation points: each variable gets a distinct value in [0.5, 2)."""
-    if not names:
-        return [{}]
-    return [{v: complex(0.5 + ((j + 1) * 0.7548776662466927 + (k + 1) * 0.5698402909980532) % 1.5)
-             for j, v in enumerate(names)} for k in range(count)]
+def _power(a: complex, b: complex) -> complex:
+    if abs(b) > MAX_EXPONENT:
+        raise _NotComparable("exponent too large")
+    a = complex(a.real, a.imag + 0.0)                # -0.0 -> +0.0: (-1)^{1/2} is i, not -i
+    if b.imag == 0 and a.imag == 0 and (a.real >= 0 or b.real == int(b.real)):
+        return complex(a.real ** b.real)             # real power: exact for integers, no complex round-off
+    return a ** b
 
 
-def _values_equal(a, b, rel: float) -> bool:
-    """Do two expression trees agree at every evaluation point (relative tolerance `rel`)?"""
-    names = sorted(_variables(a, set()) | _variables(b, set()))
+def _root(a: complex, n: complex) -> complex:
+    """\\sqrt[n]{a}: the principal square root (\\sqrt{-4} = 2i); an odd root of a negative real is the real
+    root (\\sqrt[3]{-8} = -2); other cases are the principal power a^(1/n)."""
+    a = complex(a.real, a.imag + 0.0)
+    if n == 2:
+        return cmath.sqrt(a) if a.imag or a.real < 0 else complex(math.sqrt(a.real))
+    if a.imag == 0 and a.real < 0 and n.imag == 0 and n.real == int(n.real) and int(n.real) % 2 == 1:
+        return -_power(-a, 1 / n)
+    return _power(a, 1 / n)
+
+
+# ---------------- exact values -------------------------------------------------------------------------
+
+_EXACT_BITS = 20_000      # larger exact intermediate values: fall back to floating point
+
+
+class _Inexact(Exception):
+    """The tree has no exact rational value (variables, pi, e, i, roots, functions, huge values)."""
+
+
+def _exact(node) -> Fraction | None:
+    """The value of a rational constant tree in exact int/Fraction arithmetic, or None when it is not one."""
     try:
-        for env in _points(names):
-            va, vb = _evaluate(a, env), _evaluate(b, env)
-            if not (cmath.isfinite(va) and cmath.isfinite(vb)):
-                return False
-            tol = rel * abs(vb) if vb != 0 else 1e-12
-            if not abs(va - vb) <= tol:
-                return False
-        return True
-    except (_NotComparable, ArithmeticError, ValueError, KeyError, RecursionError):
+        return _rational(node)
+    except (_Inexact, ZeroDivisionError, RecursionError):
+        return None
+
+
+def _rational(node) -> Fraction:
+    op = node[0]
+    if op == "num":
+        if node[2] is None:
+            raise _Inexact
+        return node[2]
+    if op == "neg":
+        return -_rational(node[1])
+    if op in ("floor", "ceil", "abs"):
+        x = _rational(node[1])
+        return Fraction(math.floor(x) if op == "floor" else math.ceil(x) if op == "ceil" else abs(x))
+    if op == "!":
+        x = _rational(node[1])
+        if x.denominator != 1 or not 0 <= x <= 170:
+            raise _Inexact
+        return Fraction(math.factorial(int(x)))
+    if op not in ("+", "-", "*", "/", "^", "binom"):
+        raise _Inexact                               # var, fn, root
+    a, b = _rational(node[1]), _rational(node[2])
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    if op == "/":
+        return a / b
+    if op == "^":                                    # integer exponents only, bounded size
+        bits = max(a.numerator.bit_length(), a.denominator.bit_length())
+        if b.denominator != 1 or abs(b) > MAX_EXPONENT or bits * abs(b) > _EXACT_BITS:
+            raise _Inexact
+        return a ** int(b)
+    if a.denominator != 1 or b.denominator != 1 or not 0 <= a <= 10_000:   # binom
+        raise _Inexact
+    return Fraction(math.comb(int(a), int(b)) if b >= 0 else 0)
+
+
+# ---------------- comparison rules ---------------------------------------------------------------------
+
+_FLOAT_NOISE = Fraction(1, 10**12)    # a decimal gold that is a printed float (SVAMP's 0.6666666666666666 = 2/3)
+_DECIMAL_RE = re.compile(r"\d\.\d|\d[eE][-+]?\d")   # a decimal literal: 408.04, 0.5, 4.5e33
+# a gold written as a decimal literal, optionally in scientific notation: 408.04, -0.5, 2.88\times10^{16}, 4.5e33
+_DECIMAL_GOLD_RE = re.compile(r"^-?(\d+)\.(\d+)(?:[eE]([-+]?\d+)|(?:\\times|\\cdot)10\^(?:\{([-+]?\d+)\}|(\d)))?$")
+
+
+def _is_exact_text(s: str) -> bool:
+    """No decimal literal anywhere, or an integer literal with zero decimals (142.0)."""
+    return not _DECIMAL_RE.search(s) or bool(_INT_LITERAL_RE.match(s))
+
+
+def _half_unit(g: str) -> Fraction | None:
+    """Half a unit of the last written digit of a decimal-literal gold (408.04 -> 0.005; 4.5e33 -> 5e31); 0 for a
+    gold with one significant digit (0.5, 0.01, 0.3: taken as exact, so 0.499, 0.006 and \frac13 are wrong for
+    them); None when the gold is not a decimal literal or its decimals are all zero (142.0 is an integer)."""
+    m = _DECIMAL_GOLD_RE.match(g)
+    if not m or (not m.group(2).strip("0") and not any(m.group(3, 4, 5))):
+        return None
+    power = int(next((x for x in m.group(3, 4, 5) if x), 0))
+    if abs(power) > MAX_EXPONENT:
+        return None
+    if len((m.group(1) + m.group(2)).lstrip("0")) <= 1:
+        return Fraction(0)
+    return Fraction(1, 2) * Fraction(10) ** (power - len(m.group(2)))
+
+
+def _constants_equal(ap, ag, p: str, g: str, g_scale: Fraction = Fraction(1)) -> bool:
+    """Equality of two constant trees (no variables) parsed from the normalised texts p, g (rules a-d of the
+    module docstring, point 4); g_scale is the gold's percent factor (1 or 1/100), which scales its precision."""
+    xp, xg = _exact(ap), _exact(ag)
+    half = _half_unit(g)
+    if half is not None:                             # gold 408.04: agree to its last digit (3.14 ~ pi)
+        return _near(ap, ag, xp, xg, rel=_FLOAT_NOISE, abs_tol=half * g_scale)
+    if not _is_exact_text(g):                        # decimals inside a gold expression (2.5\pi): relative 1e-4
+        return _near(ap, ag, xp, xg, rel=Fraction(1, 10_000))
+    if _is_exact_text(p) or (xg is not None and xg.denominator == 1):
+        return xp == xg if xp is not None and xg is not None else _near(ap, ag, xp, xg)   # exact
+    return _near(ap, ag, xp, xg, rel=Fraction(1, 10_000))   # 0.3333 for 1/3, 1.4142 for \sqrt2
+
+
+def _near(ap, ag, xp, xg, rel: Fraction = Fraction(0), abs_tol: Fraction = Fraction(0)) -> bool:
+    """|p - g| <= abs_tol + rel * |g|: exactly when both values are rational, else in floating point with
+    round-off allowed (relative 1e-9 of the larger value, absolute 1e-12)."""
+    if xp is not None and xg is not None:
+        return abs(xp - xg) <= abs_tol + rel * abs(xg)
+    try:
+        va, vb = _evaluate(ap, {}), _evaluate(ag, {})
+    except (_NotComparable, ArithmeticError, ValueError, RecursionError):
         return False
+    if not (cmath.isfinite(va) and cmath.isfinite(vb)):
+        return False
+    tol = float(abs_tol) + float(rel) * abs(vb) + 1e-9 * max(abs(va), abs(vb)) + 1e-12
+    return abs(va - vb) <= tol
+
+
+# ---------------- expressions with variables -----------------------------------------------------------
+
+_POINT_STEPS = (0.7548776662466927, 0.5698402909980532)   # a 2-d low-discrepancy (Kronecker) sequence
+_POINT_LO, _POINT_SPAN = 0.3, 7.2                          # positive coordinates lie in [0.3, 7.5)
+_SIGNED_OPS = {"abs", "floor", "ceil"}
+
+
+def _points(names: list[str], count: int = 6, first: int = 0) -> list[dict]:
+    """Fixed pseudo-random evaluation points: each variable gets a distinct non-integer value in [0.3, 7.5)
+    (wide enough for \\lfloor n/3 \\rfloor to differ from \\lfloor n/2 \\rfloor, |x-3| from 3-x)."""
+    a, b = _POINT_STEPS
+    return [{v: complex(_POINT_LO + _POINT_SPAN * (((j + 1) * a + (k + 1) * b) % 1.0)) for j, v in enumerate(names)}
+            for k in range(first, first + count)]
+
+
+def _signed_points(names: list[str], count: int = 4) -> list[dict]:
+    """Points with negative coordinates (all negative, then alternating signs), for |x|, floor and ceil."""
+    pts = _points(names, count, first=16)
+    return [{v: -z if k < 2 or (j + k) % 2 else z for j, (v, z) in enumerate(env.items())}
+            for k, env in enumerate(pts)]
+
+
+_INTEGERS = (2, 5, 3, 8, 4, 7, 6, 9)
+
+
+def _integer_points(names: list[str], count: int = 4) -> list[dict]:
+    """Points with small integer coordinates, even and odd (\\lceil n/2 \\rceil != \\lfloor n/2 \\rfloor + 1)."""
+    return [{v: complex(_INTEGERS[(k + 3 * j) % len(_INTEGERS)]) for j, v in enumerate(names)}
+            for k in range(count)]
+
+
+def _values_equal(a, b, rel: float = 1e-6) -> bool:
+    """Do two expression trees with variables agree at every evaluation point (relative tolerance `rel`)?
+
+    Positive points: where both sides are defined they must agree, a point where only one side is defined
+    fails, one outside both domains is skipped (\\lfloor\\sqrt{n-1}\\rfloor at n < 1); at least 3 must compare.
+    When a tree holds |.|, floor or ceil, the signed and the integer points are tried too; there a point where
+    either side is undefined or not real is skipped (the principal branch of \\sqrt{x}\\sqrt{y} or \\ln x at
+    negative x is no real-domain identity)."""
+    names = sorted(_variables(a, set()) | _variables(b, set()))
+    compared = 0
+    for env in _points(names):
+        va, vb = _value(a, env), _value(b, env)
+        if va is None and vb is None:
+            continue
+        if va is None or vb is None or not _close(va, vb, rel):
+            return False
+        compared += 1
+    if compared < 3:
+        return False
+    if not (_has_op(a, _SIGNED_OPS) or _has_op(b, _SIGNED_OPS)):
+        return True
+    for env in _signed_points(names) + _integer_points(names):
+        va, vb = _value(a, env), _value(b, env)
+        if va is None or vb is None or _non_real(va) or _non_real(vb):
+            continue
+        if not _close(va, vb, rel):
+            return False
+    return True
+
+
+def _value(node, env: dict) -> complex | None:
+    """The value at `env`, or None where the expression is undefined (an error or a non-finite value)."""
+    try:
+        v = _evaluate(node, env)
+    except (_NotComparable, ArithmeticError, ValueError, KeyError, RecursionError):
+        return None
+    return v if cmath.isfinite(v) else None
+
+
+def _non_real(z: complex) -> bool:
+    return abs(z.imag) > 1e-9 * abs(z)
+
+
+def _close(va: complex, vb: complex, rel: float) -> bool:
+    return abs(va - vb) <= rel * max(abs(va), abs(vb)) + 1e-12
 
 
 # ======================================================================================================
@@ -797,6 +1017,8 @@ def grade(pred: str | None, gold) -> bool:
     if len(p_raw) > MAX_ANSWER_CHARS or len(g_raw) > MAX_ANSWER_CHARS:
         return p_raw.strip() == g_raw.strip()
     p, g = normalize(p_raw), normalize(g_raw)
+    if not g:                                        # an empty gold (a broken record) rewards nothing
+        return False
     try:
         if _equiv(p, g, _Budget()):
             return True
@@ -810,7 +1032,8 @@ def grade(pred: str | None, gold) -> bool:
     # percent: exactly one side wrote % -> its value / 100 is accepted as well
     pp, gp = ("%" in p_raw or "percent" in p_raw), ("%" in g_raw or "percent" in g_raw)
     if pp != gp and _structure(p2)[0] == _structure(g2)[0] == "scalar":
-        return _scalar_equiv(p2, g2, p_scale=0.01 if pp else 1.0, g_scale=0.01 if gp else 1.0)
+        percent = Fraction(1, 100)
+        return _scalar_equiv(p2, g2, p_scale=percent if pp else Fraction(1), g_scale=percent if gp else Fraction(1))
     return False
 
 

@@ -226,6 +226,28 @@ def test_malformed_jsonl(tmp_path, content, where, what):
         load_dataset("gsm8k", tmp_path, "test")
 
 
+def test_jsonl_splits_at_newlines_only(tmp_path):
+    """U+2028 / U+2029 / U+0085 / U+000B / U+000C are legal raw inside JSON strings; only \n (with an optional
+    \r before it) ends a record, and the line numbers of later errors stay right."""
+    odd = "a\u2028b\u2029c\u0085d\x0be\x0cf\x1cg"
+    good = json.dumps({"question": odd, "answer": "#### 1"}, ensure_ascii=False)
+    assert "\u2028" in good and len(good.splitlines()) > 1          # str.splitlines() would cut this record
+    p = write(tmp_path, "gsm8k", "test", good + "\r\n\r\n" + good + "\n")
+    assert [e.question for e in load_dataset("gsm8k", tmp_path, "test")] == [odd, odd]
+    write(tmp_path, "gsm8k", "test", good + "\r\n" + good + "\n\n" + '{"question": \n')
+    with pytest.raises(ValueError, match=re.escape(f"{p}: line 4: bad JSON")):
+        load_dataset("gsm8k", tmp_path, "test")
+
+
+def test_math12k_drops_missing_golds(tmp_path):
+    recs = [{"problem": p, "solution": "s \\boxed{}", "answer": a}
+            for p, a in [("P1", "5"), ("P2", ""), ("P3", "None"), ("P4", " "), ("P5", "\\text{none}")]]
+    write(tmp_path, "math12k", "train", recs)
+    assert [e.question for e in load_dataset("math12k", tmp_path, "train")] == ["P1", "P5"]
+    write(tmp_path, "math500", "test", recs[:1])
+    assert [e.answer for e in load_dataset("math500", tmp_path, "test")] == ["5"]
+
+
 def test_malformed_json_list_and_values(tmp_path):
     p = write(tmp_path, "svamp", "test", '[{"Body": "a", "Question": "b", "Answer": 1.0},\n {"Body": "a"}]')
     with pytest.raises(ValueError, match=re.escape(f"{p}: record 1: missing field 'Question'")):
@@ -261,7 +283,7 @@ def test_missing_file_and_bad_names(tmp_path):
 # Loaders on the real files
 
 COUNTS = {("gsm8k", "train"): 7473, ("gsm8k", "test"): 1319, ("svamp", "train"): 3076, ("svamp", "test"): 1000,
-          ("math12k", "train"): 12000, ("math500", "test"): 500, ("aime", "test"): 30, ("amc", "test"): 83,
+          ("math12k", "train"): 11996, ("math500", "test"): 500, ("aime", "test"): 30, ("amc", "test"): 83,
           ("minerva", "test"): 272, ("olympiad", "test"): 675}
 
 
@@ -283,12 +305,18 @@ def test_real_counts(real):
                 assert "\\boxed" in e.solution, (name, e.solution[-100:])
 
 
-def test_real_flawed_math12k_golds(real):
-    """Four Math12k records have a broken gold in the source (kept as given, see load_dataset): two solutions
-    end in an empty \\boxed{} (gold ""), two in '\\boxed 2' / '\\boxed 9' without braces (gold "None")."""
-    bad = {i + 1: e.answer for i, e in enumerate(real["math12k", "train"]) if e.answer in ("", "None")}
+def test_real_flawed_math12k_golds(real, data_dir):
+    """Four Math12k records have a missing gold in the source: two solutions end in an empty \\boxed{} (gold ""),
+    two in '\\boxed 2' / '\\boxed 9' without braces (gold "None"). load_dataset drops exactly these four."""
+    with open(data_dir / data.DATA_FILES["math12k"]["train"], encoding="utf-8") as f:
+        raw = [json.loads(line) for line in f]
+    bad = {i + 1: r["answer"] for i, r in enumerate(raw) if r["answer"].strip() in data.MISSING_GOLDS}
     assert bad == {1166: "", 4013: "None", 8126: "", 10892: "None"}
-    assert all(e.answer not in ("", "None") for k, exs in real.items() if k != ("math12k", "train") for e in exs)
+    kept = real["math12k", "train"]
+    assert len(kept) == len(raw) - 4 == 11996
+    assert [e.question for e in kept] == [r["problem"] for i, r in enumerate(raw) if i + 1 not in bad]
+    assert all(e.answer.strip() not in data.MISSING_GOLDS for exs in real.values() for e in exs
+               if isinstance(e.answer, str))
 
 
 def test_real_gsm8k_cots(real):
