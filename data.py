@@ -35,9 +35,9 @@ QWEN2_SPLIT_PATTERN = (
 )
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
-# Added tokens of the Qwen2 tokenizer family, ids 151643.. in this order, as (content, special).
-# 151643..151664 are Qwen2/Qwen2.5's; 151665..151668 complete the 151,669-entry table that transformers
-# reports for ../shared/data/qwen2_tokenizer. `special` tokens are dropped by decode(skip_special_tokens=True).
+# Added tokens of Qwen2 / Qwen2.5 / Qwen2.5-Math, ids 151643..151664 in this order, as (content, special): the
+# `added_tokens_decoder` of their tokenizer_config.json (151,665 ids; Qwen3 appends <tool_response>, </tool_response>,
+# <think>, </think>). `special` tokens are dropped by decode(skip_special_tokens=True).
 QWEN2_ADDED_TOKENS = [
     (ENDOFTEXT, True), (IM_START, True), (IM_END, True),
     ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True),
@@ -45,7 +45,6 @@ QWEN2_ADDED_TOKENS = [
     ("<|vision_pad|>", True), ("<|image_pad|>", True), ("<|video_pad|>", True),
     ("<tool_call>", False), ("</tool_call>", False), ("<|fim_prefix|>", False), ("<|fim_middle|>", False),
     ("<|fim_suffix|>", False), ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
-    ("<tool_response>", False), ("</tool_response>", False), ("<think>", False), ("</think>", False),
 ]
 
 
@@ -79,7 +78,7 @@ class Tokenizer:
         missing = [t for t in (ENDOFTEXT, IM_START, IM_END) if t not in vocab]
         if missing:
             raise ValueError(f"{source}: tokenizer lacks the special tokens {missing}")
-        self.vocab_size = max(vocab.values()) + 1  # valid ids are 0..vocab_size-1 (151669 for Qwen2)
+        self.vocab_size = max(vocab.values()) + 1  # valid ids are 0..vocab_size-1 (151665 for Qwen2.5)
         self.endoftext_id, self.im_start_id, self.im_end_id = (vocab[t] for t in (ENDOFTEXT, IM_START, IM_END))
         self.eos_token_ids = (self.im_end_id, self.endoftext_id)
         self.pad_token_id = self.endoftext_id
@@ -150,6 +149,9 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)           # the mode open() would give (mkstemp makes it 0600)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -95,7 +95,8 @@ def fmt_templates(per: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# FLOP model of one rollout (generate): the same accounting as bench/bench_train_step.py.
+# FLOP model of one rollout (generate): bench/bench_train_step.py's accounting without its ~5 * V FLOPs of
+# sampling per token (0.2 % of the tiny model's total).
 # Per token and ACTIVE layer: 2 * (q, k, v, o, gate, up, down parameters) + 4 * c * W for attention over c keys;
 # per generated token, whatever the mask: the LM head 2 * W * V. Prefill runs the Tp prompt positions (c = 1..Tp),
 # decode T - 1 single positions (c = Tp + t). Skipping k layers replaces N by N - k.
@@ -151,8 +152,15 @@ def run_config(out_dir: Path, init: Path, **overrides) -> nested_reft.Config:
     return nested_reft.load_config(str(CONFIG), {**base, **overrides})
 
 
+def fresh(run_dir: Path) -> Path:
+    """An empty run folder: a re-run of the demo replaces the earlier one (train() never reuses a run folder)."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    return run_dir
+
+
 def run_sft(out: Path, init: Path, s: dict, tok, test, cfg_kw: dict) -> tuple[Path, dict]:
-    cfg = run_config(out / "sft", init, model=str(init), sft_epochs=s["sft_epochs"], steps=0, **cfg_kw)
+    cfg = run_config(fresh(out / "sft"), init, model=str(init), sft_epochs=s["sft_epochs"], steps=0, **cfg_kw)
     n_steps = -(-int(2000 * cfg.sft_epochs) // cfg.sft_batch_size)
     say(f"SFT warm-up: {cfg.sft_epochs:g} epochs of the 2000 training problems = {n_steps} steps of "
         f"{cfg.sft_batch_size}, lr {cfg.sft_lr:g}")
@@ -174,9 +182,7 @@ class ReftRun:
 
     def __init__(self, name: str, label: str, kw: dict, out: Path, init: Path, sft_dir: Path, steps: int,
                  sft_acc: float, cfg_kw: dict):
-        self.name, self.label, self.dir = name, label, out / name
-        if self.dir.exists():                            # a fresh run (train() appends to metrics.jsonl)
-            shutil.rmtree(self.dir)
+        self.name, self.label, self.dir = name, label, fresh(out / name)
         self.cfg = run_config(self.dir, init, model=str(sft_dir), sft_epochs=0.0, steps=steps, **{**cfg_kw, **kw})
         self.k = nested_reft.num_skipped(self.cfg.skip_ratio, Qwen2Config.from_json(MODEL_CONFIG).num_hidden_layers)
         self.step, self.curve, self.summary, self.last_eval = 0, [{"step": 0, "accuracy": sft_acc}], {}, {}

@@ -1113,11 +1113,9 @@ def run_benchmarks(model, tokenizer, data_dir, names, out_path=None, *, limit: i
     import data
     evaluate_fn = evaluate_fn or evaluate
     names = check_benchmarks(names)
+    suites = {name: data.load_dataset(name, data_dir, "test")[:limit] for name in names}   # every file, up front
     results, all_records = {}, []
-    for name in names:
-        examples = data.load_dataset(name, data_dir, "test")
-        if limit is not None:
-            examples = examples[:limit]
+    for name, examples in suites.items():
         t0 = time.time()
         acc, records = evaluate_fn(model, tokenizer, examples, **gen_kwargs)
         results[name] = {"n": len(records), "accuracy": acc, "seconds": time.time() - t0}
@@ -1222,6 +1220,10 @@ def main(argv=None) -> int:
         import data
         import qwen2
         device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available on this machine")
         dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import distributed
-from eval import evaluate, reward, run_benchmarks
+from eval import check_benchmarks, evaluate, reward, run_benchmarks
 from data import (Example, Tokenizer, chat_prompt, collate_sft, load_dataset, sft_example, synthetic_tokenizer,
                   write_text_atomic)
 from grpo import (group_advantages, loss_normaliser, offpolicy_stats, policy_loss, reward_stats, token_entropy,
@@ -341,6 +341,11 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config key 'adam_betas' = {cfg.adam_betas!r}: expected two numbers in [0, 1), e.g. 0.9,0.999")
     if not cfg.model and not cfg.model_config:
         raise UserError("config: set 'model' (a checkpoint dir) or 'model_config' (a config.json to build)")
+    if cfg.eval_benchmarks:
+        try:
+            check_benchmarks(cfg.eval_benchmarks)
+        except ValueError as e:
+            raise UserError(f"config key 'eval_benchmarks' = {cfg.eval_benchmarks!r}: {e}") from None
 
 
 def help_text() -> str:
@@ -732,6 +737,8 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
     model = distributed.wrap(model, cfg.parallel, device, dtype)              # torchrun: DDP or FSDP2
     data_dir = resolve_data_dir(cfg)
     train_set = load_dataset(cfg.dataset, data_dir, "train")
+    for name in check_benchmarks(cfg.eval_benchmarks) if cfg.eval_benchmarks else []:
+        load_dataset(name, data_dir, "test")                # a missing benchmark file fails now, not after training
 
     if state is None and cfg.sft_epochs > 0:
         sft(model, tok, train_set, cfg, device, dtype, log)

@@ -750,6 +750,9 @@ class Qwen2(nn.Module):
         cfg = self.config.to_dict()
         cfg["torch_dtype"] = str(self.dtype).removeprefix("torch.")
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)           # the mode mkdir() would give (mkdtemp makes it 0700)
         try:
             if len(shards) == 1:
                 save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -52,10 +52,11 @@ def ref(data_dir):
 
 
 def test_qwen2_special_ids(tok):
-    assert tok.vocab_size == 151669
+    assert tok.vocab_size == 151665                         # Qwen2.5's table: 22 added tokens, not Qwen3's 26
     assert (tok.endoftext_id, tok.im_start_id, tok.im_end_id) == (151643, 151644, 151645)
     assert tok.eos_token_ids == (151645, 151643) and tok.pad_token_id == 151643
-    assert tok.token_to_id("</think>") == 151668
+    assert tok.token_to_id("<|file_sep|>") == 151664
+    assert tok.encode("<think>") != [151667]                 # Qwen3's added token is plain text here
     assert tok.encode("48") == [19, 23]  # digits are split one per token
     with pytest.raises(ValueError, match="not in the vocabulary"):
         tok.token_to_id("<|no_such_token|>")
@@ -89,6 +90,9 @@ def test_decode_round_trip(tok, ref):
 def test_save_and_load_tokenizer_json(tok, tmp_path):
     tok.save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json"]  # no temp file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "tokenizer.json").stat().st_mode & 0o777 == 0o666 & ~umask   # as open() would make it
     tok2 = Tokenizer.load(tmp_path)
     assert (tok2.vocab_size, tok2.eos_token_ids, tok2.pad_token_id) == (tok.vocab_size, tok.eos_token_ids,
                                                                         tok.pad_token_id)

@@ -101,6 +101,9 @@ def test_rollout_flops_golden():
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_quick")
+    for name in ("sft", "baseline"):                  # leftovers of an earlier demo run: a re-run replaces them
+        (out / name).mkdir()
+        (out / name / "metrics.jsonl").write_text('{"stage": "stale", "step": 0}\n')
     proc = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -128,6 +131,7 @@ def test_quick_demo_produces_the_table(quick_demo):
         assert label in table and label in stdout
     for column in ("held-out acc.", "Δ vs baseline", "δ vs baseline", "rollout tok/s", "total tok/s", "runtime"):
         assert column in table
+    assert all("stale" not in (out / name / "metrics.jsonl").read_text() for name in ("sft", "baseline"))
     for name in ("sft/sft", "init", "baseline/checkpoint", "nested-retrace/checkpoint"):
         assert (out / name / "config.json").is_file() and (out / name / "tokenizer.json").is_file()
     try:

@@ -150,6 +150,11 @@ def test_run_benchmarks_table_and_jsonl(tmp_path, capsys):
     # limit keeps the first N of each benchmark
     res = E.run_benchmarks(model, tok, data_dir, ["aime", "minerva"], None, limit=1, print_fn=lambda *a: None)
     assert {k: v["n"] for k, v in res["benchmarks"].items()} == {"aime": 1, "minerva": 1}
+    # every benchmark file is read before the first evaluation: a missing one costs no generation
+    calls = []
+    with pytest.raises(FileNotFoundError, match="olympiad"):
+        E.run_benchmarks(model, tok, data_dir, "aime,olympiad", None, evaluate_fn=lambda *a, **k: calls.append(1))
+    assert calls == []
 
 
 def test_format_table_golden():
@@ -196,6 +201,7 @@ def test_eval_skip_mask():
     (["--limit", "0"], "--limit 0"),
     (["--benchmarks", "aime,foo"], "unknown benchmark 'foo'"),
     (["--data", "/nonexistent/data"], "--data /nonexistent/data"),
+    (["--device", "tpu"], "--device 'tpu'"),
 ])
 def test_cli_user_errors_are_one_line(tmp_path, capsys, args, needle):
     base = {"--model": str(tmp_path), "--data": str(tmp_path)}

@@ -182,6 +182,9 @@ def test_save_into_existing_dir_keeps_other_files(tmp_path):
                                                                   "tokenizer.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
     Qwen2.from_pretrained(tmp_path / "ck")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "ck").stat().st_mode & 0o777 == 0o777 & ~umask           # as mkdir() would make it
 
 
 def test_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):

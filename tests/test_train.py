@@ -213,7 +213,8 @@ def test_config_values_are_checked_before_any_work():
     """Every out-of-range value is a one-line UserError at load time, not a failure after the SFT warm-up."""
     bad = {"lam": "0", "clip_eps": "1.5", "top_p": "0", "temperature": "0", "beta": "-1", "sft_batch_size": "0",
            "sft_micro_batch": "0", "max_prompt_len": "0", "save_every": "-1", "skip_border": "-1", "lr": "nan",
-           "adam_betas": "0.9", "grad_clip": "-1", "sft_epochs": "-1", "log_every": "0"}
+           "adam_betas": "0.9", "grad_clip": "-1", "sft_epochs": "-1", "log_every": "0",
+           "eval_benchmarks": "aime,nope"}
     for key, value in bad.items():
         with pytest.raises(nr.UserError, match=f"'{key}'"):
             nr.load_config("gsm8k_1p5b", {key: value})
@@ -226,6 +227,9 @@ def test_run_folder_errors(workspace, tmp_path):
     run = tmp_path / "run"
     with pytest.raises(ValueError, match="k=round"):
         nr.train(tiny_config(workspace, run, skip_ratio=0.75, skip_border=1), quiet=True)   # k = 3 > |V| = 2
+    assert not (run / "metrics.jsonl").exists() and not (run / "sft").exists()
+    with pytest.raises(FileNotFoundError, match="aime"):                   # a benchmark file is checked up front
+        nr.train(tiny_config(workspace, run, eval_benchmarks="aime"), quiet=True)
     assert not (run / "metrics.jsonl").exists() and not (run / "sft").exists()
     with pytest.raises(nr.UserError, match="no checkpoint/trainer_state.pt"):
         nr.train(tiny_config(workspace, run), resume=str(run), quiet=True)
