@@ -254,9 +254,10 @@ def offpolicy_stats(logp: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tenso
     kl_mu_pi       KL(mu || pi_theta) ~ mean(log mu - log pi_theta) on tokens sampled from mu (k1, unbiased, can be < 0)
     kl_mu_pi_k3    the same with k3: mean(rho - 1 - log rho) >= 0 (lower variance)
     entropy        mean entropy of pi_theta(. | s_t), exact -- only when logits [B, T, V] are given
-    kl_ref         mean k3 KL(pi_theta || pi_ref) (kl_k3) -- only when ref_logp is given; tokens with log pi_theta =
-                   -inf (outside its top-p nucleus) left out
+    kl_ref         mean k3 KL(pi_theta || pi_ref) (kl_k3) -- only when ref_logp is given
     neg_logp       mean -log pi_theta(y_t) -- always; an entropy PROXY (a cross-entropy, since y_t ~ mu)
+    outside_frac   fraction of tokens outside pi_theta's top-p nucleus (log pi_theta = -inf, rho = 0; 0 when top_p = 1);
+                   the KL and neg_logp statistics leave them out (they would be infinite)
     completion_len mean #tokens per completion;  n_tokens, n_seqs
     """
     _check_variant(variant, lam)
@@ -265,7 +266,9 @@ def offpolicy_stats(logp: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tenso
         n = m.sum()
         logp, logp_mu = logp.detach().double(), logp_mu.detach().double()   # float64: sums of rho^2 stay finite
         log_ratio = torch.clamp(logp - logp_mu, max=max_log)
-        rho = torch.exp(log_ratio)                                        # [B, T]
+        rho = torch.exp(log_ratio)                                        # [B, T]; 0 outside pi's nucleus
+        live = m & (logp > -math.inf)                                     # log pi finite (always when top_p = 1)
+        log_ratio, logp = torch.where(live, log_ratio, 0.0), torch.where(live, logp, 0.0)
         w = offpolicy_weight(rho, variant, lam)
         trunc = (rho > 1) if variant == "retrace" else torch.zeros_like(m)
         clipped = torch.zeros_like(m)
@@ -280,9 +283,10 @@ def offpolicy_stats(logp: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tenso
             "clip_frac": _masked_mean(clipped.double(), m),
             "ess_ratio": _ess(rho, m),
             "ess_weight": _ess(w, m),
-            "kl_mu_pi": _masked_mean(logp_mu - logp, m),                  # E_mu[log mu - log pi]
-            "kl_mu_pi_k3": _masked_mean(rho - 1 - log_ratio, m),          # E_mu[rho - 1 - log rho]
-            "neg_logp": _masked_mean(-logp, m),
+            "kl_mu_pi": _masked_mean(logp_mu - logp, live),               # E_mu[log mu - log pi]
+            "kl_mu_pi_k3": _masked_mean(rho - 1 - log_ratio, live),       # E_mu[rho - 1 - log rho]
+            "neg_logp": _masked_mean(-logp, live),
+            "outside_frac": _masked_mean((m & ~live).double(), m),
             "completion_len": m.sum(1).double().mean(),
             "n_tokens": n.double(),
             "n_seqs": torch.tensor(float(m.shape[0]), device=rho.device),
@@ -290,8 +294,7 @@ def offpolicy_stats(logp: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tenso
         if logits is not None:
             values["entropy"] = _masked_mean(token_entropy(logits, temperature).double(), m)
         if ref_logp is not None:
-            live = m & (logp > -math.inf)
-            values["kl_ref"] = _masked_mean(kl_k3(torch.where(live, logp, 0.0), ref_logp.detach().double()), live)
+            values["kl_ref"] = _masked_mean(kl_k3(logp, ref_logp.detach().double()), live)
         out = dict(zip(values, torch.stack([v.double() for v in values.values()]).tolist()))  # one host sync
         if out["n_tokens"] == 0:
             out["ratio_min"] = out["ratio_max"] = math.nan

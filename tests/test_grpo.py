@@ -277,6 +277,10 @@ def test_token_outside_pi_nucleus_has_rho_zero():
                     assert close(logits.grad[0, 0, 0].item(), dlogp / 4, atol=1e-6), (variant, grad)
                 assert stats["ratio_min"] == 0.0 and close(stats["ratio_max"], 2.0)
                 assert close(stats["kl_ref"], 0.0)                               # only token 1 counts: d = 0
+                assert stats["outside_frac"] == 0.5                               # the KLs skip token 2:
+                assert close(stats["kl_mu_pi"], -math.log(2.0))                   # log mu - log pi = -ln 2
+                assert close(stats["kl_mu_pi_k3"], 1 - math.log(2.0))             # 2 - 1 - ln 2
+                assert close(stats["neg_logp"], -math.log(0.75))
 
 
 # ---------------------------------------------------------------------------------------------- sanity facts
