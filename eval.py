@@ -13,33 +13,50 @@ How grade() decides (each rule is documented where it is implemented):
   2. Both sides are normalised (Hendrycks-style: \\text{}, units, \\left/\\right, \\dfrac, \\frac12, spaces,
      degrees, %, $, thousands separators, x= prefixes, ...). Equal strings -> True (the fast path).
   3. Structure: matrices cell by cell; tuples/points/intervals in order with the same brackets; sets
-     \\{..\\}, unions and bare comma lists as unordered multisets ("a \\pm b" is the list a+b, a-b).
-  4. Scalars: a small hand-written recursive-descent parser (numbers, + - * / ^, \\frac, \\sqrt, \\pi, e, i,
-     functions, single-letter variables) turns both sides into expression trees. Never eval/exec; no sympy.
+     \\{..\\}, unions and bare comma lists as unordered multisets ("a \\pm b" is the list a+b, a-b). A gold
+     with thousands separators (10,000) is only a number, never a list ("10, 0" and "0,10" are wrong for it).
+  4. Scalars: two plain words (2+ letters, one of them 3+: "Evelyn", "\\text{yes}") compare case-insensitively
+     and only so ("Evenly" != "Evelyn"; two 2-letter words may be a product: "yx" == "xy"). Otherwise a small
+     hand-written recursive-descent parser (numbers, + - * / ^, \\frac, \\sqrt, \\pi, e, i, functions,
+     single-letter variables) turns both sides into expression trees. Never eval/exec; no sympy. f, g, h, u or
+     an uppercase letter directly followed by "(" is a function call (I(0), f(4-x)): such an answer is not
+     comparable, only its normalised text counts (x(x+1), 2a(b+c), n(n+1)/2 stay products).
      Constants (no variables) are compared by these rules, in order ("exact" text: no decimal literal
      anywhere, or an integer literal with zero decimals such as 142.0):
-       a. A gold written as a decimal literal with d decimals (408.04, -0.5, also 4.5e33 / 2.88 \\times 10^{16}
-          with d decimals in the mantissa and exponent k): the prediction must agree to the gold's last digit,
-          |pred - gold| <= 0.5 * 10^(k-d) (+ relative 1e-12 for golds that are printed floats: 2/3 is right for
-          SVAMP's 0.6666666666666666). So 408 and 408.0 are wrong for 408.04, 54.55 for 54.545; \\pi is right for
-          3.14 and \\frac13 for 0.33. A gold with one significant digit (0.5, 0.01, 0.3) is taken as exact:
-          0.499, 0.006 and \\frac13 are wrong for them.
-       b. Exact gold and exact prediction, or an integer-valued exact gold (204, 2^{100}-2, 1,000): exact
-          comparison. Rational values (integers, + - * /, integer powers, mixed numbers, percents, n!, binomials,
-          floor/ceil/|.| of rationals) are evaluated exactly with int / fractions.Fraction, so 2^{100}-3 !=
-          2^{100}-2 and 204.01 != 204; irrational ones (\\pi, roots, e, i, logs, trig) in complex floating point
-          with relative tolerance 1e-9 (12349\\pi != 12348\\pi).
-       c. A prediction written with a decimal literal against an exact non-integer gold (0.3333 for \\frac13,
-          1.4142 for \\sqrt2, 0.866 for \\frac{\\sqrt3}{2}): relative 1e-4. An integer-literal prediction gets no
-          slack (rule b).
+       a. A gold written as a decimal literal g with d decimals (408.04, -0.5, also 4.5e33 / 2.88 \\times 10^{16}
+          with d decimals in the mantissa and exponent k); h = 0.5 * 10^(k-d), half a unit of its last digit.
+          The prediction is right when (i) it equals g up to relative 1e-12 (the noise of golds that are printed
+          floats: 2/3 is right for SVAMP's 0.6666666666666666), or, for a gold with 2+ significant digits, when
+          it rounds to g (half away from zero: the same sign and |pred| in [|g| - h, |g| + h)) and (ii) it is a
+          decimal literal with a finer last digit than g (1.602 and 1.55 for 1.6, not 1.55 for 1.5; 54.5454 for
+          54.545) or (iii) it is exact text and g has 3+ significant digits (\\pi for 3.14, \\frac{600}{11} for
+          54.545; not \\frac13 for 0.33, 2\\sqrt5 for 4.5). A decimal with as many or fewer digits than g must
+          equal it (408 and 408.0 are wrong for 408.04, 54.55 for 54.545); a gold with one significant digit
+          (0.5, 0.01, 0.3) is exact (0.499, 0.006 and \\frac13 are wrong for them).
+       b. Otherwise exact comparison; an integer-valued exact gold (204, 2^{100}-2, 1,000) and any prediction that
+          is no decimal literal (0.2+0.6i) get no slack. Rational values (integers, + - * /, integer powers,
+          mixed numbers, percents, n!, binomials, floor/ceil/|.| of rationals) are evaluated exactly with int /
+          fractions.Fraction, so 2^{100}-3 != 2^{100}-2 and 204.01 != 204; irrational ones (\\pi, roots, e, i,
+          logs, trig) in complex floating point (12349\\pi != 12348\\pi).
+       c. A prediction written as a decimal literal with 3+ significant digits against an exact non-integer gold:
+          it must be the gold rounded half away from zero or truncated at the prediction's last digit (0.3333
+          for \\frac13, 0.6666 and 0.6667 for \\frac23, 1.4142 for \\sqrt2, 0.866 for \\frac{\\sqrt3}{2}, 3.14 for
+          \\pi; not 142.87 for \\frac{1000}{7}, 0.3334 for \\frac13, nor 0.33 or 3.1 with two digits).
        d. A gold with decimals inside an expression (2.5\\pi): relative 1e-4.
-     Floating-point comparisons also allow round-off: relative 1e-9 of the larger value plus 1e-12 absolute.
+     Floating-point comparisons also allow round-off: relative 1e-9 of the larger value, and an absolute 1e-12
+     only where the gold's value is exactly 0 (\\sin\\pi == 0, but 0 != \\sqrt2 \\times 10^{-13}).
      Expressions with variables are evaluated in complex floats at fixed pseudo-random points and must agree to
-     relative 1e-6 at every point: 6 positive non-integer points in [0.3, 7.5) (a point where both sides are
-     undefined is skipped, one where only one side is fails, at least 3 must compare); when a tree holds |.|,
-     floor or ceil, also 4 points with negative coordinates and 4 with small integer ones, skipping those where
-     a side is undefined or not real (so x != |x|, 3-x != |x-3|, \\lfloor n/2 \\rfloor + 1 != \\lceil n/2 \\rceil).
-     Equivalences that hold only on integers (\\lceil n/2 \\rceil = \\lfloor (n+1)/2 \\rfloor) are not recognised.
+     relative 1e-8 at every point (absolute 1e-12 only where the gold's value there is exactly 0): 6 positive
+     non-integer points in [0.3, 7.5) (a point where both sides are undefined is skipped, one where only one
+     side is fails, at least 3 must compare); when a tree holds |.|, floor or ceil, also 4 points with negative
+     coordinates and 4 with small integer ones, skipping those where a side is undefined or not real (so
+     x != |x|, 3-x != |x-3|, \\lfloor n/2 \\rfloor + 1 != \\lceil n/2 \\rceil). Equivalences that hold only on
+     integers (\\lceil n/2 \\rceil = \\lfloor (n+1)/2 \\rfloor) are not recognised.
+     A constant gold wants a constant: a prediction with variables is right only when they cancel, i.e. it
+     agrees with the gold to round-off (relative 1e-9) at every point and exactly where its value there is
+     rational (\\sin^2x+\\cos^2x == 1, (x+1)^2-x^2-2x-1 == 0; 1000001+0x != 1000000, 0x != 8.224 \\times 10^{-19}).
+     Equations: "x = 5" against "5" compares 5 (a variable, subscripted variable or function call on the left
+     is dropped); the same left side on both sides compares the right sides; else L1 - R1 == ±(L2 - R2).
      Roots: \\sqrt{a} is the principal square root (\\sqrt{-4} = 2i); an odd root of a negative real is the
      real root (\\sqrt[3]{-8} = -2); a^{1/3} written as a power is the principal (complex) one.
      Percent decision: the % sign is dropped, so "10\\%" == "10"; when exactly one side wrote %, that side's
@@ -48,7 +65,7 @@ How grade() decides (each rule is documented where it is implemented):
   5. Bounded time on any input: answers longer than MAX_ANSWER_CHARS are compared as stripped strings only,
      the parser stops at MAX_TOKENS tokens / MAX_DEPTH nesting, exponents above MAX_EXPONENT in magnitude,
      factorials above 170 and non-finite values make an expression "not comparable" (-> not equal); exact
-     values above _EXACT_BITS bits are left to floating point.
+     arithmetic hands over to floating point as soon as any intermediate value exceeds _EXACT_BITS bits.
 """
 from __future__ import annotations
 
@@ -168,7 +185,7 @@ _UNIT_WORDS = ("units", "unit", "sq", "square", "cubic", "cm", "mm", "km", "m", 
                "mile", "mph", "degrees", "degree", "dollars", "dollar", "cents", "cent", "hours", "hour", "hrs",
                "minutes", "minute", "min", "seconds", "second", "sec", "days", "day", "weeks", "week", "years",
                "year", "kg", "grams", "gram", "g", "pounds", "pound", "lbs", "ounces", "oz", "liters", "liter",
-               "ml", "gallons", "gallon", "cups", "people", "students", "percent")
+               "ml", "gallons", "gallon", "cups", "people", "students", "percent", "Hz")
 # bare unit words at the end, after a digit / } / ) and at least one space: "17 meters", "5 sq ft"
 _UNIT_WORD_RE = re.compile(r"(?<=[\d}).])(?:\s+(?:" + "|".join(_UNIT_WORDS) + r")\.?)+(?:\^\d)?\s*$")
 _DEGREE_RE = re.compile(r"(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree)(?:\s*[CF](?![a-zA-Z]))?")
@@ -414,23 +431,26 @@ _WORD_RE = re.compile(r"^[A-Za-z]{2,}$")
 def _scalar_equiv(p: str, g: str, p_scale: Fraction = Fraction(1), g_scale: Fraction = Fraction(1)) -> bool:
     """Equivalence of two single answers.
 
-    - words ("Evelyn", "yes") compare case-insensitively
-    - equations "L = R" on both sides: equal when L1 - R1 == ±(L2 - R2) as expressions (so "x = 5" == "5 = x")
+    - words ("Evelyn", "yes"): when both sides are plain words of 2+ letters, one of them 3+, only the
+      case-insensitive comparison decides ("Evenly" != "Evelyn": no product of variables); two 2-letter words
+      may be products ("yx" == "xy", a Math12k gold), so "on" == "no" (a known limit)
+    - equations "L = R" on both sides: the same function/variable on the left ("f(x) = x+1" vs "f(x)=1+x") compares
+      the right sides; otherwise equal when L1 - R1 == ±(L2 - R2) as expressions (so "x = 5" == "5 = x")
     - an equation on one side only whose left side is a variable, a subscripted variable or a function call
       ("x = 5", "k=3", "f(n) = 2n+1", "m_{\\max} = 7") is replaced by its right side
-    - otherwise numeric/symbolic comparison of the parsed expressions (tolerances: module docstring)
+    - otherwise numeric/symbolic comparison of the parsed expressions (tolerances: module docstring); a constant
+      gold wants a constant: a prediction's variables must cancel (_cancels_to: "1000001+0x" != "1000000")
     """
     if p == g and p_scale == g_scale:
         return True
-    if _WORD_RE.match(p) and _WORD_RE.match(g) and p.lower() == g.lower():
-        return True
+    if _WORD_RE.match(p) and _WORD_RE.match(g) and max(len(p), len(g)) >= 3:
+        return p.lower() == g.lower()
     pe, ge = _split_top(p, "="), _split_top(g, "=")
-    if len(pe) == 2 and len(ge) == 2:
-        ap, ag = _parse_pair(*pe), _parse_pair(*ge)
-        if ap is None or ag is None:
-            return False
-        return _values_equal(ap, ag, rel=1e-6) or _values_equal(("neg", ap), ag, rel=1e-6)
-    if len(pe) == 2 and len(ge) == 1 and _LHS_RE.match(pe[0]):
+    if len(pe) == len(ge) == 2 and pe[0] == ge[0] and _LHS_RE.match(pe[0]):
+        p, g = pe[1], ge[1]                          # the same left side "f(x) =": compare the right sides
+    elif len(pe) == len(ge) == 2:
+        return _equations_equal(pe, ge)
+    elif len(pe) == 2 and len(ge) == 1 and _LHS_RE.match(pe[0]):
         p = pe[1]
     elif len(ge) == 2 and len(pe) == 1 and _LHS_RE.match(ge[0]):
         g = ge[1]
@@ -443,12 +463,22 @@ def _scalar_equiv(p: str, g: str, p_scale: Fraction = Fraction(1), g_scale: Frac
         ap = ("*", ap, ("num", complex(p_scale), Fraction(p_scale)))
     if g_scale != 1:
         ag = ("*", ag, ("num", complex(g_scale), Fraction(g_scale)))
-    if _variables(ap, set()) or _variables(ag, set()):
-        return _values_equal(ap, ag, rel=1e-6)
-    return _constants_equal(ap, ag, p, g, g_scale)
+    if _variables(ag, set()):
+        return _values_equal(ap, ag)
+    if _variables(ap, set()):                        # a constant gold wants a constant
+        return _cancels_to(ap, ag)
+    return _constants_equal(ap, ag, p, g, p_scale, g_scale)
 
 
 _INT_LITERAL_RE = re.compile(r"^-?\d+(?:\.0*)?$")
+
+
+def _equations_equal(pe: list[str], ge: list[str]) -> bool:
+    """L1 = R1 vs L2 = R2: L1 - R1 == ±(L2 - R2) as expressions."""
+    ap, ag = _parse_pair(*pe), _parse_pair(*ge)
+    if ap is None or ag is None:
+        return False
+    return _values_equal(ap, ag) or _values_equal(("neg", ap), ag)
 
 
 def _parse_pair(lhs: str, rhs: str):
@@ -485,7 +515,8 @@ class _Parser:
         postfix := atom '!'*
         atom    := number | letter[_sub] | \\greek[_sub] | \\pi | ( expr ) | { expr } | \\frac{a}{b} | \\sqrt[n]{a}
                  | \\binom{a}{b} | \\func[^k] arg | \\lfloor expr \\rfloor | \\lceil expr \\rceil | | expr |
-    `e` is Euler's number and `i` the imaginary unit; other letters are variables.
+    `e` is Euler's number and `i` the imaginary unit; other letters are variables, except that f, g, h, u or an
+    uppercase letter directly followed by "(" is a function call, which makes the answer not comparable.
     """
 
     def __init__(self, tokens: list[str]):
@@ -661,6 +692,8 @@ class _Parser:
     def variable(self, name: str):
         if self.peek() == "_":
             name += "_" + self.subscript()
+        if self.peek() == "(" and _is_function_name(name):   # f(x), I(0): a call, not a product
+            raise _NotComparable(f"function call {name}(...)")
         return ("var", name)
 
     def function(self, name: str):
@@ -680,6 +713,13 @@ class _Parser:
         if base is not None:
             node = ("/", ("fn", "ln", arg), ("fn", "ln", base))
         return node if power is None else ("^", node, power)
+
+
+def _is_function_name(name: str) -> bool:
+    """Letters that name functions when directly followed by "(": f, g, h, u and any uppercase letter (also
+    \\Gamma, \\Phi, ...). x(x+1), 2a(b+c), n(n+1)/2 stay products."""
+    letter = name.split("_")[0].lstrip("\\")
+    return letter in ("f", "g", "h", "u") or letter[0].isupper()
 
 
 _EXPONENT_PART_RE = re.compile(r"[eE]([-+]?\d+)$")
@@ -817,6 +857,15 @@ def _exact(node) -> Fraction | None:
 
 
 def _rational(node) -> Fraction:
+    """Exact value of `node`; every intermediate result is capped at _EXACT_BITS bits (numerator and
+    denominator), so a long sum of huge fractions cannot grow quadratically."""
+    x = _rational_op(node)
+    if max(x.numerator.bit_length(), x.denominator.bit_length()) > _EXACT_BITS:
+        raise _Inexact
+    return x
+
+
+def _rational_op(node) -> Fraction:
     op = node[0]
     if op == "num":
         if node[2] is None:
@@ -856,9 +905,11 @@ def _rational(node) -> Fraction:
 # ---------------- comparison rules ---------------------------------------------------------------------
 
 _FLOAT_NOISE = Fraction(1, 10**12)    # a decimal gold that is a printed float (SVAMP's 0.6666666666666666 = 2/3)
+_ROUND_OFF = 1e-9                     # relative round-off of a floating-point comparison
+_ZERO_GOLD_ABS = 1e-12                # absolute round-off, only where the gold's value is exactly 0
 _DECIMAL_RE = re.compile(r"\d\.\d|\d[eE][-+]?\d")   # a decimal literal: 408.04, 0.5, 4.5e33
-# a gold written as a decimal literal, optionally in scientific notation: 408.04, -0.5, 2.88\times10^{16}, 4.5e33
-_DECIMAL_GOLD_RE = re.compile(r"^-?(\d+)\.(\d+)(?:[eE]([-+]?\d+)|(?:\\times|\\cdot)10\^(?:\{([-+]?\d+)\}|(\d)))?$")
+# a decimal literal, optionally in scientific notation: 408.04, -0.5, 2.88\times10^{16}, 4.5e33
+_DECIMAL_LITERAL_RE = re.compile(r"^-?(\d+)\.(\d+)(?:[eE]([-+]?\d+)|(?:\\times|\\cdot)10\^(?:\{([-+]?\d+)\}|(\d)))?$")
 
 
 def _is_exact_text(s: str) -> bool:
@@ -866,47 +917,94 @@ def _is_exact_text(s: str) -> bool:
     return not _DECIMAL_RE.search(s) or bool(_INT_LITERAL_RE.match(s))
 
 
-def _half_unit(g: str) -> Fraction | None:
-    """Half a unit of the last written digit of a decimal-literal gold (408.04 -> 0.005; 4.5e33 -> 5e31); 0 for a
-    gold with one significant digit (0.5, 0.01, 0.3: taken as exact, so 0.499, 0.006 and \frac13 are wrong for
-    them); None when the gold is not a decimal literal or its decimals are all zero (142.0 is an integer)."""
-    m = _DECIMAL_GOLD_RE.match(g)
+def _literal_digits(s: str) -> tuple[Fraction, int] | None:
+    """(unit of the last written digit, number of significant digits) of a decimal literal: 408.04 -> (1/100, 5),
+    4.5e33 -> (10^32, 2), 0.010 -> (1/1000, 2); None when s is no decimal literal, when its decimals are all zero
+    and it has no exponent (142.0 is an integer), or when its exponent exceeds MAX_EXPONENT."""
+    m = _DECIMAL_LITERAL_RE.match(s)
     if not m or (not m.group(2).strip("0") and not any(m.group(3, 4, 5))):
         return None
     power = int(next((x for x in m.group(3, 4, 5) if x), 0))
     if abs(power) > MAX_EXPONENT:
         return None
-    if len((m.group(1) + m.group(2)).lstrip("0")) <= 1:
-        return Fraction(0)
-    return Fraction(1, 2) * Fraction(10) ** (power - len(m.group(2)))
+    return Fraction(10) ** (power - len(m.group(2))), len((m.group(1) + m.group(2)).lstrip("0"))
 
 
-def _constants_equal(ap, ag, p: str, g: str, g_scale: Fraction = Fraction(1)) -> bool:
+def _constants_equal(ap, ag, p: str, g: str, p_scale: Fraction = Fraction(1), g_scale: Fraction = Fraction(1)) -> bool:
     """Equality of two constant trees (no variables) parsed from the normalised texts p, g (rules a-d of the
-    module docstring, point 4); g_scale is the gold's percent factor (1 or 1/100), which scales its precision."""
+    module docstring, point 4); p_scale / g_scale are the percent factors (1 or 1/100), which scale the units of
+    the written digits."""
     xp, xg = _exact(ap), _exact(ag)
-    half = _half_unit(g)
-    if half is not None:                             # gold 408.04: agree to its last digit (3.14 ~ pi)
-        return _near(ap, ag, xp, xg, rel=_FLOAT_NOISE, abs_tol=half * g_scale)
-    if not _is_exact_text(g):                        # decimals inside a gold expression (2.5\pi): relative 1e-4
+    gold_digits, pred_digits = _literal_digits(g), _literal_digits(p)
+    if gold_digits is not None:                      # a: gold 408.04 or 4.5e33
+        g_unit, g_sig = gold_digits[0] * g_scale, gold_digits[1]
+        p_unit = pred_digits[0] * p_scale if pred_digits is not None else None
+        return _decimal_gold_equal(ap, ag, xp, xg, g_unit, g_sig, p_unit, _is_exact_text(p))
+    if not _is_exact_text(g):                        # d: decimals inside a gold expression (2.5\pi): relative 1e-4
         return _near(ap, ag, xp, xg, rel=Fraction(1, 10_000))
-    if _is_exact_text(p) or (xg is not None and xg.denominator == 1):
-        return xp == xg if xp is not None and xg is not None else _near(ap, ag, xp, xg)   # exact
-    return _near(ap, ag, xp, xg, rel=Fraction(1, 10_000))   # 0.3333 for 1/3, 1.4142 for \sqrt2
+    if _same(ap, ag, xp, xg):                        # b: exact comparison
+        return True
+    if pred_digits is None or (xg is not None and xg.denominator == 1):
+        return False                                 # b: an exact or integer gold gets no slack
+    p_unit, p_sig = pred_digits[0] * p_scale, pred_digits[1]
+    return p_sig >= 3 and _rounded_or_truncated(ag, xp, xg, p_unit)   # c: 0.3333 for 1/3, 3.14 for pi
 
 
-def _near(ap, ag, xp, xg, rel: Fraction = Fraction(0), abs_tol: Fraction = Fraction(0)) -> bool:
-    """|p - g| <= abs_tol + rel * |g|: exactly when both values are rational, else in floating point with
-    round-off allowed (relative 1e-9 of the larger value, absolute 1e-12)."""
+def _decimal_gold_equal(ap, ag, xp, xg, g_unit: Fraction, g_sig: int, p_unit: Fraction | None,
+                        p_exact: bool) -> bool:
+    """Rule a: (i) equal (a printed float's noise allowed); else, for a gold with 2+ significant digits, a
+    prediction that rounds to the gold at its last digit when it is (ii) a decimal literal with a finer last digit
+    (1.602 for 1.6) or (iii) an exact expression and the gold has 3+ significant digits (\\pi for 3.14)."""
+    if _near(ap, ag, xp, xg, rel=_FLOAT_NOISE):     # (i) 2/3 for SVAMP's 0.6666666666666666
+        return True
+    if g_sig <= 1:                                   # 0.5, 0.01: exact
+        return False
+    if p_unit is not None:                           # (ii) more digits than the gold
+        finer = p_unit < g_unit
+    else:                                            # (iii) no decimal literal in the prediction
+        finer = p_exact and g_sig >= 3
+    return finer and _rounds_to(ap, xp, xg, g_unit / 2)
+
+
+def _rounds_to(ap, xp, xg, half: Fraction) -> bool:
+    """Does the prediction round (half away from zero) to the gold at half-unit `half`: the same sign and
+    |p| in [|g| - half, |g| + half)?"""
+    vp = xp if xp is not None else _real_value(ap)
+    if vp is None or xg is None or (vp < 0) != (xg < 0):
+        return False
+    return abs(xg) - half <= abs(vp) < abs(xg) + half
+
+
+def _rounded_or_truncated(ag, xp, xg, p_unit: Fraction) -> bool:
+    """Rule c: is the decimal prediction the gold's value rounded half away from zero, or truncated, at the
+    prediction's last digit (p_unit)? 0.6666 and 0.6667 for 2/3, not 0.6668; 142.86 for 1000/7, not 142.87."""
+    vg = xg if xg is not None else _real_value(ag)
+    if vg is None or xp is None or (xp < 0) != (vg < 0):
+        return False
+    steps = Fraction(abs(vg)) / p_unit               # the gold in units of the prediction's last digit, exactly
+    return abs(xp) / p_unit in (math.floor(steps), math.floor(steps + Fraction(1, 2)))
+
+
+def _real_value(node) -> float | None:
+    """The real value of a constant tree in floating point, or None (undefined, non-finite or not real)."""
+    v = _value(node, {})
+    return None if v is None or _non_real(v) else v.real
+
+
+def _same(ap, ag, xp, xg) -> bool:
+    """Exact equality: in int/Fraction when both values are rational, else in floating point up to round-off."""
+    return xp == xg if xp is not None and xg is not None else _near(ap, ag, xp, xg)
+
+
+def _near(ap, ag, xp, xg, rel: Fraction = Fraction(0)) -> bool:
+    """|p - g| <= rel * |g|: exactly when both values are rational, else in floating point with round-off allowed
+    (relative 1e-9 of the larger value; absolute 1e-12 only where the gold's value is exactly 0)."""
     if xp is not None and xg is not None:
-        return abs(xp - xg) <= abs_tol + rel * abs(xg)
-    try:
-        va, vb = _evaluate(ap, {}), _evaluate(ag, {})
-    except (_NotComparable, ArithmeticError, ValueError, RecursionError):
+        return abs(xp - xg) <= rel * abs(xg)
+    va, vb = _value(ap, {}), _value(ag, {})
+    if va is None or vb is None:
         return False
-    if not (cmath.isfinite(va) and cmath.isfinite(vb)):
-        return False
-    tol = float(abs_tol) + float(rel) * abs(vb) + 1e-9 * max(abs(va), abs(vb)) + 1e-12
+    tol = float(rel) * abs(vb) + _ROUND_OFF * max(abs(va), abs(vb)) + (_ZERO_GOLD_ABS if vb == 0 else 0.0)
     return abs(va - vb) <= tol
 
 
@@ -941,8 +1039,12 @@ def _integer_points(names: list[str], count: int = 4) -> list[dict]:
             for k in range(count)]
 
 
-def _values_equal(a, b, rel: float = 1e-6) -> bool:
-    """Do two expression trees with variables agree at every evaluation point (relative tolerance `rel`)?
+_VARIABLE_REL = 1e-8      # relative tolerance of expressions with variables at each point
+
+
+def _values_equal(a, b, rel: float = _VARIABLE_REL) -> bool:
+    """Do two expression trees with variables agree at every evaluation point (relative tolerance `rel`; `b` is
+    the gold)?
 
     Positive points: where both sides are defined they must agree, a point where only one side is defined
     fails, one outside both domains is skipped (\\lfloor\\sqrt{n-1}\\rfloor at n < 1); at least 3 must compare.
@@ -971,6 +1073,28 @@ def _values_equal(a, b, rel: float = 1e-6) -> bool:
     return True
 
 
+def _cancels_to(ap, ag) -> bool:
+    """A prediction with variables against a constant gold is right only when its variables cancel and it is
+    identically the gold (\\sin^2x+\\cos^2x = 1, (x+1)^2-x^2-2x-1 = 0): equal to round-off (relative 1e-9) at
+    every evaluation point, and exactly where its value there is rational (1000001+0x != 1000000)."""
+    if not _values_equal(ap, ag, rel=_ROUND_OFF):
+        return False
+    xg = _exact(ag)
+    for env in _points(sorted(_variables(ap, set()))):
+        xp = _exact(_substitute(ap, env))
+        if xp is not None and xg is not None and xp != xg:
+            return False
+    return True
+
+
+def _substitute(node, env: dict):
+    """The tree with every variable replaced by its (real) value at `env` as an exact number."""
+    if node[0] == "var":
+        z = env[node[1]]
+        return ("num", z, Fraction(z.real))
+    return tuple(_substitute(c, env) if isinstance(c, tuple) else c for c in node)
+
+
 def _value(node, env: dict) -> complex | None:
     """The value at `env`, or None where the expression is undefined (an error or a non-finite value)."""
     try:
@@ -985,7 +1109,9 @@ def _non_real(z: complex) -> bool:
 
 
 def _close(va: complex, vb: complex, rel: float) -> bool:
-    return abs(va - vb) <= rel * max(abs(va), abs(vb)) + 1e-12
+    """Relative agreement; an absolute 1e-12 only where the gold's value vb is exactly 0 (round-off such as
+    (x+1)^2-x^2-2x-1 against 0), so 0x is not 8.224 \\times 10^{-19}."""
+    return abs(va - vb) <= rel * max(abs(va), abs(vb)) + (_ZERO_GOLD_ABS if vb == 0 else 0.0)
 
 
 # ======================================================================================================
@@ -1019,12 +1145,13 @@ def grade(pred: str | None, gold) -> bool:
     p, g = normalize(p_raw), normalize(g_raw)
     if not g:                                        # an empty gold (a broken record) rewards nothing
         return False
+    # thousands separators: a gold "10,000" is only a number (never the list 10, 000: "10, 0" is wrong for it);
+    # a prediction "1,000" is tried both as a list and as a number
+    p2 = p.replace(",", "") if _THOUSANDS_RE.match(p) else p
+    g2 = g.replace(",", "") if _THOUSANDS_RE.match(g) else g
     try:
-        if _equiv(p, g, _Budget()):
+        if g2 == g and _equiv(p, g, _Budget()):
             return True
-        # a thousands separator "1,000" is also read as the list "1, 000": try the number reading
-        p2 = p.replace(",", "") if _THOUSANDS_RE.match(p) else p
-        g2 = g.replace(",", "") if _THOUSANDS_RE.match(g) else g
         if (p2, g2) != (p, g) and _equiv(p2, g2, _Budget()):
             return True
     except _NotComparable:

@@ -194,11 +194,10 @@ def test_kl_penalty_uses_a_frozen_reference(workspace, tmp_path, coin_reward):
     """beta > 0 loads a reference (the start model) and the loss gains beta * k3 KL; resume reloads it.
     Step 1: pi_theta = pi_ref, so KL = 0 and its gradient (1 - e^0) = 0: the beta and beta = 0 runs take the same
     step 1 and sample the same step-2 rollouts, where their losses differ by exactly beta * kl_ref."""
-    kw = dict(sft_epochs=0, steps=3, lr=1e-2)
-    nr.train(tiny_config(workspace, tmp_path / "b0", beta=0.0, steps=2, **{k: v for k, v in kw.items() if k != "steps"}),
-             quiet=True)
-    nr.train(tiny_config(workspace, tmp_path / "full", beta=0.5, **kw), quiet=True)
-    nr.train(tiny_config(workspace, tmp_path / "run", beta=0.5, **kw), quiet=True, stop_after=2)
+    kw = dict(sft_epochs=0, lr=1e-2)
+    nr.train(tiny_config(workspace, tmp_path / "b0", beta=0.0, steps=2, **kw), quiet=True)
+    nr.train(tiny_config(workspace, tmp_path / "full", beta=0.5, steps=3, **kw), quiet=True)
+    nr.train(tiny_config(workspace, tmp_path / "run", beta=0.5, steps=3, **kw), quiet=True, stop_after=2)
     cfg2, resume = nr.parse_args(["--resume", str(tmp_path / "run")])
     nr.train(cfg2, resume=resume, quiet=True)
     b0, full, rows = read_metrics(tmp_path / "b0"), read_metrics(tmp_path / "full"), read_metrics(tmp_path / "run")
