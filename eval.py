@@ -73,6 +73,7 @@ import argparse
 import cmath
 import json
 import math
+import operator
 import os
 import re
 import sys
@@ -761,6 +762,7 @@ def _has_op(node, ops: set) -> bool:
     return node[0] in ops or any(isinstance(c, tuple) and _has_op(c, ops) for c in node[1:])
 
 
+_ARITH = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 _CMATH = {"sin": cmath.sin, "cos": cmath.cos, "tan": cmath.tan, "arcsin": cmath.asin, "arccos": cmath.acos,
           "arctan": cmath.atan, "sinh": cmath.sinh, "cosh": cmath.cosh, "tanh": cmath.tanh, "ln": cmath.log,
           "log": cmath.log, "exp": cmath.exp,
@@ -799,14 +801,8 @@ def _evaluate(node, env: dict) -> complex:
             raise _NotComparable("factorial > 170!")
         return complex(math.factorial(int(x)) if x == int(x) and x >= 0 else math.gamma(x + 1))
     a, b = _evaluate(node[1], env), _evaluate(node[2], env)
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    if op == "*":
-        return a * b
-    if op == "/":
-        return a / b
+    if op in _ARITH:
+        return _ARITH[op](a, b)
     if op == "^":
         return _power(a, b)
     if op == "root":
@@ -884,14 +880,8 @@ def _rational_op(node) -> Fraction:
     if op not in ("+", "-", "*", "/", "^", "binom"):
         raise _Inexact                               # var, fn, root
     a, b = _rational(node[1]), _rational(node[2])
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    if op == "*":
-        return a * b
-    if op == "/":
-        return a / b
+    if op in _ARITH:
+        return _ARITH[op](a, b)
     if op == "^":                                    # integer exponents only, bounded size
         bits = max(a.numerator.bit_length(), a.denominator.bit_length())
         if b.denominator != 1 or abs(b) > MAX_EXPONENT or bits * abs(b) > _EXACT_BITS:
