@@ -76,14 +76,17 @@ def cleanup() -> None:
 # wrapping
 
 
-def wrap(model: torch.nn.Module, parallel: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, parallel: str, device: torch.device, dtype: torch.dtype,
+         skips_layers: bool = False) -> torch.nn.Module:
     """DDP or FSDP2 around a Qwen2 (build the optimizer AFTER this: FSDP replaces the parameters by shards).
-    One process: the model itself."""
+    skips_layers: some backward passes run a nested model (SFT with sft_skip_prob > 0), so DDP must expect
+    parameters without a gradient. One process: the model itself."""
     if world_size() == 1:
         return model
     if parallel == "ddp":
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                       gradient_as_bucket_view=True)          # no second copy of the grads
+                                       gradient_as_bucket_view=True,          # no second copy of the grads
+                                       find_unused_parameters=skips_layers)
     if parallel != "fsdp":
         raise ValueError(f"parallel={parallel!r}: expected ddp or fsdp")
     mesh = init_device_mesh(device.type, (world_size(),))

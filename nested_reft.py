@@ -11,10 +11,11 @@ import json
 import math
 import numbers
 import os
+import pickle
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
@@ -190,11 +191,11 @@ class Config:
                           "ours")
     rollout_batch: int = _f(128, "sequences per generate() call", "ours")
     lr: float = _f(1e-6, "ReFT learning rate (AdamW)", "TRL: 1e-6")
-    lr_schedule: str = _f("linear", "linear (decay to 0) or constant", "TRL: linear")
-    warmup_steps: int = _f(0, "linear warm-up steps", "TRL: 0")
-    weight_decay: float = _f(0.0, "AdamW weight decay", "TRL: 0.0")
-    adam_betas: str = _f("0.9,0.999", "AdamW betas", "TRL: 0.9,0.999")
-    grad_clip: float = _f(1.0, "max global gradient norm (0 = off)", "TRL: 1.0")
+    lr_schedule: str = _f("linear", "linear (decay to 0) or constant; SFT and ReFT", "TRL: linear")
+    warmup_steps: int = _f(0, "linear warm-up steps, of SFT and of ReFT", "TRL: 0")
+    weight_decay: float = _f(0.0, "AdamW weight decay (SFT and ReFT)", "TRL: 0.0")
+    adam_betas: str = _f("0.9,0.999", "AdamW betas (SFT and ReFT)", "TRL: 0.9,0.999")
+    grad_clip: float = _f(1.0, "max global gradient norm, SFT and ReFT (0 = off)", "TRL: 1.0")
     temperature: float = _f(0.9, "rollout sampling temperature; the full model's log-probs use the same",
                             "TRL 0.16-0.17: 0.9")
     top_p: float = _f(1.0, "rollout nucleus sampling", "TRL: 1.0")
@@ -219,7 +220,7 @@ class Config:
                      "paper: 0")
     # --- bookkeeping
     log_every: int = _f(1, "print a progress line every N steps (metrics.jsonl gets every step)", "ours")
-    save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)", "ours")
+    save_every: int = _f(0, "checkpoint every N ReFT steps (0 = only at the end; --resume restarts from the last one, or from sft/ before the first)", "ours")
     eval_benchmarks: str = _f("", "comma list of test sets evaluated at the end (aime, amc, math500, minerva, olympiad, gsm8k, svamp); empty = none",
                               "ours")
     eval_max_new_tokens: int = _f(3000, "evaluation: max new tokens (greedy)", "Liu et al.: 3000")
@@ -307,7 +308,8 @@ def validate(cfg: Config) -> None:
     (k = round(r*N) against the model's layers is checked by train() once the model config is read)."""
     choices = {"variant": ("base", "practical", "retrace"), "weight_grad": ("detached", "surrogate"),
                "aggregation": ("token_mean", "seq_mean", "dr_grpo"), "lr_schedule": ("linear", "constant"),
-               "dtype": ("auto", "float32", "bfloat16"), "parallel": ("ddp", "fsdp")}
+               "dtype": ("auto", "float32", "bfloat16"), "parallel": ("ddp", "fsdp"),
+               "dataset": ("gsm8k", "svamp", "math12k", "synthetic")}
     for key, ok in choices.items():
         if getattr(cfg, key) not in ok:
             raise UserError(f"config key '{key}' = {getattr(cfg, key)!r}: expected one of {', '.join(ok)}")
@@ -386,7 +388,12 @@ def parse_args(argv: list[str]) -> tuple[Config, str]:
         saved = Path(resume) / "run_config.json"
         if not saved.is_file():
             raise UserError(f"--resume {resume}: {saved} not found (expected a run folder written by nested_reft.py)")
+        if "out_dir" in overrides or name:
+            raise UserError("--resume RUN_DIR continues that run in its own folder with its own config: drop "
+                            "--out_dir / --config (other --key=value overrides apply on top of the saved config)")
         name = str(saved)
+        cfg = load_config(name, overrides)
+        return replace(cfg, out_dir=str(Path(resume))), resume
     return load_config(name, overrides), resume
 
 
@@ -399,7 +406,15 @@ def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
     if cfg.device == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        dev = torch.device(cfg.device)
+        try:
+            dev = torch.device(cfg.device)
+        except RuntimeError:
+            raise UserError(f"config key 'device' = {cfg.device!r}: expected auto, cpu, cuda or cuda:N") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise UserError(f"config key 'device' = {cfg.device!r}: expected auto, cpu, cuda or cuda:N")
+        if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+            raise UserError(f"config key 'device' = {cfg.device!r}: no such CUDA device on this machine "
+                            f"({torch.cuda.device_count()} visible)")
     if cfg.dtype == "auto":
         bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
         return dev, torch.bfloat16 if bf16 else torch.float32
@@ -421,6 +436,9 @@ def resolve_data_dir(cfg: Config) -> Path:
 def load_model(cfg: Config, device: torch.device, model_dir: str = "") -> tuple[Qwen2, Tokenizer]:
     """The checkpoint `model_dir or cfg.model` (float32 master weights), or a random model from `model_config`."""
     path = model_dir or cfg.model
+    if path and not model_dir and not Path(path).is_dir():
+        raise UserError(f"config key 'model' = {path!r}: checkpoint folder not found (download it first: "
+                        f"README 'Running the paper's configurations')")
     if path:
         model = Qwen2.from_pretrained(path, dtype=torch.float32, device=device)
     else:
@@ -431,7 +449,11 @@ def load_model(cfg: Config, device: torch.device, model_dir: str = "") -> tuple[
         return model, synthetic_tokenizer()
     if not tok_dir:
         raise UserError("config: set 'tokenizer' (a dir with tokenizer.json) when 'model' is empty")
-    return model, Tokenizer.load(tok_dir)
+    tok = Tokenizer.load(tok_dir)
+    if tok.vocab_size > model.config.vocab_size:
+        raise UserError(f"tokenizer {tok_dir} has {tok.vocab_size} ids but the model has vocab_size="
+                        f"{model.config.vocab_size}: expected a tokenizer of at most {model.config.vocab_size} ids")
+    return model, tok
 
 
 class DataOrder:
@@ -717,30 +739,42 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
         if getattr(cfg, key) % world:
             raise UserError(f"config key '{key}' = {getattr(cfg, key)}: expected a multiple of the number of "
                             f"processes ({world}), each takes an equal share")
-    ckpt = run_dir / "checkpoint"
-    if resume and not (ckpt / "trainer_state.pt").is_file():
-        raise UserError(f"--resume {resume}: no checkpoint/trainer_state.pt in it")
+    ckpt, sft_dir = run_dir / "checkpoint", run_dir / "sft"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"out_dir {run_dir}: is a file, expected a run folder")
+    # resume: from the last checkpoint, or, interrupted before the first one, ReFT again from the finished SFT model
+    from_sft = bool(resume) and not (ckpt / "trainer_state.pt").is_file()
+    if from_sft and not (sft_dir / "config.json").is_file():
+        raise UserError(f"--resume {resume}: no checkpoint/trainer_state.pt and no finished sft/ in it: nothing to "
+                        f"continue (start again in another --out_dir, or delete it)")
     if not resume and ((run_dir / "metrics.jsonl").exists() or ckpt.exists()):
         raise UserError(f"out_dir {run_dir} already holds a run: continue it with --resume {run_dir}, or start a "
                         f"new one in another --out_dir (or delete it)")
     if main_rank:                                                             # only rank 0 writes files
         run_dir.mkdir(parents=True, exist_ok=True)
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False, mmap=world > 1) if resume else None
+    state = None
+    if resume and not from_sft:
+        try:
+            state = torch.load(ckpt / "trainer_state.pt", weights_only=False, mmap=world > 1)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise UserError(f"{ckpt / 'trainer_state.pt'}: not a readable trainer state ({e})") from None
     if state is not None and state.get("world_size", 1) != world:
         raise UserError(f"--resume {resume}: the checkpoint was written by {state.get('world_size', 1)} "
                         f"process(es) but this run has {world}: resume with the same number")
-    if main_rank:
-        write_json_atomic(run_dir / "run_config.json", asdict(cfg))
     log = MetricsLog(run_dir / "metrics.jsonl", cfg.log_every, quiet, enabled=main_rank)
-    model, tok = load_model(cfg, device, str(ckpt) if state else "")
+    model, tok = load_model(cfg, device, str(ckpt) if state else str(sft_dir) if from_sft else "")
     _k_and_valid(model.config.num_hidden_layers, cfg.skip_ratio, cfg.skip_border)   # k <= |V|, before SFT
-    model = distributed.wrap(model, cfg.parallel, device, dtype)              # torchrun: DDP or FSDP2
+    run_sft = not resume and cfg.sft_epochs > 0
+    model = distributed.wrap(model, cfg.parallel, device, dtype,               # torchrun: DDP or FSDP2
+                             skips_layers=run_sft and cfg.sft_skip_prob > 0)
     data_dir = resolve_data_dir(cfg)
     train_set = load_dataset(cfg.dataset, data_dir, "train")
     for name in check_benchmarks(cfg.eval_benchmarks) if cfg.eval_benchmarks else []:
         load_dataset(name, data_dir, "test")                # a missing benchmark file fails now, not after training
+    if main_rank:                                           # everything loaded: record the config this run uses
+        write_json_atomic(run_dir / "run_config.json", asdict(cfg))
 
-    if state is None and cfg.sft_epochs > 0:
+    if run_sft:
         sft(model, tok, train_set, cfg, device, dtype, log)
         distributed.save_pretrained(model, run_dir / "sft")
         if main_rank:
@@ -766,6 +800,10 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
         gen.set_state(state["sample_rng_ranks"][rank] if world > 1 else state["sample_rng"])
         step, totals = state["step"], state["totals"]
         log.truncate("reft", step)
+    elif from_sft:
+        log.truncate("reft", 0)                              # the rows of the interrupted ReFT steps
+    if resume and step >= cfg.steps and main_rank and not quiet:
+        print(f"{run_dir}: already at step {step} of steps={cfg.steps}; nothing to do (raise --steps to go on)")
 
     while step < cfg.steps:
         t0 = time.perf_counter()

@@ -175,8 +175,9 @@ def train_loop(rank: int, ws: Path, base: Path, parallel: str) -> None:
     except nr.UserError as e:
         report["uneven"] = str(e)
     # every rank gets its OWN out_dir: anything a rank other than 0 wrote would show up in base/own<rank>
+    # ... and its 3 SFT steps all train a nested model (sft_skip_prob=1: DDP must accept layers without a gradient)
     own = tiny_config(ws, base / f"own{rank}", parallel=parallel, steps=3, skip_border=0, eval_benchmarks="gsm8k",
-                      eval_limit=7, eval_max_new_tokens=4, eval_batch_size=2)
+                      eval_limit=7, eval_max_new_tokens=4, eval_batch_size=2, sft_skip_prob=1.0)
     report["summary"] = nr.train(own, quiet=True)
     # exact resume with the same world size
     kw = dict(parallel=parallel, sft_epochs=0, skip_ratio=0.5, skip_border=0)   # masks: 2 of 4 layers
@@ -222,9 +223,9 @@ def test_train_on_two_ranks(with_test_set, two_ranks, tmp_path, parallel):
     reports = [json.loads((base / f"report{r}.json").read_text()) for r in range(WORLD)]
     assert all("'prompts_per_step' = 3" in r["uneven"] and "(2)" in r["uneven"] for r in reports)
 
-    # the same skip mask on every rank at every step (3 + 4 + 2 + 2 ReFT steps of 4 train() calls; 1 or 2 of
-    # the 4 layers each, so masks drawn independently per rank would almost surely differ somewhere)
-    assert reports[0]["masks"] == reports[1]["masks"] and len(reports[0]["masks"]) == 3 + 4 + 2 + 2
+    # the same skip mask on every rank at every step (3 nested SFT steps, then 3 + 4 + 2 + 2 ReFT steps of 4
+    # train() calls; 1 or 2 of the 4 layers each, so masks drawn independently per rank would differ somewhere)
+    assert reports[0]["masks"] == reports[1]["masks"] and len(reports[0]["masks"]) == 3 + 3 + 4 + 2 + 2
     # only rank 0 wrote files
     assert not (base / "own1").exists()
     run = base / "own0"
@@ -232,7 +233,7 @@ def test_train_on_two_ranks(with_test_set, two_ranks, tmp_path, parallel):
                                                "eval.jsonl", "summary.json"}
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3] and len(read_metrics(run, "sft")) == 3
-    assert [r["skip"] for r in rows] == [[i for i, s in enumerate(m) if s] for m in reports[0]["masks"][:3]]
+    assert [r["skip"] for r in rows] == [[i for i, s in enumerate(m) if s] for m in reports[0]["masks"][3:6]]
     assert all(r["completion_len"] == 6 for r in rows)                 # fixed length, over both ranks' rows
     # the per-rank sampling streams differ (else the two halves would duplicate rollouts of equal prompts)
     state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)

@@ -1,6 +1,7 @@
 """The training loop (nested_reft.py): config handling, a tiny SFT + ReFT run, exact resume."""
 import json
 import math
+import shutil
 import subprocess
 import zlib
 import sys
@@ -231,8 +232,17 @@ def test_run_folder_errors(workspace, tmp_path):
     with pytest.raises(FileNotFoundError, match="aime"):                   # a benchmark file is checked up front
         nr.train(tiny_config(workspace, run, eval_benchmarks="aime"), quiet=True)
     assert not (run / "metrics.jsonl").exists() and not (run / "sft").exists()
-    with pytest.raises(nr.UserError, match="no checkpoint/trainer_state.pt"):
+    with pytest.raises(nr.UserError, match="no checkpoint/trainer_state.pt and no finished sft/"):
         nr.train(tiny_config(workspace, run), resume=str(run), quiet=True)
+    for key, value, words in (("device", "tpu", "'device' = 'tpu'"), ("device", "cuda:7", "no such CUDA device"),
+                              ("dataset", "aime", "'dataset' = 'aime'")):
+        with pytest.raises(nr.UserError, match=words):
+            nr.train(tiny_config(workspace, tmp_path / "other", **{key: value}), quiet=True)
+    with pytest.raises(nr.UserError, match="'model' = '/nonexistent/ckpt': checkpoint folder not found"):
+        nr.train(tiny_config(workspace, tmp_path / "other", model="/nonexistent/ckpt"), quiet=True)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(nr.UserError, match="is a file"):
+        nr.train(tiny_config(workspace, tmp_path / "afile"), quiet=True)
     nr.train(tiny_config(workspace, run, sft_epochs=0, steps=1), quiet=True)
     with pytest.raises(nr.UserError, match="already holds a run: continue it with --resume"):
         nr.train(tiny_config(workspace, run, sft_epochs=0, steps=1), quiet=True)
@@ -247,3 +257,34 @@ def test_top_p_rollouts_train_with_finite_losses(workspace, tmp_path, coin_rewar
         assert all(math.isfinite(v) for v in r.values() if isinstance(v, float)), r
     assert any(r["outside_frac"] > 0 for r in rows) and all(r["grad_norm"] > 0 for r in rows)
     assert all(torch.isfinite(p).all() for p in Qwen2.from_pretrained(tmp_path / "run" / "checkpoint").parameters())
+
+
+def test_resume_before_the_first_checkpoint_restarts_reft_from_sft(workspace, tmp_path, coin_reward, capsys):
+    """A run killed after its SFT warm-up but before its first checkpoint: --resume runs ReFT again from sft/ (no
+    second SFT), exactly as the uninterrupted run did. --resume keeps the run's folder; a finished run says so."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    nr.train(tiny_config(workspace, full), quiet=True)
+    nr.train(tiny_config(workspace, cut), quiet=True, stop_after=2)
+    shutil.rmtree(cut / "checkpoint")                                   # only sft/ survived
+    cfg, resume = nr.parse_args(["--resume", str(cut)])
+    nr.train(cfg, resume=resume, quiet=True)
+    a, b = read_metrics(full), read_metrics(cut)
+    assert [r["step"] for r in b] == [1, 2, 3, 4] and len(read_metrics(cut, "sft")) == 3   # SFT not run again
+    assert [(r["loss"], r["skip"], r["reward_mean"]) for r in a] == [(r["loss"], r["skip"], r["reward_mean"])
+                                                                      for r in b]
+    with pytest.raises(nr.UserError, match="drop --out_dir"):
+        nr.parse_args(["--resume", str(cut), "--out_dir=elsewhere"])
+    cfg, resume = nr.parse_args(["--resume", str(cut)])
+    assert cfg.out_dir == str(cut)
+    nr.train(cfg, resume=resume)
+    assert "already at step 4 of steps=4" in capsys.readouterr().out
+    state = cut / "checkpoint" / "trainer_state.pt"
+    for damaged in (state.read_bytes()[:1000], b"not a checkpoint"):
+        state.write_bytes(damaged)
+        with pytest.raises(nr.UserError, match="not a readable trainer state"):
+            nr.train(cfg, resume=resume, quiet=True)
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_refused(workspace, tmp_path, data_dir):
+    with pytest.raises(nr.UserError, match="has 151665 ids but the model has vocab_size=300"):
+        nr.train(tiny_config(workspace, tmp_path / "run", tokenizer=str(data_dir / "qwen2_tokenizer")), quiet=True)
