@@ -2,7 +2,8 @@
 
     python demo.py                  # 6-13 minutes on 2 cores (by CPU): the table, results.json, table.md, plots
     python demo.py --quick          # same code path, fewer steps and problems (2.5-5 minutes; the CI test)
-    python demo.py --out DIR        # where everything goes (default runs/demo, runs/demo_quick with --quick)
+    python demo.py --out DIR        # where everything goes (default runs/demo, runs/demo_quick with --quick);
+                                    # an earlier demo's run folders there are replaced (a line says so)
 
 What it does (every stage prints its progress):
   1. task       data.synthetic_dataset: grade-school word problems with one-digit arithmetic and CoT solutions
@@ -16,7 +17,9 @@ What it does (every stage prints its progress):
                 Nested-ReFT r = 0.15, e = 1 (k = 2 of 12 layers skipped per step) with f(rho) = Base, Practical,
                 Retrace-lambda. Each run goes in chunks (train(..., stop_after=n), then resume) so that its
                 checkpoint is evaluated every `eval_every` steps: held-out greedy accuracy along the run.
-  6. speed      generate() tokens/s of the warm-up model against the skip ratio, beside the FLOP prediction.
+  6. speed      generate() tokens/s of the warm-up model against the skip ratio, beside the FLOP prediction
+                (best of 3 interleaved repetitions; --quick times one, which is noisy: the table's rollout
+                tok/s, from the training runs, is the steadier speed-up there).
   7. report     the paper-style table (stdout and table.md), results.json, and PNG plots when matplotlib is
                 installed (pip install matplotlib).
 
@@ -234,6 +237,20 @@ def run_all_reft(out: Path, init: Path, sft_dir: Path, s: dict, tok, test, sft_a
     return [r.result() for r in runs]
 
 
+def reps_label(reps: int) -> str:
+    """How the sweep's tokens/s were measured (the plot legend; printed with them, plus a warning for 1 rep)."""
+    return "best of 1 rep" if reps == 1 else f"best of {reps} interleaved reps"
+
+
+def reps_note(reps: int) -> str:
+    return reps_label(reps) + (": noisy, see the table's rollout tok/s" if reps == 1 else "")
+
+
+def earlier_demo(out: Path) -> list[str]:
+    """The run folders of an earlier demo in `out` (the ones this run replaces), in RUNS order."""
+    return [n for n in ("init", "sft", *(name for name, _, _ in RUNS)) if (out / n).is_dir()]
+
+
 def speed_sweep(sft_dir: Path, tok, test, ratios, reps: int, cfg: nested_reft.Config) -> list[dict]:
     """generate() tokens/s of the warm-up model at each skip ratio (e = 1), rollout-shaped batches (64 rows,
     temperature 1); ratios interleaved `reps` times, the best time of each kept (least disturbed by other load)."""
@@ -336,7 +353,7 @@ def plot(res: dict, out: Path) -> list[str]:
     sweep = res["speed_sweep"]
     r0 = sweep[0]["tok_s"]
     ax.plot([p["skip_ratio"] for p in sweep], [p["tok_s"] for p in sweep], marker="o",
-            label="generate(), warm-up model (best of reps)")
+            label=f"generate(), warm-up model ({reps_label(res['settings']['speed_reps'])})")
     ax.plot([p["skip_ratio"] for p in sweep], [r0 * p["predicted_speedup"] for p in sweep], linestyle="--",
             label="FLOP prediction (scaled to r = 0)")
     for r in res["runs"]:
@@ -357,7 +374,8 @@ def plot(res: dict, out: Path) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="The CPU demo of Nested-ReFT (see the module docstring).")
     ap.add_argument("--quick", action="store_true", help="fewer steps and problems, same code path (CI)")
-    ap.add_argument("--out", default="", help="output folder (default runs/demo, or runs/demo_quick with --quick)")
+    ap.add_argument("--out", default="", help="output folder (default runs/demo, or runs/demo_quick with --quick); "
+                    "an earlier demo's run folders there are replaced")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: reproducible)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the model init, data order, masks, sampling")
     args = ap.parse_args(argv)
@@ -371,6 +389,9 @@ def main(argv=None) -> int:
     cfg_kw = {"seed": args.seed}
     t_start = time.perf_counter()
     say(f"Nested-ReFT CPU demo ({mode}), torch {torch.__version__}, {args.threads} thread(s), output in {out}/")
+    earlier = earlier_demo(out)
+    if earlier:
+        say(f"{out}/ holds an earlier demo: this run replaces its run folders ({', '.join(earlier)})")
 
     say("1/6 task: synthetic grade-school word problems (data.synthetic_dataset)")
     train_set = data.synthetic_dataset("train")
@@ -396,6 +417,7 @@ def main(argv=None) -> int:
         say("6/6 rollout speed against the skip ratio")
         sweep = speed_sweep(sft_dir, tok, test, s["speed_ratios"], s["speed_reps"],
                             run_config(out / "sft", init, **cfg_kw))
+        say(f"  generate() tok/s of the warm-up model ({reps_note(s['speed_reps'])})")
         for p in sweep:
             say(f"  r = {p['skip_ratio']:g} (k = {p['k']}): {p['tok_s']:.0f} tok/s, "
                 f"{p['tok_s'] / sweep[0]['tok_s']:.2f}x measured, {p['predicted_speedup']:.2f}x FLOP-predicted")

@@ -7,6 +7,10 @@
     run_benchmarks(...)             pass@1 per benchmark + macro average, every prediction to a JSONL file
 
     python eval.py --model DIR --benchmarks aime,amc,math500,minerva,olympiad [--skip-ratio 0.1 --skip-border 1]
+        DIR: a checkpoint folder (config.json + safetensors + tokenizer), e.g. a training run's RUN/checkpoint or
+        RUN/sft. Datasets: --data, else $NESTED_REFT_DATA, else shared/data beside the project folder.
+        Predictions: --out, else runs/eval-<DIR's name>-<time>.jsonl, the run's name in front for RUN/checkpoint
+        and RUN/sft (runs/eval-RUN-checkpoint-<time>.jsonl).
 
 How grade() decides (each rule is documented where it is implemented):
   1. pred None -> False; a list gold matches if any element does; int/float golds compare as numbers.
@@ -80,6 +84,7 @@ import sys
 import time
 from fractions import Fraction
 from functools import lru_cache
+from pathlib import Path
 
 MAX_ANSWER_CHARS = 1000   # longer answers: exact (stripped) string comparison only
 MAX_TOKENS = 400          # parser input limit (tokens)
@@ -1182,10 +1187,11 @@ def evaluate(model, tokenizer, examples, *, batch_size: int = 16, max_new_tokens
     import data
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected an integer >= 1")
+    valid_vocab = getattr(tokenizer, "vocab_size", None)
+    check_tokenizer_fits(valid_vocab, getattr(getattr(model, "config", None), "vocab_size", None))
     prompts = [tokenizer.encode(data.chat_prompt(ex.question)) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     completions, lengths = [""] * len(prompts), [0] * len(prompts)
-    valid_vocab = getattr(tokenizer, "vocab_size", None)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         with torch.no_grad():
@@ -1206,6 +1212,15 @@ def evaluate(model, tokenizer, examples, *, batch_size: int = 16, max_new_tokens
                         "correct": grade(pred, ex.answer), "num_tokens": n})
     accuracy = sum(r["correct"] for r in records) / len(records) if records else 0.0
     return accuracy, records
+
+
+def check_tokenizer_fits(tokenizer_ids, model_vocab, tokenizer_name="the tokenizer",
+                         model_name="the model") -> None:
+    """ValueError unless a tokenizer of `tokenizer_ids` ids fits a model with vocab_size `model_vocab` (a
+    tokenizer for another model family); None for either skips the check."""
+    if tokenizer_ids is not None and model_vocab is not None and tokenizer_ids > model_vocab:
+        raise ValueError(f"{tokenizer_name} has {tokenizer_ids} ids but {model_name} has vocab_size "
+                         f"{model_vocab}; expected a tokenizer of at most {model_vocab} ids")
 
 
 def format_table(results: dict) -> str:
@@ -1286,12 +1301,13 @@ class _ArgumentParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _ArgumentParser(prog="eval.py", description="pass@1 of a Qwen2 checkpoint on the math benchmarks "
                         "(greedy by default), with an optional layer-skipped nested model.")
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors), e.g. a "
+                   "run's RUN/checkpoint or RUN/sft")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
     p.add_argument("--benchmarks", default=",".join(BENCHMARKS),
                    help=f"comma-separated, from {', '.join(BENCHMARKS + OTHER_BENCHMARKS)} (default: the 5)")
-    p.add_argument("--data", default=os.environ.get("NESTED_REFT_DATA", "../shared/data"),
-                   help="datasets folder (default: $NESTED_REFT_DATA or ../shared/data)")
+    p.add_argument("--data", default=None, help="datasets folder (default: $NESTED_REFT_DATA, else shared/data "
+                   "beside the project folder, i.e. ../shared/data from the folder that holds eval.py)")
     p.add_argument("--skip-ratio", type=float, default=0.0, help="r: skip k = round(r*N) layers (default 0)")
     p.add_argument("--skip-border", type=int, default=1, help="e: layers never skipped at each end (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=3000)
@@ -1299,7 +1315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
-    p.add_argument("--out", default=None, help="predictions JSONL (default: runs/eval-<model>-<time>.jsonl)")
+    p.add_argument("--out", default=None, help="predictions JSONL (default: runs/eval-<model>-<time>.jsonl, "
+                   "<model> the model folder's name, after its parent's for RUN/checkpoint and RUN/sft: "
+                   "runs/eval-RUN-checkpoint-<time>.jsonl)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto = bfloat16 on cuda, float32 on cpu")
@@ -1321,10 +1339,54 @@ def _check_args(a) -> None:
         raise ValueError(f"--temperature {a.temperature}: expected a number >= 0")
     if not 0 < a.top_p <= 1:
         raise ValueError(f"--top-p {a.top_p}: expected a number in (0, 1]")
-    if not os.path.isdir(a.model):
-        raise FileNotFoundError(f"--model {a.model}: checkpoint directory not found")
-    if not os.path.isdir(a.data):
-        raise FileNotFoundError(f"--data {a.data}: datasets folder not found")
+    _check_dir("--model", a.model, "a checkpoint directory (config.json + safetensors)", ("config.json",))
+    if a.tokenizer is not None:
+        _check_dir("--tokenizer", a.tokenizer, "a tokenizer directory (tokenizer.json)",
+                   ("tokenizer.json", "vocab.json"))
+    a.data = resolve_data_dir(a.data)
+
+
+# where eval.py looks for the datasets when neither --data nor $NESTED_REFT_DATA is given: the developers'
+# layout, shared/data beside the project folder
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"
+
+
+def resolve_data_dir(data_dir: str | None) -> str:
+    """--data, else $NESTED_REFT_DATA, else DEFAULT_DATA_DIR; FileNotFoundError naming where it came from."""
+    if data_dir is not None:
+        source = f"--data {data_dir}"
+    elif os.environ.get("NESTED_REFT_DATA"):
+        data_dir = os.environ["NESTED_REFT_DATA"]
+        source = f"NESTED_REFT_DATA={data_dir}"
+    else:
+        if not DEFAULT_DATA_DIR.is_dir():
+            raise FileNotFoundError("no data folder: pass --data DIR or set NESTED_REFT_DATA (see the README's "
+                                    "Data section)")
+        return str(DEFAULT_DATA_DIR)
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"{source}: datasets folder not found")
+    return data_dir
+
+
+def _check_dir(flag: str, path: str, expected: str, markers: tuple[str, ...]) -> None:
+    """`path` must be a directory; a file or a training run's folder (RUN/checkpoint, RUN/sft) is named."""
+    if os.path.isfile(path):
+        raise NotADirectoryError(f"{flag} {path}: is a file, expected {expected}")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{flag} {path}: directory not found, expected {expected}")
+    if not any(os.path.exists(os.path.join(path, m)) for m in markers):
+        subs = [os.path.join(path, d) for d in ("checkpoint", "sft") if os.path.isdir(os.path.join(path, d))]
+        if subs:
+            alt = f" (or {subs[1]})" if len(subs) > 1 else ""
+            raise ValueError(f"{flag} {path}: is a run folder: pass {subs[0]}{alt}")
+
+
+def default_out_path(model: str, now: float | None = None) -> str:
+    """runs/eval-<name>-<time>.jsonl for the model folder <name>; a run's RUN/checkpoint and RUN/sft give
+    eval-RUN-checkpoint-... and eval-RUN-sft-..., so evaluations of different runs do not share a stem."""
+    d = Path(os.path.abspath(model))
+    name = f"{d.parent.name}-{d.name}" if d.name in ("checkpoint", "sft") and d.parent.name else d.name or "model"
+    return os.path.join("runs", f"eval-{name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}.jsonl")
 
 
 def main(argv=None) -> int:
@@ -1345,14 +1407,20 @@ def main(argv=None) -> int:
             raise ValueError(f"--device {device}: CUDA is not available on this machine")
         dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
         tokenizer = data.Tokenizer.load(a.tokenizer or a.model)
+        model_vocab = qwen2.Qwen2Config.from_json(os.path.join(a.model, "config.json")).vocab_size
+        if a.tokenizer is not None:                  # checked before the weights are read
+            check_tokenizer_fits(tokenizer.vocab_size, model_vocab, f"--tokenizer {a.tokenizer}: the tokenizer",
+                                 f"the model {a.model}")
+        else:
+            check_tokenizer_fits(tokenizer.vocab_size, model_vocab, f"--model {a.model}: its tokenizer",
+                                 "its config.json")
         model = qwen2.Qwen2.from_pretrained(a.model, dtype=dtype, device=device).eval()
         n_layers = model.config.num_hidden_layers
         skip_mask = draw_eval_skip_mask(n_layers, a.skip_ratio, a.skip_border, a.seed) if a.skip_ratio > 0 else None
         if skip_mask is not None:
             print(f"nested model: skipping layers {[i for i, s in enumerate(skip_mask) if s]} of {n_layers}")
         generator = torch.Generator(device=device).manual_seed(a.seed) if a.temperature > 0 else None
-        out = a.out or os.path.join("runs", f"eval-{os.path.basename(os.path.normpath(a.model))}-"
-                                            f"{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        out = a.out or default_out_path(a.model)
         run_benchmarks(model, tokenizer, a.data, names, out, limit=a.limit, batch_size=a.batch_size,
                        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                        skip_mask=skip_mask, generator=generator,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import distributed
-from eval import check_benchmarks, evaluate, reward, run_benchmarks
+from eval import check_benchmarks, check_tokenizer_fits, evaluate, reward, run_benchmarks
 from data import (Example, Tokenizer, chat_prompt, collate_sft, load_dataset, sft_example, synthetic_tokenizer,
                   write_text_atomic)
 from grpo import (group_advantages, loss_normaliser, offpolicy_stats, policy_loss, reward_stats, token_entropy,
@@ -450,9 +450,7 @@ def load_model(cfg: Config, device: torch.device, model_dir: str = "") -> tuple[
     if not tok_dir:
         raise UserError("config: set 'tokenizer' (a dir with tokenizer.json) when 'model' is empty")
     tok = Tokenizer.load(tok_dir)
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError(f"tokenizer {tok_dir} has {tok.vocab_size} ids but the model has vocab_size="
-                        f"{model.config.vocab_size}: expected a tokenizer of at most {model.config.vocab_size} ids")
+    check_tokenizer_fits(tok.vocab_size, model.config.vocab_size, f"tokenizer {tok_dir}", "the model")
     return model, tok
 
 

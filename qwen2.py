@@ -680,6 +680,10 @@ class Qwen2(nn.Module):
         an error naming it. dtype: torch dtype or name (default float32); device: default cpu.
         A tied checkpoint (tie_word_embeddings) has no lm_head.weight; if one is present it is ignored."""
         from safetensors import safe_open
+        try:
+            from safetensors import SafetensorError
+        except ImportError:                       # safetensors < 0.4.4 does not re-export it
+            from safetensors._safetensors_rust import SafetensorError
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: checkpoint directory not found")
@@ -706,16 +710,20 @@ class Qwen2(nn.Module):
         expected = model._expected_shapes()
         sd = {}
         for f in files:
-            with safe_open(str(f), framework="pt", device="cpu") as st:
-                for name in st.keys():
-                    if name == "lm_head.weight" and cfg.tie_word_embeddings or name.endswith("rotary_emb.inv_freq"):
-                        continue
-                    if name not in expected:
-                        raise ValueError(f"{f}: unexpected tensor {name!r}")
-                    shape = tuple(st.get_slice(name).get_shape())
-                    if shape != expected[name]:
-                        raise ValueError(f"{f}: tensor {name!r} has shape {shape}, expected {expected[name]}")
-                    sd[name] = st.get_tensor(name).to(device=device, dtype=dtype)
+            try:                                  # a truncated / corrupt file: one line naming it, no Rust trace
+                with safe_open(str(f), framework="pt", device="cpu") as st:
+                    for name in st.keys():
+                        if (name == "lm_head.weight" and cfg.tie_word_embeddings
+                                or name.endswith("rotary_emb.inv_freq")):
+                            continue
+                        if name not in expected:
+                            raise ValueError(f"{f}: unexpected tensor {name!r}")
+                        shape = tuple(st.get_slice(name).get_shape())
+                        if shape != expected[name]:
+                            raise ValueError(f"{f}: tensor {name!r} has shape {shape}, expected {expected[name]}")
+                        sd[name] = st.get_tensor(name).to(device=device, dtype=dtype)
+            except SafetensorError as err:
+                raise ValueError(f"{f}: not a readable safetensors file ({err})") from None
         missing = [k for k in expected if k not in sd]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

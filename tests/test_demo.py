@@ -95,6 +95,49 @@ def test_rollout_flops_golden():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# what the demo says: repetitions of the speed sweep, an earlier demo it replaces
+
+
+def test_speed_sweep_reports_its_repetitions():
+    assert demo.reps_label(1) == "best of 1 rep"
+    assert demo.reps_note(1) == "best of 1 rep: noisy, see the table's rollout tok/s"
+    assert demo.reps_label(3) == demo.reps_note(3) == "best of 3 interleaved reps"
+    assert demo.SETTINGS["full"]["speed_reps"] == 3                        # the module docstring says so
+
+
+@pytest.mark.parametrize("reps", [1, 3])
+def test_speed_plot_legend_names_the_repetitions(tmp_path, monkeypatch, reps):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    legends = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: legends.extend(
+        t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()))
+    run = {"label": "ReFT baseline", "skip_ratio": 0.0, "reward": [0.5, 0.7], "rollout_tok_s": 100.0,
+           "accuracy_curve": [{"step": 0, "accuracy": 0.5}, {"step": 2, "accuracy": 0.6}]}
+    res = {"settings": {"speed_reps": reps}, "runs": [run], "sft": {"accuracy": 0.5},
+           "speed_sweep": [{"skip_ratio": 0.0, "tok_s": 100.0, "predicted_speedup": 1.0},
+                           {"skip_ratio": 0.15, "tok_s": 110.0, "predicted_speedup": 1.2}]}
+    demo.plot(res, tmp_path)
+    assert f"generate(), warm-up model ({demo.reps_label(reps)})" in legends, legends
+
+
+def test_rerun_in_the_same_out_says_it_replaces_the_earlier_demo(tmp_path, monkeypatch, capsys):
+    def stop(*a, **k):
+        raise demo.nested_reft.UserError("stopped after the opening lines")
+    monkeypatch.setattr(demo, "build_task_and_model", stop)
+    monkeypatch.setattr(demo.torch, "set_num_threads", lambda n: None)
+    assert demo.main(["--quick", "--out", str(tmp_path)]) == 2
+    assert "earlier demo" not in capsys.readouterr().out                    # an empty folder: nothing to say
+    for name in ("nested-retrace", "sft", "init", "unrelated"):
+        (tmp_path / name).mkdir()
+    assert demo.earlier_demo(tmp_path) == ["init", "sft", "nested-retrace"]
+    assert demo.main(["--quick", "--out", str(tmp_path)]) == 2
+    lines = [x for x in capsys.readouterr().out.splitlines() if "earlier demo" in x]
+    assert lines == [f"[demo] {tmp_path}/ holds an earlier demo: this run replaces its run folders "
+                     f"(init, sft, nested-retrace)"], lines
+
+
+# ----------------------------------------------------------------------------------------------------------
 # the shortened demo
 
 
@@ -132,6 +175,8 @@ def test_quick_demo_produces_the_table(quick_demo):
     for column in ("held-out acc.", "Δ vs baseline", "δ vs baseline", "rollout tok/s", "total tok/s", "runtime"):
         assert column in table
     assert all("stale" not in (out / name / "metrics.jsonl").read_text() for name in ("sft", "baseline"))
+    assert f"{out}/ holds an earlier demo: this run replaces its run folders (sft, baseline)" in stdout
+    assert "generate() tok/s of the warm-up model (best of 1 rep: noisy, see the table's rollout tok/s)" in stdout
     for name in ("sft/sft", "init", "baseline/checkpoint", "nested-retrace/checkpoint"):
         assert (out / name / "config.json").is_file() and (out / name / "tokenizer.json").is_file()
     try:

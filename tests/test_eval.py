@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -266,3 +267,112 @@ def test_cli_end_to_end(tiny_checkpoint):
                        valid_vocab_size=tok.vocab_size)
     ids = g.tokens[0][g.mask[0]].tolist()
     assert rows[0]["completion"] == tok.decode(ids) and rows[0]["num_tokens"] == len(ids)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# user mistakes found by a new-user walkthrough: each one a one-line error naming what is wrong
+
+
+def one_line_error(capsys, argv) -> str:
+    assert E.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("size", ["half", 10])
+def test_cli_truncated_checkpoint_is_one_line(tiny_checkpoint, tmp_path, capsys, size):
+    import shutil
+    model = shutil.copytree(tiny_checkpoint / "model", tmp_path / "model")
+    f = model / "model.safetensors"
+    os.truncate(f, f.stat().st_size // 2 if size == "half" else size)
+    err = one_line_error(capsys, ["--model", str(model), "--data", str(tiny_checkpoint / "data"),
+                                  "--benchmarks", "aime", "--device", "cpu"])
+    assert f"{f}: not a readable safetensors file (" in err, err
+
+
+def _small_vocab_model(d: Path, vocab_size: int) -> Path:
+    import qwen2
+    cfg = qwen2.Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2)
+    qwen2.Qwen2(cfg).save_pretrained(d)
+    return d
+
+
+def test_cli_tokenizer_larger_than_the_vocabulary(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    import qwen2
+    model = _small_vocab_model(tmp_path / "small", 64)
+    n = data.Tokenizer.load(tiny_checkpoint / "model").vocab_size
+    monkeypatch.setattr(qwen2.Qwen2, "generate", lambda *a, **k: pytest.fail("generation started"))
+    err = one_line_error(capsys, ["--model", str(model), "--tokenizer", str(tiny_checkpoint / "model"),
+                                  "--data", str(tiny_checkpoint / "data"), "--benchmarks", "aime", "--device", "cpu"])
+    assert err == (f"error: --tokenizer {tiny_checkpoint / 'model'}: the tokenizer has {n} ids but the model {model} "
+                   f"has vocab_size 64; expected a tokenizer of at most 64 ids\n")
+    # the tokenizer read from the model folder itself
+    data.Tokenizer.load(tiny_checkpoint / "model").save(model)
+    err = one_line_error(capsys, ["--model", str(model), "--data", str(tiny_checkpoint / "data"), "--device", "cpu"])
+    assert f"--model {model}: its tokenizer has {n} ids but its config.json has vocab_size 64" in err, err
+
+
+def test_cli_real_qwen2_tokenizer_with_a_tiny_model(data_dir, tiny_checkpoint, tmp_path, capsys):
+    tok_dir = data_dir / "qwen2_tokenizer"
+    if not tok_dir.is_dir():
+        pytest.skip(f"{tok_dir} not found")
+    model = _small_vocab_model(tmp_path / "small", 448)
+    err = one_line_error(capsys, ["--model", str(model), "--tokenizer", str(tok_dir),
+                                  "--data", str(tiny_checkpoint / "data"), "--benchmarks", "aime", "--device", "cpu"])
+    assert "the tokenizer has 151665 ids but the model" in err and "at most 448 ids" in err, err
+
+
+def test_evaluate_checks_the_tokenizer_before_generating():
+    tok = ByteTokenizer()
+    model = FakeModel(tok, COMPLETIONS)
+    model.config = SimpleNamespace(vocab_size=200)                      # < 259 byte-tokenizer ids
+    with pytest.raises(ValueError, match="the tokenizer has 259 ids but the model has vocab_size 200"):
+        E.evaluate(model, tok, EXAMPLES)
+    assert model.calls == []
+    model.config.vocab_size = 259
+    assert E.evaluate(model, tok, EXAMPLES[:1])[0] == 1.0
+
+
+def test_cli_data_folder_fallback(tmp_path, capsys, monkeypatch):
+    # the fallback is the developers' layout beside the project folder, not relative to the current directory
+    assert E.DEFAULT_DATA_DIR == ROOT.parent / "shared" / "data"
+    monkeypatch.delenv("NESTED_REFT_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(E, "DEFAULT_DATA_DIR", tmp_path / "absent")
+    err = one_line_error(capsys, ["--model", str(tmp_path)])
+    assert err == "error: no data folder: pass --data DIR or set NESTED_REFT_DATA (see the README's Data section)\n"
+    monkeypatch.setattr(E, "DEFAULT_DATA_DIR", tmp_path)
+    assert E.resolve_data_dir(None) == str(tmp_path)
+    monkeypatch.setenv("NESTED_REFT_DATA", str(tmp_path / "nope"))
+    err = one_line_error(capsys, ["--model", str(tmp_path)])
+    assert f"NESTED_REFT_DATA={tmp_path / 'nope'}: datasets folder not found" in err, err
+    assert E.resolve_data_dir(str(tmp_path)) == str(tmp_path)       # --data wins over both
+
+
+def test_cli_model_is_a_run_folder_or_a_file(tiny_checkpoint, tmp_path, capsys):
+    run = tmp_path / "run1"
+    (run / "checkpoint").mkdir(parents=True)
+    argv = ["--data", str(tiny_checkpoint / "data")]
+    err = one_line_error(capsys, ["--model", str(run)] + argv)
+    assert err == f"error: --model {run}: is a run folder: pass {run / 'checkpoint'}\n"
+    (run / "sft").mkdir()
+    err = one_line_error(capsys, ["--model", str(run)] + argv)
+    assert err == f"error: --model {run}: is a run folder: pass {run / 'checkpoint'} (or {run / 'sft'})\n"
+    err = one_line_error(capsys, ["--model", str(tiny_checkpoint / "model"), "--tokenizer", str(run)] + argv)
+    assert f"--tokenizer {run}: is a run folder" in err, err
+    f = tiny_checkpoint / "model" / "model.safetensors"
+    for flag in ("--model", "--tokenizer"):
+        base = {"--model": str(tiny_checkpoint / "model"), flag: str(f)}
+        err = one_line_error(capsys, [x for kv in base.items() for x in kv] + argv)
+        assert f"{flag} {f}: is a file, expected a " in err and "directory" in err, err
+
+
+def test_default_out_path_names_the_run():
+    t = time.mktime((2026, 12, 2, 16, 5, 9, 0, 0, -1))
+    out = lambda stem: os.path.join("runs", f"eval-{stem}-20261202-160509.jsonl")
+    assert E.default_out_path("runs/run1/checkpoint", t) == out("run1-checkpoint")
+    assert E.default_out_path("runs/run2/sft/", t) == out("run2-sft")
+    assert E.default_out_path("ckpt/Qwen2.5-Math-1.5B", t) == out("Qwen2.5-Math-1.5B")
+    assert "runs/eval-RUN-checkpoint-<time>.jsonl" in " ".join(E.build_parser().format_help().split())

@@ -249,6 +249,22 @@ def test_missing_shard_is_an_error(tmp_path):
         Qwen2.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("shard", [False, True])
+@pytest.mark.parametrize("size", ["half", 10, 0])
+def test_truncated_safetensors_is_a_value_error_naming_the_file(tmp_path, shard, size):
+    """A truncated download (half a file, a few bytes, an empty file) is a one-line ValueError naming the
+    file, not safetensors' own SafetensorError."""
+    ours().save_pretrained(tmp_path, max_shard_size_bytes=40_000 if shard else 5_000_000_000)
+    f = next(tmp_path.glob("model-00002-*.safetensors")) if shard else tmp_path / "model.safetensors"
+    os.truncate(f, f.stat().st_size // 2 if size == "half" else size)
+    with pytest.raises(ValueError) as e:
+        Qwen2.from_pretrained(tmp_path)
+    msg = str(e.value)
+    assert msg.startswith(f"{f}: not a readable safetensors file ("), msg
+    assert "\n" not in msg
+    assert type(e.value) is ValueError and e.value.__cause__ is None
+
+
 # ---------------------------------------------------------------------------------------------- skipping
 
 
