@@ -220,7 +220,8 @@ class Config:
                      "paper: 0")
     # --- bookkeeping
     log_every: int = _f(1, "print a progress line every N steps (metrics.jsonl gets every step)", "ours")
-    save_every: int = _f(0, "checkpoint every N ReFT steps (0 = only at the end; --resume restarts from the last one, or from sft/ before the first)", "ours")
+    save_every: int = _f(0, "checkpoint every N ReFT steps (0 = only at the end; --resume restarts from the last "
+                            "one, or from sft/ before the first)", "ours")
     eval_benchmarks: str = _f("", "comma list of test sets evaluated at the end (aime, amc, math500, minerva, olympiad, gsm8k, svamp); empty = none",
                               "ours")
     eval_max_new_tokens: int = _f(3000, "evaluation: max new tokens (greedy)", "Liu et al.: 3000")
