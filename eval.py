@@ -449,7 +449,7 @@ def _scalar_equiv(p: str, g: str, p_scale: Fraction = Fraction(1), g_scale: Frac
     """
     if p == g and p_scale == g_scale:
         return True
-    if _WORD_RE.match(p) and _WORD_RE.match(g) and max(len(p), len(g)) >= 3:
+    if _WORD_RE.match(p) and _WORD_RE.match(g) and (max(len(p), len(g)) >= 3 or p.lower() == g.lower()):
         return p.lower() == g.lower()
     pe, ge = _split_top(p, "="), _split_top(g, "=")
     if len(pe) == len(ge) == 2 and pe[0] == ge[0] and _LHS_RE.match(pe[0]):
@@ -1399,12 +1399,7 @@ def main(argv=None) -> int:
         import data
         import qwen2
         device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            torch.device(device)
-        except RuntimeError:
-            raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        qwen2.parse_device(device, "--device")
         dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
         tokenizer = data.Tokenizer.load(a.tokenizer or a.model)
         model_vocab = qwen2.Qwen2Config.from_json(os.path.join(a.model, "config.json")).vocab_size

@@ -132,7 +132,7 @@ def policy_loss(logp: torch.Tensor, logp_mu: torch.Tensor, advantages: torch.Ten
         For Base this is exactly TRL's -min(rho A, clip(rho, 1-eps, 1+eps) A) in value and gradient; for Retrace and
         Practical it is the same trust-region mask applied to their weight.
     ref_logp, beta: + beta * KL_t with the k3 estimator KL_t = exp(ref - logp) - (ref - logp) - 1 (gradient through
-        logp; ref - logp clamped to +-MAX_LOG_RATIO like the ratio). With beta = 0 a given ref_logp only feeds
+        logp; ref - logp bounded by +-MAX_LOG_RATIO: kl_k3). With beta = 0 a given ref_logp only feeds
         stats["kl_ref"].
     top_p < 1: a token with logp = -inf (sampled from mu's nucleus, outside pi_theta's) has rho = 0: its term is 0,
         with no gradient, in every variant; it still counts in the normaliser.
@@ -192,8 +192,11 @@ def policy_loss(logp: torch.Tensor, logp_mu: torch.Tensor, advantages: torch.Ten
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """KL_t(pi_theta || pi_ref) by the k3 estimator on tokens sampled from pi: exp(d) - d - 1 >= 0, d = log pi_ref -
-    log pi_theta, clamped to +-MAX_LOG_RATIO like the ratio (a ref log-prob of -inf under top_p < 1 stays finite)."""
-    d = torch.clamp(ref_logp - logp, -MAX_LOG_RATIO, MAX_LOG_RATIO)
+    log pi_theta, capped at +MAX_LOG_RATIO like the ratio. Below, log pi_ref is raised to log pi_theta - MAX_LOG_RATIO
+    (a ref log-prob of -inf under top_p < 1, or a huge gap): the value stays finite and the gradient keeps pulling
+    pi_theta back, d KL / d log pi_theta = 1 - exp(d)."""
+    ref_logp = torch.maximum(ref_logp, logp.detach() - MAX_LOG_RATIO)
+    d = torch.clamp(ref_logp - logp, max=MAX_LOG_RATIO)
     return torch.exp(d) - d - 1
 
 

@@ -28,7 +28,7 @@ from data import (Example, Tokenizer, chat_prompt, collate_sft, load_dataset, sf
                   write_text_atomic)
 from grpo import (group_advantages, loss_normaliser, offpolicy_stats, policy_loss, reward_stats, token_entropy,
                   token_logprobs)
-from qwen2 import Qwen2, Qwen2Config
+from qwen2 import Qwen2, Qwen2Config, parse_device
 
 # ======================================================================================================
 # Layer skipping (Definitions 1–3, spec §2)
@@ -408,14 +408,9 @@ def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         try:
-            dev = torch.device(cfg.device)
-        except RuntimeError:
-            raise UserError(f"config key 'device' = {cfg.device!r}: expected auto, cpu, cuda or cuda:N") from None
-        if dev.type not in ("cpu", "cuda"):
-            raise UserError(f"config key 'device' = {cfg.device!r}: expected auto, cpu, cuda or cuda:N")
-        if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
-            raise UserError(f"config key 'device' = {cfg.device!r}: no such CUDA device on this machine "
-                            f"({torch.cuda.device_count()} visible)")
+            dev = parse_device(cfg.device, "config key 'device'")
+        except ValueError as e:
+            raise UserError(str(e)) from None
     if cfg.dtype == "auto":
         bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
         return dev, torch.bfloat16 if bf16 else torch.float32
@@ -694,13 +689,29 @@ def progress_line(row: dict) -> str:
     return line + f"  {runtime:.0f}s  ETA {eta:.0f}s"
 
 
+def checkpoint_paths(run_dir: Path) -> tuple[Path, Path, Path]:
+    """<run>/checkpoint, and the two names save_checkpoint moves it through: checkpoint.tmp (the new one, written
+    whole before any rename) and checkpoint.old (the previous one, deleted after the swap)."""
+    return run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
+
+
+def recover_checkpoint(run_dir: Path) -> None:
+    """A save_checkpoint killed between its two renames leaves checkpoint.old and the complete checkpoint.tmp but
+    no checkpoint/: put the newer one in place (rank 0, before anything reads checkpoint/)."""
+    final, tmp, old = checkpoint_paths(run_dir)
+    if final.exists() or not old.exists():
+        return
+    (tmp if tmp.is_dir() else old).rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(run_dir: Path, model: Qwen2, tok: Tokenizer, opt, sched, state: dict) -> None:
     """<run>/checkpoint = the model in the HF layout + tokenizer.json + trainer_state.pt (a self-contained folder
     for eval.py, transformers, vLLM), written beside and renamed into place.
     torchrun: every rank calls it (FSDP gathers the full weights and AdamW state to rank 0); rank 0 writes."""
     optim, full = distributed.optimizer_state_dict(model, opt), distributed.full_model(model)
     if distributed.is_main():
-        final, tmp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
+        final, tmp, old = checkpoint_paths(run_dir)
         shutil.rmtree(tmp, ignore_errors=True)
         full.save_pretrained(tmp)
         tok.save(tmp)
@@ -741,14 +752,18 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
     ckpt, sft_dir = run_dir / "checkpoint", run_dir / "sft"
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"out_dir {run_dir}: is a file, expected a run folder")
+    if resume and main_rank:
+        recover_checkpoint(run_dir)
+    distributed.barrier()
     # resume: from the last checkpoint, or, interrupted before the first one, ReFT again from the finished SFT model
+    resumable = (ckpt / "trainer_state.pt").is_file() or (sft_dir / "config.json").is_file()
     from_sft = bool(resume) and not (ckpt / "trainer_state.pt").is_file()
-    if from_sft and not (sft_dir / "config.json").is_file():
+    if resume and not resumable:
         raise UserError(f"--resume {resume}: no checkpoint/trainer_state.pt and no finished sft/ in it: nothing to "
                         f"continue (start again in another --out_dir, or delete it)")
     if not resume and ((run_dir / "metrics.jsonl").exists() or ckpt.exists()):
-        raise UserError(f"out_dir {run_dir} already holds a run: continue it with --resume {run_dir}, or start a "
-                        f"new one in another --out_dir (or delete it)")
+        how = f"continue it with --resume {run_dir}, or start" if resumable else "nothing to resume in it: start"
+        raise UserError(f"out_dir {run_dir} already holds a run: {how} a new one in another --out_dir (or delete it)")
     if main_rank:                                                             # only rank 0 writes files
         run_dir.mkdir(parents=True, exist_ok=True)
     state = None
@@ -770,7 +785,7 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
     train_set = load_dataset(cfg.dataset, data_dir, "train")
     for name in check_benchmarks(cfg.eval_benchmarks) if cfg.eval_benchmarks else []:
         load_dataset(name, data_dir, "test")                # a missing benchmark file fails now, not after training
-    if main_rank:                                           # everything loaded: record the config this run uses
+    if main_rank and not resume:                            # a resume records its config once its state loaded
         write_json_atomic(run_dir / "run_config.json", asdict(cfg))
 
     if run_sft:
@@ -800,9 +815,16 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
         step, totals = state["step"], state["totals"]
         log.truncate("reft", step)
     elif from_sft:
+        if main_rank and not quiet:
+            print(f"{run_dir}: no ReFT checkpoint yet: ReFT starts again from sft/ (its logged ReFT steps are dropped)")
         log.truncate("reft", 0)                              # the rows of the interrupted ReFT steps
-    if resume and step >= cfg.steps and main_rank and not quiet:
-        print(f"{run_dir}: already at step {step} of steps={cfg.steps}; nothing to do (raise --steps to go on)")
+    if resume and main_rank:                                 # everything loaded: record the config it goes on with
+        write_json_atomic(run_dir / "run_config.json", asdict(cfg))
+    if resume and step >= cfg.steps and (run_dir / "summary.json").is_file():
+        if main_rank and not quiet:
+            print(f"{run_dir}: already at step {step} of steps={cfg.steps}; its summary.json stands (raise --steps "
+                  f"to go on)")
+        return json.loads((run_dir / "summary.json").read_text())
 
     while step < cfg.steps:
         t0 = time.perf_counter()

@@ -49,6 +49,20 @@ def _as_dtype(dtype) -> torch.dtype:
     raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_DTYPES)} or a torch.dtype")
 
 
+def parse_device(spec: str, source: str = "device") -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N' that exists on this machine -> torch.device; else ValueError naming `source`."""
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{source} = {spec!r}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"{source} = {spec!r}: no such CUDA device on this machine "
+                         f"({torch.cuda.device_count()} visible)")
+    return dev
+
+
 @dataclass
 class Qwen2Config:
     """The fields of a Hugging Face Qwen2 config.json that this implementation uses."""

@@ -202,7 +202,10 @@ def test_eval_skip_mask():
     (["--limit", "0"], "--limit 0"),
     (["--benchmarks", "aime,foo"], "unknown benchmark 'foo'"),
     (["--data", "/nonexistent/data"], "--data /nonexistent/data"),
-    (["--device", "tpu"], "--device 'tpu'"),
+    (["--device", "tpu"], "--device = 'tpu'"),
+    (["--device", "mps"], "--device = 'mps'"),
+    (["--device", "meta"], "--device = 'meta'"),
+    (["--device", "cuda:7"], "no such CUDA device"),
 ])
 def test_cli_user_errors_are_one_line(tmp_path, capsys, args, needle):
     base = {"--model": str(tmp_path), "--data": str(tmp_path)}

@@ -565,7 +565,8 @@ REVIEW_CASES = [
     # 9. two plain words compare as words only
     ("\\text{yes}", "\\text{yse}", False),
     ("Evenly", "Evelyn", False),
-    ("yx", "xy", True),                                  # 2-letter "words" can be products (a Math12k gold)
+    ("yx", "xy", True),
+    ("NO", "\\text{No}", True),                                  # 2-letter "words" can be products (a Math12k gold)
     ("EVELYN", "\\text{Evelyn}", True),
     ("\\text{Even}", "even", True),
     # 10. Hz is a unit word

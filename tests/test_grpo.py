@@ -237,6 +237,17 @@ def test_kl_k3_by_hand():
     assert close(logp.grad, [[-0.02, 0.01, 0.0], [0.0, -0.02, 0.0]])
     with pytest.raises(ValueError, match="ref_logp"):
         policy_loss(logp, logp_mu, adv, mask, variant="base", beta=0.1)
+    # pi_ref far below pi_theta (d = -30, or -inf: a token outside pi_ref's top-p nucleus): d is raised to -20, the
+    # value stays finite, k3 = e^-20 + 19, and the gradient still pulls back: d k3 / d logp = 1 - e^-20
+    for gap in (-30.0, -math.inf):
+        lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+        ref = torch.tensor([[-1.0 + gap, -2.0]])
+        loss, stats = policy_loss(lp, lp.detach(), torch.zeros(1), torch.ones(1, 2, dtype=torch.bool),
+                                  variant="practical", ref_logp=ref, beta=0.5)
+        loss.backward()
+        k3 = math.exp(-20) + 19
+        assert close(loss.item(), 0.5 * k3 / 2) and close(stats["kl_ref"], k3 / 2)
+        assert close(lp.grad, [[0.5 / 2 * (1 - math.exp(-20)), 0.0]])
 
 
 def test_overflow_guard_in_loss():

@@ -246,6 +246,11 @@ def test_run_folder_errors(workspace, tmp_path):
     nr.train(tiny_config(workspace, run, sft_epochs=0, steps=1), quiet=True)
     with pytest.raises(nr.UserError, match="already holds a run: continue it with --resume"):
         nr.train(tiny_config(workspace, run, sft_epochs=0, steps=1), quiet=True)
+    died = tmp_path / "died_in_sft"                                      # a log, but no sft/ and no checkpoint
+    died.mkdir()
+    (died / "metrics.jsonl").write_text('{"stage": "sft", "step": 1}\n')
+    with pytest.raises(nr.UserError, match="already holds a run: nothing to resume in it"):
+        nr.train(tiny_config(workspace, died), quiet=True)
 
 
 def test_top_p_rollouts_train_with_finite_losses(workspace, tmp_path, coin_reward):
@@ -278,6 +283,18 @@ def test_resume_before_the_first_checkpoint_restarts_reft_from_sft(workspace, tm
     assert cfg.out_dir == str(cut)
     nr.train(cfg, resume=resume)
     assert "already at step 4 of steps=4" in capsys.readouterr().out
+    # killed between save_checkpoint's two renames: checkpoint.old + the complete checkpoint.tmp, no checkpoint/
+    (cut / "checkpoint").rename(cut / "checkpoint.old")
+    shutil.copytree(cut / "checkpoint.old", cut / "checkpoint.tmp")
+    nr.train(cfg, resume=resume)
+    assert "already at step 4" in capsys.readouterr().out and (cut / "checkpoint" / "trainer_state.pt").is_file()
+    assert not (cut / "checkpoint.old").exists() and not (cut / "checkpoint.tmp").exists()
+    # a resume that fails while loading leaves run_config.json as it was
+    saved = (cut / "run_config.json").read_text()
+    bad, resume = nr.parse_args(["--resume", str(cut), "--skip_ratio=0.75", "--steps=6"])   # k = 3 > |V| = 2
+    with pytest.raises(ValueError, match="k=round"):
+        nr.train(bad, resume=resume, quiet=True)
+    assert (cut / "run_config.json").read_text() == saved
     state = cut / "checkpoint" / "trainer_state.pt"
     for damaged in (state.read_bytes()[:1000], b"not a checkpoint"):
         state.write_bytes(damaged)
