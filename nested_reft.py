@@ -679,6 +679,17 @@ class MetricsLog:
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
+def sft_summary(path: Path) -> dict | None:
+    """The SFT warm-up as metrics.jsonl logged it (kept across resumes): its steps, runtime and first / last
+    batch loss; None when the run had no warm-up (sft_epochs = 0)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = [r for r in rows if r.get("stage") == "sft"]
+    if not rows:
+        return None
+    return {"steps": rows[-1]["step"], "runtime": rows[-1]["runtime"], "loss_first": rows[0]["loss"],
+            "loss_last": rows[-1]["loss"]}
+
+
 def progress_line(row: dict) -> str:
     runtime, step, steps = row["runtime"], row["step"], row["steps"]
     eta = runtime / step * (steps - step)
@@ -857,6 +868,8 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
 
     summary = {"steps": step, "runtime": totals["runtime"], "tok_s": totals["tokens"] / max(totals["runtime"], 1e-9),
                "rollout_tok_s": totals["rollout_tokens"] / max(totals["rollout_s"], 1e-9), **totals}
+    if main_rank:
+        summary["sft"] = sft_summary(log.path)
     if cfg.eval_benchmarks:
         with distributed.gathered(model):                                       # FSDP: all-gather once
             summary["eval"] = run_benchmarks(

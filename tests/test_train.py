@@ -142,6 +142,9 @@ def test_end_to_end_sft_then_nested_reft(workspace, tmp_path, coin_reward):
     run = tmp_path / "run"
     sft_rows, rows = read_metrics(run, "sft"), read_metrics(run)
     assert len(sft_rows) == 3 and len(rows) == 4 and summary["steps"] == 4   # ceil(24 * 1 / 8) SFT steps
+    assert summary["sft"] == {"steps": 3, "runtime": sft_rows[-1]["runtime"], "loss_first": sft_rows[0]["loss"],
+                              "loss_last": sft_rows[-1]["loss"]}
+    assert json.loads((run / "summary.json").read_text())["sft"] == summary["sft"]
     for r in rows:
         assert len(r["skip"]) == 1 and r["skip"][0] in (1, 2)                # k = round(.25 * 4) = 1, e = 1
         for key in ("reward_mean", "zero_std_frac", "ratio_min", "ratio_mean", "ratio_max", "trunc_frac",
@@ -165,7 +168,7 @@ def test_plain_reft_is_on_policy(workspace, tmp_path):
     temperature other than 1, pi_theta's logits are divided by it too, spec §3.6)."""
     cfg = tiny_config(workspace, tmp_path / "run", skip_ratio=0, skip_border=0, sft_epochs=0, steps=2,
                       temperature=0.7)
-    nr.train(cfg, quiet=True)
+    assert nr.train(cfg, quiet=True)["sft"] is None                          # no warm-up, nothing to report
     for r in read_metrics(tmp_path / "run"):
         assert r["skip"] == []
         assert abs(r["ratio_min"] - 1) < 1e-4 and abs(r["ratio_max"] - 1) < 1e-4
@@ -173,11 +176,12 @@ def test_plain_reft_is_on_policy(workspace, tmp_path):
 
 def test_resume_reproduces_an_uninterrupted_run(workspace, tmp_path, coin_reward):
     full, part = tmp_path / "full", tmp_path / "part"
-    nr.train(tiny_config(workspace, full), quiet=True)
+    sa = nr.train(tiny_config(workspace, full), quiet=True)["sft"]
     nr.train(tiny_config(workspace, part), quiet=True, stop_after=2)
     assert len(read_metrics(part)) == 2
     cfg, resume = nr.parse_args(["--resume", str(part)])
-    nr.train(cfg, resume=resume, quiet=True)
+    sb = nr.train(cfg, resume=resume, quiet=True)["sft"]                     # the warm-up ran before the stop
+    assert (sb["steps"], sb["loss_first"], sb["loss_last"]) == (sa["steps"], sa["loss_first"], sa["loss_last"])
     a, b = read_metrics(full), read_metrics(part)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
