@@ -787,6 +787,8 @@ class Qwen2(nn.Module):
                 index = {"metadata": {"total_size": sum(v.nbytes for v in sd.values())}, "weight_map": weight_map}
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+            for f in tmp.iterdir():             # the mode open() would give (safetensors writes its files 0600)
+                os.chmod(f, 0o666 & ~umask)
             if not path.exists():
                 os.replace(tmp, path)
                 return

@@ -185,6 +185,10 @@ def test_save_into_existing_dir_keeps_other_files(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "ck").stat().st_mode & 0o777 == 0o777 & ~umask           # as mkdir() would make it
+    m.save_pretrained(tmp_path / "sharded", max_shard_size_bytes=40_000)
+    for d in ("ck", "sharded"):                      # every file as open() would make it (others can read it)
+        for f in (tmp_path / d).iterdir():
+            assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
 
 
 def test_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
