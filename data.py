@@ -65,15 +65,23 @@ def _add_tokens(tk: _HFTokenizer, tokens: list[tuple[str, bool]]) -> None:
         (tk.add_special_tokens if special else tk.add_tokens)([t])
 
 
+# The Hugging Face files that travel with a tokenizer: Tokenizer.load reads them and save writes them back, so a
+# checkpoint folder of a run is a drop-in replacement for the model it started from (the chat template and special
+# tokens for transformers' AutoTokenizer and vLLM; generation_config.json holds the model's EOS ids and defaults).
+HF_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                      "generation_config.json", "vocab.json", "merges.txt")
+
+
 class Tokenizer:
     """Thin wrapper over a `tokenizers.Tokenizer` that knows the chat special tokens.
 
     eos_token_ids = (<|im_end|>, <|endoftext|>) and pad_token_id = <|endoftext|>, resolved by name, so the
     same code serves the real Qwen2 tokenizer (151645, 151643) and a small demo tokenizer.
+    `hf_files`: name -> text of the HF_TOKENIZER_FILES found beside it (load), written back by save.
     """
 
-    def __init__(self, tk: _HFTokenizer, source: str = "<memory>"):
-        self.tk = tk
+    def __init__(self, tk: _HFTokenizer, source: str = "<memory>", hf_files: dict[str, str] | None = None):
+        self.tk, self.hf_files = tk, dict(hf_files or {})
         vocab = tk.get_vocab(with_added_tokens=True)
         missing = [t for t in (ENDOFTEXT, IM_START, IM_END) if t not in vocab]
         if missing:
@@ -99,7 +107,11 @@ class Tokenizer:
                 _add_tokens(tk, QWEN2_ADDED_TOKENS)
         except Exception as e:  # tokenizers raises plain Exceptions on malformed files
             raise ValueError(f"{d}: could not read the tokenizer files: {e}") from None
-        return cls(tk, str(tj if tj.is_file() else d))
+        try:
+            hf_files = {n: (d / n).read_text(encoding="utf-8") for n in HF_TOKENIZER_FILES if (d / n).is_file()}
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{d}: a tokenizer file is not UTF-8 text ({e})") from None
+        return cls(tk, str(tj if tj.is_file() else d), hf_files)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special tokens written in the text (e.g. <|im_end|>) become their ids."""
@@ -119,8 +131,11 @@ class Tokenizer:
         return i
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write `path`/tokenizer.json atomically (temp file in the same dir, then os.replace)."""
+        """Write `path`/tokenizer.json and the hf_files, each atomically (temp file in the same dir, then
+        os.replace)."""
         write_text_atomic(Path(path) / "tokenizer.json", self.tk.to_str())     # creates `path` if missing
+        for name, text in self.hf_files.items():
+            write_text_atomic(Path(path) / name, text)
 
 
 def train_tokenizer(texts, vocab_size: int) -> Tokenizer:

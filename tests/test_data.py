@@ -87,9 +87,38 @@ def test_decode_round_trip(tok, ref):
     assert tok.decode(tok.encode("<think>x</think>")) == "<think>x</think>"  # non-special added tokens stay
 
 
-def test_save_and_load_tokenizer_json(tok, tmp_path):
+def test_hf_tokenizer_files_travel_with_the_tokenizer(tmp_path):
+    """A model folder's tokenizer_config.json (chat template, special tokens) and generation_config.json (EOS ids)
+    are written back beside tokenizer.json by save, so a saved checkpoint is a drop-in replacement for it:
+    transformers' AutoTokenizer then knows the EOS token and formats the chat as chat_prompt does."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    tok = data.train_tokenizer([chat_prompt("What is 2 plus 3?") + "5 \\boxed{5}"], 300)
+    tok.save(src)
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    files = {"tokenizer_config.json": json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                                                  "chat_template": template}),
+             "generation_config.json": json.dumps({"eos_token_id": [tok.im_end_id, tok.endoftext_id]}),
+             "special_tokens_map.json": json.dumps({"eos_token": "<|im_end|>"})}
+    for name, text in files.items():
+        (src / name).write_text(text)
+    (src / "README.md").write_text("not a tokenizer file")
+    Tokenizer.load(src).save(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["tokenizer.json", *files])
+    assert all((out / name).read_text() == text for name, text in files.items())
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert hf.eos_token_id == tok.im_end_id and hf.pad_token_id == tok.endoftext_id
+    msgs = [{"role": "system", "content": data.QWEN_MATH_SYSTEM}, {"role": "user", "content": "What is 2 plus 3?"}]
+    assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == chat_prompt("What is 2 plus 3?")
+
+
+def test_save_and_load_tokenizer_json(tok, tmp_path, data_dir):
     tok.save(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json"]  # no temp file left behind
+    # tokenizer.json plus the files found beside the source, unchanged; no temp file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merges.txt", "tokenizer.json", "vocab.json"]
+    for name in ("merges.txt", "vocab.json"):
+        assert (tmp_path / name).read_bytes() == (data_dir / "qwen2_tokenizer" / name).read_bytes()
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "tokenizer.json").stat().st_mode & 0o777 == 0o666 & ~umask   # as open() would make it

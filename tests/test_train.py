@@ -32,6 +32,7 @@ def workspace(tmp_path_factory) -> Path:
     texts = [l for l in lines] + [nr.chat_prompt("x") + "The answer is \\boxed{12}."]
     tok = train_tokenizer(texts, 300)
     tok.save(root / "tok")
+    (root / "tok" / "generation_config.json").write_text(json.dumps({"eos_token_id": list(tok.eos_token_ids)}))
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
@@ -161,6 +162,7 @@ def test_end_to_end_sft_then_nested_reft(workspace, tmp_path, coin_reward):
     text = "Tom has 3 apples. \\boxed{7}"
     for d in (run / "checkpoint", run / "sft"):
         assert Tokenizer.load(d).encode(text) == tok.encode(text)
+        assert (d / "generation_config.json").read_text() == (workspace / "tok" / "generation_config.json").read_text()
 
 
 def test_plain_reft_is_on_policy(workspace, tmp_path):
