@@ -1180,7 +1180,8 @@ def evaluate(model, tokenizer, examples, *, batch_size: int = 16, max_new_tokens
     length (longest first, so an out-of-memory shows at once and batches carry little padding) and the
     records come back in the order of `examples`. Each record: question, gold, completion (decoded without
     special tokens), extracted, correct, num_tokens (generated tokens, EOS included). `progress(done, total)` is
-    called after each batch when given.
+    called after each batch when given. A completion stops where prompt + completion reaches the model's
+    max_position_embeddings (as vLLM's max_model_len does): positions beyond it were never trained.
     """
     import torch
 
@@ -1191,17 +1192,22 @@ def evaluate(model, tokenizer, examples, *, batch_size: int = 16, max_new_tokens
     check_tokenizer_fits(valid_vocab, getattr(getattr(model, "config", None), "vocab_size", None))
     prompts = [tokenizer.encode(data.chat_prompt(ex.question)) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or float("inf")
+    if prompts and len(prompts[order[0]]) >= context:
+        raise ValueError(f"a prompt has {len(prompts[order[0]])} tokens: no room to generate within the model's "
+                         f"max_position_embeddings = {context} (question: {examples[order[0]].question[:60]!r})")
     completions, lengths = [""] * len(prompts), [0] * len(prompts)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
+        room = [min(max_new_tokens, context - len(prompts[i])) for i in idx]   # per row, up to the context
         with torch.no_grad():
-            out = model.generate([prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature,
+            out = model.generate([prompts[i] for i in idx], max_new_tokens=max(room), temperature=temperature,
                                  top_p=top_p, skip_mask=skip_mask, eos_token_ids=tuple(tokenizer.eos_token_ids),
                                  pad_token_id=tokenizer.pad_token_id, generator=generator,
                                  valid_vocab_size=valid_vocab)
         tokens, mask = out.tokens.tolist(), out.mask.tolist()                    # [b, Tn]
         for row, i in enumerate(idx):
-            ids = [t for t, m in zip(tokens[row], mask[row]) if m]
+            ids = [t for t, m in zip(tokens[row][:room[row]], mask[row]) if m]
             completions[i], lengths[i] = tokenizer.decode(ids, skip_special_tokens=True), len(ids)
         if progress is not None:
             progress(min(start + batch_size, len(order)), len(order))

@@ -429,6 +429,15 @@ def resolve_data_dir(cfg: Config) -> Path:
     return Path(d)
 
 
+def check_context(cfg: Config, context: int) -> None:
+    """Training sequences must fit the model's context (max_position_embeddings: 4096 for Qwen2.5-Math):
+    positions beyond it were never trained. Evaluation cuts its completions there instead (eval.evaluate)."""
+    for what, n in (("max_prompt_len + max_new_tokens", cfg.max_prompt_len + cfg.max_new_tokens),
+                    ("max_seq_len", cfg.max_seq_len if cfg.sft_epochs > 0 else 0)):
+        if n > context:
+            raise UserError(f"config: {what} = {n} exceeds the model's max_position_embeddings = {context}")
+
+
 def load_model(cfg: Config, device: torch.device, model_dir: str = "") -> tuple[Qwen2, Tokenizer]:
     """The checkpoint `model_dir or cfg.model` (float32 master weights), or a random model from `model_config`."""
     path = model_dir or cfg.model
@@ -789,6 +798,7 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
     log = MetricsLog(run_dir / "metrics.jsonl", cfg.log_every, quiet, enabled=main_rank)
     model, tok = load_model(cfg, device, str(ckpt) if state else str(sft_dir) if from_sft else "")
     _k_and_valid(model.config.num_hidden_layers, cfg.skip_ratio, cfg.skip_border)   # k <= |V|, before SFT
+    check_context(cfg, model.config.max_position_embeddings)
     run_sft = not resume and cfg.sft_epochs > 0
     model = distributed.wrap(model, cfg.parallel, device, dtype,               # torchrun: DDP or FSDP2
                              skips_layers=run_sft and cfg.sft_skip_prob > 0)

@@ -115,6 +115,24 @@ def test_evaluate_defaults_are_greedy_and_progress_is_reported():
         E.evaluate(model, tok, EXAMPLES, batch_size=0)
 
 
+def test_evaluate_stops_completions_at_the_context_length():
+    """prompt + completion never exceeds max_position_embeddings (per row, as vLLM's max_model_len): the long
+    prompt's row is cut after 5 tokens, the short one's completion is whole; a prompt that fills the context is
+    an error naming the limit."""
+    tok = ByteTokenizer()
+    short, long = EXAMPLES[0], EXAMPLES[1]
+    n_short, n_long = (len(tok.encode(data.chat_prompt(ex.question))) for ex in (short, long))
+    model = FakeModel(tok, COMPLETIONS)
+    model.config = SimpleNamespace(max_position_embeddings=n_long + 5, vocab_size=259)
+    acc, records = E.evaluate(model, tok, [short, long], batch_size=2, max_new_tokens=64)
+    assert model.calls[0]["max_new_tokens"] == min(64, n_long + 5 - n_short)
+    assert records[1]["completion"] == "Half " and records[1]["num_tokens"] == 5
+    assert records[0]["completion"] == "1+1 = \\boxed{2}." and records[0]["correct"] and acc == 0.5
+    model.config.max_position_embeddings = n_long
+    with pytest.raises(ValueError, match=f"a prompt has {n_long} tokens: no room .* max_position_embeddings = {n_long}"):
+        E.evaluate(model, tok, [short, long], batch_size=2, max_new_tokens=64)
+
+
 def write_suite(d: Path):
     """A small data folder in the layout of ../shared/data (understand-r1-zero JSON lines)."""
     suite = d / "eval_suite" / "understand-r1-zero_jsonl"

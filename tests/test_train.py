@@ -235,6 +235,10 @@ def test_run_folder_errors(workspace, tmp_path):
     with pytest.raises(ValueError, match="k=round"):
         nr.train(tiny_config(workspace, run, skip_ratio=0.75, skip_border=1), quiet=True)   # k = 3 > |V| = 2
     assert not (run / "metrics.jsonl").exists() and not (run / "sft").exists()
+    for kw, words in ((dict(max_prompt_len=32000, max_new_tokens=1000), "max_prompt_len \\+ max_new_tokens = 33000"),
+                      (dict(max_seq_len=40000), "max_seq_len = 40000")):            # the model's context: 32768
+        with pytest.raises(nr.UserError, match=words + " exceeds the model's max_position_embeddings = 32768"):
+            nr.train(tiny_config(workspace, run, **kw), quiet=True)
     with pytest.raises(FileNotFoundError, match="aime"):                   # a benchmark file is checked up front
         nr.train(tiny_config(workspace, run, eval_benchmarks="aime"), quiet=True)
     assert not (run / "metrics.jsonl").exists() and not (run / "sft").exists()
