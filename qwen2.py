@@ -77,6 +77,8 @@ class Qwen2Config:
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
     torch_dtype: str = "float32"
+    bos_token_id: int | None = None            # carried from config.json to config.json (transformers reads
+    eos_token_id: int | list[int] | None = None   # eos_token_id where no generation_config.json says otherwise)
 
     @property
     def head_dim(self) -> int:
@@ -103,6 +105,12 @@ class Qwen2Config:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ValueError(f"{source}: {k}={v!r}, expected a positive number")
+        for k in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, k)
+            ids = v if isinstance(v, list) and v and k == "eos_token_id" else [v]
+            if v is not None and any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+                raise ValueError(f"{source}: {k}={v!r}, expected a token id (an integer >= 0)"
+                                 + (" or a list of them" if k == "eos_token_id" else ""))
         if not isinstance(self.tie_word_embeddings, bool):
             raise ValueError(f"{source}: tie_word_embeddings={self.tie_word_embeddings!r}, expected true/false")
         _as_dtype(self.torch_dtype)
@@ -163,6 +171,9 @@ class Qwen2Config:
     def to_dict(self) -> dict:
         """HF-compatible config.json content (read by transformers 4.x and 5.x, and vLLM)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k in ("bos_token_id", "eos_token_id"):
+            if d[k] is None:
+                del d[k]
         d.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu",
                  rope_scaling=None, rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default"},
                  use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers,

@@ -71,6 +71,12 @@ def test_config_from_hf_config_json(tmp_path):
     assert cfg.rope_theta == 5.0 and cfg.torch_dtype == "bfloat16"
     assert Qwen2Config.from_dict(cfg.to_dict()) == cfg
     assert cfg.to_dict()["model_type"] == "qwen2" and cfg.to_dict()["architectures"] == ["Qwen2ForCausalLM"]
+    assert "eos_token_id" not in cfg.to_dict()                           # none given, none written
+    # the special-token ids travel from config.json to a saved config.json (Qwen2.5-Math: 151643 / 151645)
+    cfg = Qwen2Config.from_dict({**TINY, "bos_token_id": 1, "eos_token_id": [2, 1]})
+    Qwen2(cfg).save_pretrained(tmp_path / "ids")
+    hf = transformers.AutoConfig.from_pretrained(tmp_path / "ids")
+    assert (hf.bos_token_id, hf.eos_token_id) == (1, [2, 1]) and Qwen2Config.from_json(tmp_path / "ids") == cfg
 
 
 @pytest.mark.parametrize("change, words", [
@@ -86,6 +92,9 @@ def test_config_from_hf_config_json(tmp_path):
     ({"rope_scaling": "linear"}, ["rope_scaling"]),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, ["rope_scaling"]),
     ({"head_dim": 64}, ["head_dim"]),
+    ({"eos_token_id": "<|im_end|>"}, ["eos_token_id", "token id"]),
+    ({"bos_token_id": [1, 2]}, ["bos_token_id", "token id"]),
+    ({"eos_token_id": [2, -1]}, ["eos_token_id"]),
 ])
 def test_config_errors_name_file_and_key(tmp_path, change, words):
     d = {**TINY, "model_type": "qwen2"}
