@@ -62,6 +62,25 @@ def test_qwen2_special_ids(tok):
         tok.token_to_id("<|no_such_token|>")
 
 
+# Qwen2.5's added-token table (its tokenizer_config.json, `added_tokens_decoder`): id -> (content, special).
+# Written out here, not taken from data.QWEN2_ADDED_TOKENS (which the `ref` fixture reuses).
+QWEN25_ADDED = {
+    151646: ("<|object_ref_start|>", True), 151647: ("<|object_ref_end|>", True), 151648: ("<|box_start|>", True),
+    151649: ("<|box_end|>", True), 151650: ("<|quad_start|>", True), 151651: ("<|quad_end|>", True),
+    151652: ("<|vision_start|>", True), 151653: ("<|vision_end|>", True), 151654: ("<|vision_pad|>", True),
+    151655: ("<|image_pad|>", True), 151656: ("<|video_pad|>", True), 151657: ("<tool_call>", False),
+    151658: ("</tool_call>", False), 151659: ("<|fim_prefix|>", False), 151660: ("<|fim_middle|>", False),
+    151661: ("<|fim_suffix|>", False), 151662: ("<|fim_pad|>", False), 151663: ("<|repo_name|>", False),
+    151664: ("<|file_sep|>", False),
+}
+
+
+def test_qwen2_added_token_ids_and_special_flags(tok):
+    for i, (content, special) in QWEN25_ADDED.items():
+        assert tok.token_to_id(content) == i and tok.encode(content) == [i], content
+        assert tok.decode([i]) == ("" if special else content), content      # skip_special_tokens drops specials
+
+
 def test_ids_match_transformers(tok, ref):
     assert len(ref) == tok.vocab_size
     texts = SAMPLE + [chat_prompt(SAMPLE[1]), chat_prompt("What is 1+1?") + "2<|im_end|>"]
@@ -205,10 +224,13 @@ def test_gsm8k_fixture(tmp_path):
         {"question": "Q1?",
          "answer": "She has 3+4 = <<3+4=7>>7 apples.\nThen 1,000 more: <<7+1000=1007>>1007.\n#### 1,007"},
         {"question": "Q2?", "answer": "It drops by 10.\n#### -10"},
+        {"question": "Q3?", "answer": "2*3 = <<2*3=6>>6 and 6+1 = <<6+1=7>>7 (not #### 6).\n#### 7"},
     ])
-    a, b = load_dataset("gsm8k", tmp_path, "train")
+    a, b, c = load_dataset("gsm8k", tmp_path, "train")
     assert a == Example("Q1?", "She has 3+4 = 7 apples.\nThen 1,000 more: 1007.\nThe answer is \\boxed{1007}.", "1007")
     assert b == Example("Q2?", "It drops by 10.\nThe answer is \\boxed{-10}.", "-10")
+    # two annotations on one line each go; the gold follows the last "####"
+    assert c == Example("Q3?", "2*3 = 6 and 6+1 = 7 (not #### 6).\nThe answer is \\boxed{7}.", "7")
 
 
 def test_svamp_fixture(tmp_path):
@@ -217,8 +239,11 @@ def test_svamp_fixture(tmp_path):
          "answer_value": "3.3333333333333335"},
         {"item_id": "b", "question": "q b", "answer_cot": "Therefore, the answer is <14>.", "answer_value": "14.0"},
         {"item_id": "c", "question": "q c", "answer_cot": "Already answered.", "answer_value": "5.0"},
+        {"item_id": "d", "question": "q d", "answer_cot": "Not the answer is <2>; the answer is < 7 >.",
+         "answer_value": "7.0"},
     ])
-    a, b, c = load_dataset("svamp", tmp_path, "train")
+    a, b, c, d = load_dataset("svamp", tmp_path, "train")
+    assert d == Example("q d", "Not the answer is <2>; the answer is \\boxed{7}.", "7")   # the last one, stripped
     assert a == Example("q a", "10 / 3 = 3.33\n\nTherefore, the answer is \\boxed{3.33}.", "3.3333333333333335")
     assert b == Example("q b", "Therefore, the answer is \\boxed{14}.", "14")
     assert c == Example("q c", "Already answered.\nThe answer is \\boxed{5}.", "5")
@@ -236,13 +261,17 @@ def test_math_and_eval_suite_fixtures(tmp_path):
     for name, split in [("math12k", "train"), ("math500", "test")]:
         write(tmp_path, name, split, [rec])
         assert load_dataset(name, tmp_path, split) == [Example("P", "so $\\boxed{\\frac12}$", "\\frac12")]
-    write(tmp_path, "aime", "test", [{"problem": "A", "answer": "025", "difficulty": 1.0}])
-    assert load_dataset("aime", tmp_path, "test") == [Example("A", None, "025")]  # kept as written
+    write(tmp_path, "aime", "test", [{"problem": "A", "answer": "025", "difficulty": 1.0},
+                                     {"problem": "A2", "answer": " 17\n"}])
+    assert load_dataset("aime", tmp_path, "test") == [Example("A", None, "025"),   # kept as written
+                                                       Example("A2", None, "17")]    # whitespace stripped
     write(tmp_path, "amc", "test", [{"problem": "B", "answer": 142.0}, {"problem": "C", "answer": 2.5}])
     assert [e.answer for e in load_dataset("amc", tmp_path, "test")] == ["142", "2.5"]
     for name in ("minerva", "olympiad"):
         write(tmp_path, name, "test", [{"problem": "D", "answer": ["9.6\n", " $2^{10}$ "]}])
         assert load_dataset(name, tmp_path, "test") == [Example("D", None, ["9.6", "$2^{10}$"])]
+        write(tmp_path, name, "test", [{"problem": "E", "answer": "9.6\n"}])      # a lone string: a 1-list
+        assert load_dataset(name, tmp_path, "test") == [Example("E", None, ["9.6"])]
 
 
 @pytest.mark.parametrize("content, where, what", [
@@ -277,8 +306,8 @@ def test_math12k_drops_missing_golds(tmp_path):
             for p, a in [("P1", "5"), ("P2", ""), ("P3", "None"), ("P4", " "), ("P5", "\\text{none}")]]
     write(tmp_path, "math12k", "train", recs)
     assert [e.question for e in load_dataset("math12k", tmp_path, "train")] == ["P1", "P5"]
-    write(tmp_path, "math500", "test", recs[:1])
-    assert [e.answer for e in load_dataset("math500", tmp_path, "test")] == ["5"]
+    write(tmp_path, "math500", "test", recs)                  # MATH500 keeps every record, as written
+    assert [e.answer for e in load_dataset("math500", tmp_path, "test")] == ["5", "", "None", "", "\\text{none}"]
 
 
 def test_malformed_json_list_and_values(tmp_path):

@@ -52,6 +52,58 @@ def test_synthetic_task_golds_flaw_and_split():
     assert all(boxed(ex) == ex.answer for ex in train if data.synthetic_template(ex.question) != "two")
 
 
+PRONOUNS = {"Mia": "she", "Tom": "he", "Ana": "she", "Ben": "he", "Eva": "she", "Sam": "he", "Lily": "she", "Max": "he"}
+ROTATION = ["add", "two", "sub", "two", "mul"]                                        # problem i: ROTATION[i % 5]
+QUESTION_RE = {
+    "add": r"(\w+) has (\d) (\w+)\. (\w+) gets (\d) more\. How many \3 does (\w+) have now\?",
+    "sub": r"(\w+) had (\d) (\w+) and gave (\d) away\. How many \3 does (\w+) have left\?",
+    "mul": r"(\w+) buys (\d) bags with (\d) (\w+) in each bag\. How many \4 does (\w+) buy\?",
+    "two": r"(\w+) has (\d) (\w+)\. (\w+) finds (\d) more, then loses (\d)\. How many \3 are left\?",
+}
+
+
+def test_synthetic_task_templates_numbers_and_pronouns():
+    """Each question has its template's wording in the rotation, one-digit numbers (sums and the intermediate
+    at most 9, products at most 16), and the pronoun of its name."""
+    for split in ("train", "test"):
+        for i, ex in enumerate(data.synthetic_dataset(split)):
+            template = ROTATION[i % 5]
+            assert data.synthetic_template(ex.question) == template, ex.question
+            m = re.fullmatch(QUESTION_RE[template], ex.question)
+            assert m, ex.question
+            pronouns = {w.lower() for w in re.findall(r"\b(?:[Hh]e|[Ss]he)\b", ex.question)}
+            assert pronouns == {PRONOUNS[m.group(1)]}, ex.question
+            n = [int(x) for x in m.groups() if x.isdigit()]
+            assert all(1 <= x <= 9 for x in n), ex.question
+            if template in ("add", "two"):
+                assert n[0] + n[1] <= 9, ex.question
+            if template == "mul":
+                assert n[0] * n[1] <= 16, ex.question
+
+
+def test_synthetic_task_first_problems():
+    """The task is fixed by its seed (the README's demo numbers depend on it): its first problems, checked by hand."""
+    test = data.synthetic_dataset("test", 5)
+    assert [(ex.question, ex.solution, ex.answer) for ex in test] == [
+        ("Ana has 5 shells. She gets 4 more. How many shells does she have now?",
+         "5 + 4 = 9. The answer is \\boxed{9}.", "9"),
+        ("Mia has 6 pens. She finds 3 more, then loses 2. How many pens are left?",
+         "6 + 3 = 9. 9 - 2 = 7. The answer is \\boxed{7}.", "7"),
+        ("Eva had 6 cards and gave 2 away. How many cards does she have left?",
+         "6 - 2 = 4. The answer is \\boxed{4}.", "4"),
+        ("Lily has 2 eggs. She finds 5 more, then loses 1. How many eggs are left?",
+         "2 + 5 = 7. 7 - 1 = 6. The answer is \\boxed{6}.", "6"),
+        ("Mia buys 3 bags with 2 cards in each bag. How many cards does she buy?",
+         "3 * 2 = 6. The answer is \\boxed{6}.", "6"),
+    ]
+    train = data.synthetic_dataset("train", 2)
+    assert [(ex.question, ex.solution) for ex in train] == [
+        ("Sam has 3 books. He gets 4 more. How many books does he have now?", "3 + 4 = 7. The answer is \\boxed{7}."),
+        ("Lily has 7 apples. She finds 1 more, then loses 2. How many apples are left?",
+         "7 + 1 = 8. 8 - 2 = 6. The answer is \\boxed{8}."),                        # a flawed one: 8 boxed
+    ]
+
+
 def test_synthetic_task_is_deterministic_and_checks_arguments():
     assert data.synthetic_dataset("train", 50) == data.synthetic_dataset("train")[:50]
     assert data.synthetic_dataset("test") == data.synthetic_dataset("test")

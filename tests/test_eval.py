@@ -101,6 +101,21 @@ def test_evaluate_grades_in_order_and_batches_by_length():
     assert c["generator"] is g
 
 
+class SpellingTokenizer(ByteTokenizer):
+    """Like ByteTokenizer, but decode(..., skip_special_tokens=False) writes the special ids out."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(("" if skip_special_tokens else f"<{i}>") if i < 3 else bytes([i - 3]).decode("latin-1")
+                       for i in ids)
+
+
+def test_evaluate_decodes_without_special_tokens():
+    tok = SpellingTokenizer()
+    _, records = E.evaluate(FakeModel(tok, COMPLETIONS), tok, EXAMPLES[:1])
+    assert records[0]["completion"] == "1+1 = \\boxed{2}."       # the EOS id is not written into the text
+    assert tok.decode([5, 1], skip_special_tokens=False) == "\x02<1>"
+
+
 def test_evaluate_defaults_are_greedy_and_progress_is_reported():
     tok = ByteTokenizer()
     model = FakeModel(tok, COMPLETIONS)

@@ -582,6 +582,58 @@ def test_review_cases(pred, gold, expected):
     assert grade(pred, gold) is expected, (normalize(pred), normalize(gold))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# mutation testing: each case below failed to be checked by any test above (a small bug in the named rule
+# passed the whole file); (pred, gold, expected), checked in the stated direction only
+
+MUTATION_CASES = [
+    # normalisation
+    ("(1000, 2)", "(1{,}000, 2)", True),                  # {,} is a thousands separator, also inside a tuple
+    ("(10000, 5)", "(10,\\! 000, 5)", True),             # ",\\! " with a space after it
+    ("\\left.\\frac{1}{2}\\right.", "\\frac12", True),   # \left. and \right. go with their dot
+    ("3\\ \\text{cm}", "3", True),                       # "\ " is a space
+    ("k \\geq 2", "k\\ge 2", True),                      # \ge is an alias only as a whole command name
+    ("\\cfrac{1}{2}", "0.5", True),
+    ("y^{\\prime\\prime}", "y''", True),                 # one ' per \prime
+    ("y'", "y^{\\prime\\prime}", False),
+    ("45 minutes", "45", True),
+    ("\\text{\\textbf{B}}", "B", True),                  # nested wrappers
+    ("x=2 \\text{ or } x=3", "2, 3", True),              # " or " separates answers
+    ("f(\\frac{1}2)", "f(\\frac{1}{2})", True),          # \frac{1}2 braced (text comparison: a function call)
+    ("x^2 \\frac{1}{2}", "\\frac{x^2}{2}", True),        # no mixed number after an exponent
+    ("2^3 \\frac{1}{2}", "4", True),
+    ("{{Evenly}}", "Evelyn", False),                     # braces unwrapped before the word rule
+    ("\\{\\}", "\\emptyset", True),
+    ("+\\infty", "\\infty", True),                       # a leading + dropped (text comparison)
+    # structure
+    ("\\{2,1\\},\\{3\\}", "\\{3\\},\\{1,2\\}", True),    # \{ \} are brackets when splitting a list
+    ("2 \\mp 1", "1, 3", True),
+    ("\\begin{pmatrix} 1 & 2 \\end{pmatrix}", "\\begin{pmatrix} 1 & 2 & 3 \\end{pmatrix}", False),
+    ("100, 2000", "2000,100", True),                     # 2000,100 has no thousands separator: a list
+    # scalars
+    ("2x = 10", "10", False),                            # only a variable on the left is dropped
+    ("ut", "u(t)", False),                               # u( is a function call (step function)
+    ("\\lfloor (\\sqrt{3})^2 \\rfloor", "3", True),      # round-off next to an integer is snapped
+    ("8^{1/3}", "2", True),                              # a fractional exponent is not exact arithmetic
+    ("\\lfloor \\frac{7}{2} \\rfloor", "3", True),
+    ("\\lceil \\frac{7}{2} \\rceil", "4", True),
+    ("\\lfloor\\sqrt{x-6}\\rfloor^3", "\\lfloor\\sqrt{x-6}\\rfloor", False),   # 1 comparable positive point
+    # tolerances
+    ("0.666667", "0.6666666666666666", False),           # a printed float's noise is relative 1e-12
+    ("7.9", "2.5\\pi", False),                           # rule d: relative 1e-4
+    ("7.854", "2.5\\pi", True),
+    ("1.234 \\times 10^5", "1.23 \\cdot 10^{5}", True),  # \cdot 10^k is scientific notation too
+    # percent
+    ("50 percent", "0.5", True),
+]
+
+
+@pytest.mark.parametrize("pred,gold,expected", MUTATION_CASES,
+                         ids=[f"{p!r}{'==' if e else '!='}{g!r}" for p, g, e in MUTATION_CASES])
+def test_mutation_cases(pred, gold, expected):
+    assert grade(pred, gold) is expected, (normalize(pred), normalize(gold))
+
+
 def test_absolute_round_off_only_against_an_exact_zero_gold():
     from eval import _close
     assert _close(1e-16 + 0j, 0j, 1e-8)                  # gold exactly 0: round-off allowed
@@ -625,6 +677,8 @@ GOLD_TYPES = [
     ("5", " ", False),
     ("", ["", "5"], False),
     ("5", ["", "5"], True),
+    ("10000000000000000", 1e16, True),     # an integer-valued float gold is an exact integer, not "1e+16"
+    ("10000000000000001", 1e16, False),
 ]
 
 
@@ -664,6 +718,8 @@ EXTRACTION = [
     ("\\boxed", None),
     ("\\boxed{\\}", None),                    # an escaped brace does not close
     ("\\boxed{\\}}", "\\}"),
+    ("\\boxed 5\nSo that is it.", "5"),      # the brace-less form ends at the line end
+    ("see \\fboxsep", None),                  # a longer command is no box
 ]
 
 
@@ -684,6 +740,8 @@ FALLBACK = [
     ("it is -2.5 degrees", "-2.5"),
     ("no numbers", None),
     ("\\boxed{5} but the answer is 6", "5"),   # a box always wins
+    ("Sum is 70 + 2.\n#### 72\n(checked 3 times)", "72"),   # after "####", not the last number
+    ("Final Answer is 12 apples, from 3 boxes.", "12"),      # "answer is" in any case
 ]
 
 
