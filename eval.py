@@ -101,7 +101,8 @@ _BRACE_RE = re.compile(r"\\.|[{}]", re.S)   # an escaped char (\{ \} \\) or a br
 
 def extract_answer(text: str | None, fallback: bool = False) -> str | None:
     """The content of the last \\boxed{...} or \\fbox{...} of `text`, nested braces matched (escaped \\{ \\}
-    do not count), stripped. Also the brace-less form "\\boxed 5" (content up to the next $ or line end).
+    do not count), stripped; longer commands (\\fboxsep) are no box. Also the brace-less form "\\boxed 5"
+    (content up to the next $ or line end).
     An unbalanced last box (e.g. a truncated completion) gives None. Linear time in len(text).
 
     fallback=True (documented option, GSM8K style, for models that do not box their answer): when there is
@@ -110,11 +111,30 @@ def extract_answer(text: str | None, fallback: bool = False) -> str | None:
     """
     if text is None:
         return None
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    start = _last_box_start(text)
     ans = _box_content(text, start) if start >= 0 else None
     if ans is None and fallback:
         ans = _fallback_answer(text)
     return ans
+
+
+def _last_box_start(text: str) -> int:
+    """Index of the last \\boxed or \\fbox command, or -1; a longer command name (\\fboxsep, \\fboxrule) is
+    skipped. Each rfind scans a new stretch of text, so this stays linear."""
+    b, f = text.rfind("\\boxed"), text.rfind("\\fbox")
+    while max(b, f) >= 0:
+        start = max(b, f)
+        end = start + (6 if start == b else 5)
+        if end >= len(text) or text[end] not in _LETTERS:
+            return start
+        if start == b:
+            b = text.rfind("\\boxed", 0, start)
+        else:
+            f = text.rfind("\\fbox", 0, start)
+    return -1
+
+
+_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")   # a LaTeX command name's characters
 
 
 def _box_content(text: str, start: int) -> str | None:

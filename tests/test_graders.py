@@ -720,6 +720,8 @@ EXTRACTION = [
     ("\\boxed{\\}}", "\\}"),
     ("\\boxed 5\nSo that is it.", "5"),      # the brace-less form ends at the line end
     ("see \\fboxsep", None),                  # a longer command is no box
+    ("\\boxed{5}, drawn with \\fboxsep=2pt", "5"),   # ... and does not hide the last real box
+    ("\\fbox{3} \\fboxrule \\boxedanswer", "3"),
 ]
 
 
@@ -798,6 +800,7 @@ ADVERSARIAL = [
     ("megabyte-text", lambda: reward("word " * 250_000 + "\\boxed{7}", "7"), 1.0),
     ("megabyte-nobox", lambda: extract_answer("{" * 1_000_000), None),
     ("megabyte-open-box", lambda: extract_answer("\\boxed{" + "{" * 1_000_000), None),
+    ("many-box-like-commands", lambda: extract_answer("\\boxed{1}" + "\\fboxsep \\boxedx " * 100_000), "1"),
     ("megabyte-fallback", lambda: extract_answer("12 " * 300_000, fallback=True), "12"),
     ("megabyte-answer-is", lambda: extract_answer("the answer is " + "9" * 1_000_000, fallback=True),
      "9" * 1_000_000),
