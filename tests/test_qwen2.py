@@ -71,6 +71,13 @@ def test_config_from_hf_config_json(tmp_path):
     assert cfg.rope_theta == 5.0 and cfg.torch_dtype == "bfloat16"
     assert Qwen2Config.from_dict(cfg.to_dict()) == cfg
     assert cfg.to_dict()["model_type"] == "qwen2" and cfg.to_dict()["architectures"] == ["Qwen2ForCausalLM"]
+    # transformers 5.x names the dtype "dtype"; a default rope_scaling under either key name is accepted
+    assert Qwen2Config.from_dict({**TINY, "dtype": "bfloat16"}).torch_dtype == "bfloat16"
+    assert Qwen2Config.from_dict({**TINY, "torch_dtype": "torch.float16"}).torch_dtype == "float16"
+    assert qwen2._as_dtype("torch.bfloat16") is torch.bfloat16 and qwen2._as_dtype("fp32") is torch.float32
+    assert cfg.to_dict()["rope_parameters"] == {"rope_theta": 5.0, "rope_type": "default"}     # transformers 5 layout
+    for rs in ({"type": "default"}, {"rope_type": "default"}):
+        assert Qwen2Config.from_dict({**TINY, "rope_scaling": rs}) == Qwen2Config(**TINY)
     assert "eos_token_id" not in cfg.to_dict()                           # none given, none written
     # the special-token ids travel from config.json to a saved config.json (Qwen2.5-Math: 151643 / 151645)
     cfg = Qwen2Config.from_dict({**TINY, "bos_token_id": 1, "eos_token_id": [2, 1]})
@@ -95,6 +102,13 @@ def test_config_from_hf_config_json(tmp_path):
     ({"eos_token_id": "<|im_end|>"}, ["eos_token_id", "token id"]),
     ({"bos_token_id": [1, 2]}, ["bos_token_id", "token id"]),
     ({"eos_token_id": [2, -1]}, ["eos_token_id"]),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1000.0, "factor": 4.0}}, ["rope_parameters"]),
+    ({"hidden_size": 36}, ["head_dim=9"]),                                   # odd head_dim: no RoPE halves
+    ({"hidden_size": 66}, ["hidden_size=66", "num_attention_heads"]),
+    ({"rope_theta": 0}, ["rope_theta"]),
+    ({"rms_norm_eps": -1e-6}, ["rms_norm_eps"]),
+    ({"tie_word_embeddings": "false"}, ["tie_word_embeddings"]),             # a truthy string
+    ({"num_hidden_layers": True}, ["num_hidden_layers"]),
 ])
 def test_config_errors_name_file_and_key(tmp_path, change, words):
     d = {**TINY, "model_type": "qwen2"}
@@ -182,6 +196,20 @@ def test_hf_sharded_checkpoint_and_dtype(tmp_path):
         assert mb(ids).dtype == torch.bfloat16
 
 
+def test_rms_norm_eps_from_the_config_reaches_every_norm(tmp_path):
+    """TINY's eps is negligible next to mean(x^2); at 0.5 it changes every norm's output, so parity with
+    transformers shows that each norm (the final one too) takes the config's eps."""
+    hf = hf_model(seed=1, rms_norm_eps=0.5)
+    hf.save_pretrained(tmp_path)
+    m = Qwen2.from_pretrained(tmp_path)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref, got = hf(ids).logits, m(ids)
+        m.model.norm.eps = TINY["rms_norm_eps"]
+        assert (m(ids) - ref).abs().max() > 0.01                          # the final norm's eps shows
+    assert (got - ref).abs().max() <= 1e-4
+
+
 def test_save_into_existing_dir_keeps_other_files(tmp_path):
     m = ours()
     m.save_pretrained(tmp_path / "ck", max_shard_size_bytes=40_000)
@@ -198,6 +226,32 @@ def test_save_into_existing_dir_keeps_other_files(tmp_path):
     for d in ("ck", "sharded"):                      # every file as open() would make it (others can read it)
         for f in (tmp_path / d).iterdir():
             assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+
+
+def test_shards_are_filled_greedily_up_to_the_limit(tmp_path):
+    """Shards of at most max_shard_size_bytes, each filled until the next tensor would not fit (a checkpoint of
+    exactly the limit is one file); the index names every tensor and the total size; config.json records the
+    dtype of the saved weights."""
+    m = ours()
+    sizes = {k: v.nbytes for k, v in m.state_dict().items()}          # TINY is untied: lm_head.weight included
+    total, limit = sum(sizes.values()), 40_000
+    assert max(sizes.values()) < limit
+    m.save_pretrained(tmp_path / "one", max_shard_size_bytes=total)
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["config.json", "model.safetensors"]
+    m.save_pretrained(tmp_path / "ck", max_shard_size_bytes=limit)
+    index = json.loads((tmp_path / "ck" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == total
+    wm = index["weight_map"]
+    assert sorted(wm) == sorted(sizes)
+    names = sorted(set(wm.values()))
+    assert names == [f"model-{i:05d}-of-{len(names):05d}.safetensors" for i in range(1, len(names) + 1)]
+    used = {n: sum(b for k, b in sizes.items() if wm[k] == n) for n in names}
+    assert all(u <= limit for u in used.values())
+    for a, b in zip(names, names[1:]):                                 # b's first tensor did not fit into a
+        first = next(k for k in sizes if wm[k] == b)
+        assert used[a] + sizes[first] > limit, (a, used[a], first)
+    ours().to(torch.bfloat16).save_pretrained(tmp_path / "bf")
+    assert Qwen2Config.from_json(tmp_path / "bf").torch_dtype == "bfloat16"
 
 
 def test_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
@@ -255,6 +309,22 @@ def test_load_errors_name_the_tensor(tmp_path):
         Qwen2.from_pretrained(tmp_path / "absent")
 
 
+def test_load_skips_a_tied_lm_head_and_rotary_buffers(tmp_path):
+    """A tied save holds the embedding once; on load, an lm_head.weight in a tied checkpoint (older exports have
+    one) and rotary_emb.inv_freq buffers are ignored, not 'unexpected'."""
+    from safetensors.torch import load_file, save_file
+    m = ours(seed=2, tie_word_embeddings=True)
+    m.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd
+    sd["lm_head.weight"] = torch.zeros(TINY["vocab_size"], TINY["hidden_size"])
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    back = Qwen2.from_pretrained(tmp_path)
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    assert torch.equal(back.lm_head.weight, m.model.embed_tokens.weight)
+
+
 def test_missing_shard_is_an_error(tmp_path):
     ours().save_pretrained(tmp_path, max_shard_size_bytes=40_000)
     next(tmp_path.glob("model-00002-*.safetensors")).unlink()
@@ -304,6 +374,9 @@ def test_all_false_mask_equals_no_mask_and_mask_validation():
     with torch.no_grad():
         assert torch.equal(m(ids, [False] * 4), m(ids))
         assert torch.equal(m(ids, (True, False, False, True)), m(ids, torch.tensor([1, 0, 0, 1]).bool()))
+        assert m(ids, logits_from=6).shape == (2, 0, TINY["vocab_size"])          # logits_from in 0..T
+    with pytest.raises(ValueError, match="logits_from=7"):
+        m(ids, logits_from=7)
     with pytest.raises(ValueError, match="skip_mask has 3 entries, expected num_hidden_layers=4"):
         m(ids, [False] * 3)
     with pytest.raises(ValueError, match="skip_mask"):
@@ -401,6 +474,8 @@ def test_min_new_tokens_suppresses_eos_and_rows_stop():
     held = m.generate(PROMPTS * 4, max_new_tokens=12, min_new_tokens=6, eos_token_ids=eos, generator=g)
     assert held.mask[:, :6].all()
     assert not torch.isin(held.tokens[:, :5], torch.tensor(eos)).any()
+    one = m.generate(PROMPTS * 4, max_new_tokens=3, min_new_tokens=1, eos_token_ids=eos, generator=g)
+    assert not torch.isin(one.tokens[:, 0], torch.tensor(eos)).any()
     fixed = m.generate(PROMPTS, max_new_tokens=8, min_new_tokens=8, eos_token_ids=eos, generator=g)
     assert fixed.mask.all() and fixed.tokens.shape == (3, 8)
     assert not torch.isin(fixed.tokens, torch.tensor(eos)).any()
@@ -449,12 +524,23 @@ def test_generate_argument_errors():
     m = ours()
     with pytest.raises(ValueError, match="prompts"):
         m.generate([], max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompts"):
+        m.generate([[1, 2], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="temperature >= 0"):
+        m.generate([[1]], max_new_tokens=2, temperature=-0.5)
+    with pytest.raises(ValueError, match="0 < top_p <= 1"):
+        m.generate([[1]], max_new_tokens=2, top_p=0.0)
     with pytest.raises(ValueError, match="min_new_tokens"):
         m.generate([[1]], max_new_tokens=2, min_new_tokens=3)
     with pytest.raises(ValueError, match="token ids"):
         m.generate([[1, 96]], max_new_tokens=2)
     with pytest.raises(ValueError, match="pad_token_id=-1"):
         m.generate([[1, 2], [3]], max_new_tokens=2, pad_token_id=-1)
+    with pytest.raises(ValueError, match="pad_token_id=96"):
+        m.generate([[1, 2], [3]], max_new_tokens=2, pad_token_id=96)
+    for vv in (0, 97):
+        with pytest.raises(ValueError, match=f"valid_vocab_size={vv}"):
+            m.generate([[1]], max_new_tokens=2, valid_vocab_size=vv)
     with pytest.raises(ValueError, match="skip_mask"):
         m.generate([[1]], max_new_tokens=2, skip_mask=[True])
 
@@ -477,6 +563,37 @@ def test_chunked_prefill_with_padding_equals_full_forward():
         m(ids[:, :1], skip, cache=cache)
     with pytest.raises(ValueError, match="skip_mask differs"):
         m(ids[:, :1], None, cache=m.new_cache(3, 9, skip))
+    with pytest.raises(ValueError, match="skip_mask differs"):                 # as many active layers, not the same
+        m(ids[:, :1], [False, True, False, False], cache=m.new_cache(3, 9, skip))
+
+
+def test_chunked_prefill_without_padding_equals_full_forward():
+    """The cache path with T > 1 after cached columns and no padding: the plain causal chunk mask (tril(start))
+    and positions from next_pos; with no attention_mask and with an all-ones one."""
+    m = ours(seed=12)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(3))
+    skip = [False, True, False, False]
+    with torch.no_grad():
+        full = m(ids, skip)
+        for am in (None, torch.ones(2, 9, dtype=torch.long)):
+            cache = m.new_cache(2, 9, skip)
+            got = torch.cat([m(ids[:, a:b], skip, None if am is None else am[:, a:b], cache=cache)
+                             for a, b in ((0, 4), (4, 7), (7, 9))], 1)
+            assert not cache.has_padding
+            torch.testing.assert_close(got, full, atol=1e-5, rtol=0)
+
+
+def test_padded_causal_mask_matches_its_definition():
+    """[b, 0, t, s] = key s at or before query start + t and not padding, or s is the query itself (a padding
+    query attends to itself: no softmax row is empty, which some attention kernels turn into NaN)."""
+    valid = torch.tensor([[False, False, True, True, True, True], [True] * 6, [False] * 3 + [True] * 3])
+    for start in (0, 2, 5):
+        T = 6 - start
+        got = qwen2.padded_causal_mask(valid, T, start)
+        want = torch.tensor([[[[(s <= start + t and bool(valid[b, s])) or s == start + t for s in range(6)]
+                               for t in range(T)]] for b in range(3)])
+        assert torch.equal(got, want), start
+        assert got.any(-1).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -587,6 +704,79 @@ def test_packed_decode_weights_are_reused_until_the_weights_change(monkeypatch):
         assert torch.equal(packed.tokens, plain.tokens) and not torch.equal(packed.tokens, before.tokens)
 
 
+def test_packing_is_dropped_by_writes_the_value_sample_misses(monkeypatch):
+    """_weights_key samples 16 values per parameter; a write to other values must still drop the packing: in
+    place through autograd (bumps the version counter), or by an optimizer step (a fused one bumps nothing)."""
+    decode_path(monkeypatch, "packed")
+    m = ours(seed=15)
+    if not m.pack_for_decode(m.new_cache(len(PROMPTS), 8, None)):
+        pytest.skip("this torch build has no oneDNN weight packing (the plain decode path is used)")
+
+    def packed_equals_plain():
+        monkeypatch.setattr(qwen2, "PACK_MIN_NEW_TOKENS", 1)
+        packed = m.generate(PROMPTS, max_new_tokens=4, temperature=0)
+        monkeypatch.setattr(qwen2, "PACK_MIN_NEW_TOKENS", 10**9)
+        plain = m.generate(PROMPTS, max_new_tokens=4, temperature=0)
+        assert torch.equal(packed.tokens, plain.tokens)
+        torch.testing.assert_close(packed.logprobs, plain.logprobs, atol=1e-4, rtol=0)
+        return plain.logprobs
+
+    before = packed_equals_plain()
+    W = m.lm_head.weight                  # [96, 64]: the sample reads flat ids 0, 384, ...; row 5 is 320..383
+    sample = qwen2._weights_key(m)[1]
+    with torch.no_grad():
+        W[5].mul_(-20.0)
+    assert torch.equal(qwen2._weights_key(m)[1], sample)
+    after = packed_equals_plain()
+    assert (after - before).abs().max() > 1e-3                              # the write shows in the log-probs
+    opt = torch.optim.Adam([W], lr=1.0, fused=True)                          # moves row 5 only (zero grads elsewhere)
+    W.grad = torch.zeros_like(W)
+    W.grad[5] = 1.0
+    version = W._version
+    opt.step()
+    assert torch.equal(qwen2._weights_key(m)[1], sample) and W._version == version
+    assert (packed_equals_plain() - after).abs().max() > 1e-3
+
+
+def test_packing_is_not_reused_across_dtypes_or_skip_masks(monkeypatch):
+    """The packing made under bf16 autocast holds bf16 decode weights: a later fp32 call packs again. One packing
+    serves every skip mask: its layers are kept by layer index, not by position among the active ones."""
+    decode_path(monkeypatch, "packed")
+    m = ours(seed=7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m.generate(PROMPTS, max_new_tokens=3, temperature=0)
+    for skip in (None, [False, True, False, False]):                  # the first packs every layer in fp32
+        out = m.generate(PROMPTS, max_new_tokens=6, temperature=0, skip_mask=skip)
+        lp, logits = teacher_forced(m, out, skip, temperature=0.0)
+        assert torch.equal(logits.argmax(-1), out.tokens), skip
+        torch.testing.assert_close(out.logprobs, lp, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("native", NATIVE_BF16)
+def test_bf16_decode_rounds_before_the_residual_add(native, monkeypatch):
+    """residual + x W^T + b of a packed bf16 DecodeLinear rounds x W^T + b to bf16 before the add, as the model's
+    own bf16 forward does (the fused oneDNN add would not); in fp32 the add is fused."""
+    monkeypatch.setattr(qwen2, "PACK_MIN_BYTES", 0)
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 64)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(64, 64, generator=g) / 8)
+        lin.bias.copy_(torch.randn(64, generator=g))
+    x, res = torch.randn(3, 1, 64, generator=g), 4 * torch.randn(3, 1, 64, generator=g)
+    for dtype in (torch.bfloat16, torch.float32):
+        lin_d, x_d, res_d = lin.to(dtype), x.to(dtype), res.to(dtype)
+        compute = torch.float32 if dtype == torch.bfloat16 and not native else dtype
+        dl = qwen2.DecodeLinear((lin_d,), dtype, 3, compute)
+        assert dl.packed
+        with torch.no_grad():
+            y, ref = dl(x_d, res_d), res_d + dl(x_d)
+        assert y.dtype == dtype
+        if dtype == torch.bfloat16:
+            assert torch.equal(y, ref)
+        else:
+            torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
+
+
 def test_bf16_model_tracks_fp32():
     m = ours(seed=13)
     mb = ours(seed=13).to(torch.bfloat16)
@@ -612,7 +802,10 @@ def test_generate_under_autocast_caches_in_the_compute_dtype(path, native, monke
                       num_attention_heads=4, num_key_value_heads=2)
     model = Qwen2(cfg).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert model.new_cache(2, 8).k.dtype == torch.bfloat16
+        cache = model.new_cache(2, 8)
+        assert cache.k.dtype == torch.bfloat16
+        # its RoPE table stays in the model dtype, as the full forward's (no bf16-rounded cos/sin)
+        assert torch.equal(cache.cos, model.rope_table(8, torch.float32, torch.device("cpu"))[0])
         out = model.generate([[1, 2, 3], [4, 5]], max_new_tokens=4, temperature=0.0)
         for b, prompt in enumerate([[1, 2, 3], [4, 5]]):
             seq = torch.tensor([prompt + out.tokens[b, :3].tolist()])
