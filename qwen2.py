@@ -113,7 +113,10 @@ class Qwen2Config:
                                  + (" or a list of them" if k == "eos_token_id" else ""))
         if not isinstance(self.tie_word_embeddings, bool):
             raise ValueError(f"{source}: tie_word_embeddings={self.tie_word_embeddings!r}, expected true/false")
-        _as_dtype(self.torch_dtype)
+        try:
+            _as_dtype(self.torch_dtype)
+        except ValueError:
+            raise ValueError(f"{source}: torch_dtype={self.torch_dtype!r}, expected one of {sorted(_DTYPES)}") from None
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "<dict>") -> "Qwen2Config":

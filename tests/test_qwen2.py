@@ -109,6 +109,7 @@ def test_config_from_hf_config_json(tmp_path):
     ({"rms_norm_eps": -1e-6}, ["rms_norm_eps"]),
     ({"tie_word_embeddings": "false"}, ["tie_word_embeddings"]),             # a truthy string
     ({"num_hidden_layers": True}, ["num_hidden_layers"]),
+    ({"torch_dtype": "int8"}, ["torch_dtype='int8'", "bfloat16"]),
 ])
 def test_config_errors_name_file_and_key(tmp_path, change, words):
     d = {**TINY, "model_type": "qwen2"}
