@@ -89,6 +89,11 @@ def test_token_entropy():
     # uniform over 4 -> ln 4 ; one-hot-ish [0, -1e4] -> ~0
     logits = torch.tensor([[[0., 0., 0., 0.], [0., -1e4, -1e4, -1e4]]])
     assert close(token_entropy(logits), [[math.log(4.0), 0.0]])
+    # logits [0, ln 3]: p = [1/4, 3/4], H = (1/4) ln 4 + (3/4) ln(4/3) = 0.5623351
+    # temperature 0.5: logits [0, 2 ln 3], p = [1/10, 9/10], H = 0.1 ln 10 + 0.9 ln(10/9) = 0.3250830
+    skewed = torch.tensor([[[0.0, math.log(3.0)]]])
+    assert close(token_entropy(skewed), [[0.5623351]])
+    assert close(token_entropy(skewed, temperature=0.5), [[0.3250830]])
 
 
 # ---------------------------------------------------------------------------------------------- ratio and f
@@ -294,6 +299,35 @@ def test_token_outside_pi_nucleus_has_rho_zero():
                 assert close(stats["neg_logp"], -math.log(0.75))
 
 
+def test_padding_log_probs_may_be_inf_or_nan():
+    # The padded slot of the hand example holds log pi = -inf (a pad token outside pi_theta's top-p nucleus) or NaN
+    # instead of -0.7: loss, gradient and statistics are those of the clean example, the padded gradient is 0.
+    for junk in (-math.inf, math.nan):
+        for variant in grpo.VARIANTS:
+            for grad in grpo.GRADS:
+                logp, logp_mu, adv, mask = hand_example()
+                clean, clean_stats = policy_loss(logp, logp_mu, adv, mask, variant=variant, grad=grad, clip_eps=0.2)
+                clean.backward()
+                dirty_logp = logp.detach().clone()
+                dirty_logp[1, 2] = junk
+                dirty_logp.requires_grad_()
+                loss, stats = policy_loss(dirty_logp, logp_mu, adv, mask, variant=variant, grad=grad, clip_eps=0.2)
+                loss.backward()
+                assert close(loss.item(), clean.item()), (junk, variant, grad)
+                assert torch.isfinite(dirty_logp.grad).all() and dirty_logp.grad[1, 2] == 0, (junk, variant, grad)
+                assert close(dirty_logp.grad, logp.grad)
+                assert stats == clean_stats
+
+
+def test_no_gradient_flows_into_the_advantages():
+    # A is a constant of the loss (spec §3.5: computed from rewards); a caller's differentiable A gets no gradient
+    logp, logp_mu, adv, mask = hand_example()
+    adv.requires_grad_()
+    for grad in grpo.GRADS:
+        policy_loss(logp, logp_mu, adv, mask, variant="base", grad=grad)[0].backward()
+    assert adv.grad is None and logp.grad is not None
+
+
 # ---------------------------------------------------------------------------------------------- sanity facts
 
 def random_batch(seed, B=6, T=7, dtype=torch.float64):
@@ -361,12 +395,36 @@ def test_aggregate_direct():
     assert close(aggregate(per_token, mask, "dr_grpo", max_len=5), 6 / 10)
     assert close(aggregate(per_token, mask, "token_mean", token_normaliser=12), 6 / 12)
     assert close(aggregate(per_token, torch.zeros_like(mask), "token_mean"), 0.0)      # empty batch -> 0
+    # padding may hold inf or NaN (0 * inf would be NaN): it never reaches the value
+    for junk in (math.inf, -math.inf, math.nan):
+        dirty = torch.where(mask, per_token, torch.tensor(junk))
+        for agg, expect in (("token_mean", 6 / 3), ("seq_mean", (1.5 + 3) / 2), ("dr_grpo", 6 / 10)):
+            assert close(aggregate(dirty, mask, agg, max_len=5), expect), (junk, agg)
     with pytest.raises(ValueError, match="max_len"):
         aggregate(per_token, mask, "dr_grpo")
     with pytest.raises(ValueError, match="max_len=2"):
         aggregate(per_token, mask, "dr_grpo", max_len=2)
     with pytest.raises(ValueError, match="aggregation='mean'"):
         aggregate(per_token, mask, "mean")
+
+
+def test_loss_normaliser_by_hand():
+    # 2 sequences of 3 and 1 tokens in T = 3 positions; the completion budget max_len = 5 > T (every completion of
+    # the batch ended early): Dr. GRPO divides by B * max_len = 10, not by B * T = 6
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    assert loss_normaliser(mask, "token_mean") == 4
+    assert loss_normaliser(mask, "seq_mean") == 2
+    assert loss_normaliser(mask, "dr_grpo", max_len=5) == 10
+    assert loss_normaliser(mask, "dr_grpo", max_len=3) == 6
+
+
+def test_ppo_clip_boundaries():
+    # TRL: -min(rho A, clip(rho, 1-eps, 1+eps) A): at rho = 1 +- eps exactly both branches are equal and the
+    # gradient still flows, so the clip is active only strictly outside [1 - eps, 1 + eps] (on A's side).
+    rho = torch.tensor([0.79, 0.8, 1.0, 1.2, 1.21], dtype=torch.float64)      # 1 - 0.2 == 0.8, 1 + 0.2 == 1.2
+    assert grpo.ppo_clipped(rho, torch.ones(5, dtype=torch.float64), 0.2).tolist() == [False] * 4 + [True]
+    assert grpo.ppo_clipped(rho, -torch.ones(5, dtype=torch.float64), 0.2).tolist() == [True] + [False] * 4
+    assert not grpo.ppo_clipped(rho, torch.zeros(5, dtype=torch.float64), 0.2).any()   # A = 0: nothing to clip
 
 
 def test_policy_loss_errors():
@@ -404,6 +462,14 @@ def test_offpolicy_stats_by_hand():
                         logits=torch.zeros(2, 3, 4))                       # uniform over 4 -> entropy ln 4
     assert close(s["trunc_frac"], 2 / 5) and close(s["clip_frac"], 2 / 5)
     assert close(s["entropy"], math.log(4.0))
+    # entropy at the sampling temperature: logits [0, ln 3] at tau = 0.5 -> p = [0.1, 0.9], H = 0.3250830
+    skewed = torch.tensor([0.0, math.log(3.0)]).expand(2, 3, 2)
+    assert close(offpolicy_stats(logp, logp_mu, mask, logits=skewed, temperature=0.5)["entropy"], 0.3250830)
+    # the eps-clip on the A < 0 side: rho = [0.5, 1] with A = -1 -> only rho = 0.5 < 0.8 is clipped
+    lp = torch.tensor([[-LN2, 0.0]])
+    s = offpolicy_stats(lp, torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), torch.tensor([-1.0]),
+                        clip_eps=0.2)
+    assert close(s["clip_frac"], 0.5) and close(s["trunc_frac"], 0.5)
     # equal weights -> ESS 1; one weight dominating -> 1/n
     m = torch.ones(1, 4, dtype=torch.bool)
     assert close(offpolicy_stats(torch.zeros(1, 4), torch.zeros(1, 4), m)["ess_ratio"], 1.0)
