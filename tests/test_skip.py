@@ -41,6 +41,13 @@ def test_masks_have_k_valid_layers_and_never_touch_the_border(ratio, k):
             assert set(skipped_layers(mask)) <= set(valid_layers(28, border))
 
 
+def test_k_equal_to_the_valid_set_is_allowed():
+    # k = |V| is the largest legal k: every valid layer is skipped, the border layers are kept
+    g = torch.Generator().manual_seed(0)
+    assert draw_skip_mask(4, 0.5, 1, g) == [False, True, True, False]          # k = 2 = |{1, 2}|
+    assert SkipSampler(28, 0.5, 7, seed=0).next() == [False] * 7 + [True] * 14 + [False] * 7   # k = 14 = |V|
+
+
 def test_r0_skips_nothing_and_draws_nothing():
     g = torch.Generator().manual_seed(5)
     before = g.get_state().clone()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import nested_reft as nr
-from data import Tokenizer, train_tokenizer
+from data import Tokenizer, chat_prompt, load_dataset, sft_example, train_tokenizer
 from qwen2 import Qwen2, Qwen2Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,6 +153,13 @@ def test_end_to_end_sft_then_nested_reft(workspace, tmp_path, coin_reward):
             assert key in r and r[key] == r[key], key                        # present and not NaN
         assert r["completion_len"] == 6                                      # fixed-length rollouts
         assert r["grad_norm"] > 0 and r["loss"] != 0
+    # a fresh skip mask every step, drawn from the sampler seeded with cfg.seed (this seed's masks differ over the run)
+    sampler = nr.SkipSampler(4, 0.25, 1, seed=cfg.seed)
+    expected = [nr.skipped_layers(sampler.next()) for _ in rows]
+    assert [r["skip"] for r in rows] == expected and len({tuple(s) for s in expected}) > 1
+    # learning rates: SFT at sft_lr, ReFT at lr, each decaying linearly over its own steps
+    assert [r["lr"] for r in sft_rows] == pytest.approx([cfg.sft_lr * f for f in (1, 2 / 3, 1 / 3)])
+    assert [r["lr"] for r in rows] == pytest.approx([cfg.lr * f for f in (1, 3 / 4, 2 / 4, 1 / 4)])
     # the nested behaviour model differs from the full model: some ratio is not 1
     assert any(abs(r["ratio_max"] - 1) > 1e-6 or abs(r["ratio_min"] - 1) > 1e-6 for r in rows)
     loaded = Qwen2.from_pretrained(run / "checkpoint")
@@ -315,3 +322,148 @@ def test_resume_before_the_first_checkpoint_restarts_reft_from_sft(workspace, tm
 def test_tokenizer_larger_than_the_model_vocabulary_is_refused(workspace, tmp_path, data_dir):
     with pytest.raises(ValueError, match="has 151665 ids but the model has vocab_size 300"):
         nr.train(tiny_config(workspace, tmp_path / "run", tokenizer=str(data_dir / "qwen2_tokenizer")), quiet=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- the math
+# of the loop, re-derived independently on the tiny model: the learning-rate schedule, gradient clipping, the SFT loss,
+# one ReFT step (advantages, log-probs, f(rho), aggregation, gradient) and the rollout bookkeeping.
+
+def test_lr_schedule_by_hand():
+    """lr factor: warm-up (s + 1) / (w + 1) for s < w, then linear (T - s) / (T - w) down to 1/(T - w), or 1."""
+    def lrs(total, **kw):
+        opt, sched = nr.make_optimizer(torch.nn.Linear(1, 1), replace(nr.Config(), **kw), 2.0, total)
+        assert opt.param_groups[0]["initial_lr"] == 2.0
+        return [sched.lr_lambdas[0](s) for s in range(total)]       # the factor of steps 0 .. total - 1
+    assert lrs(4) == pytest.approx([1, 3 / 4, 2 / 4, 1 / 4])
+    assert lrs(6, warmup_steps=2) == pytest.approx([1 / 3, 2 / 3, 1, 3 / 4, 2 / 4, 1 / 4])
+    assert lrs(5, warmup_steps=2, lr_schedule="constant") == pytest.approx([1 / 3, 2 / 3, 1, 1, 1])
+
+
+def test_optimizer_step_clips_the_global_norm():
+    """grad = (3, 4): norm 5. grad_clip 1 scales it to (0.6, 0.8); grad_clip 0 is no clipping. SGD, lr 1."""
+    for clip, step in ((1.0, [0.6, 0.8]), (0.0, [3.0, 4.0]), (10.0, [3.0, 4.0])):
+        p = torch.nn.Parameter(torch.zeros(2))
+        opt = torch.optim.SGD([p], lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        p.grad = torch.tensor([3.0, 4.0])
+        norm = nr.optimizer_step(torch.nn.ParameterList([p]), opt, sched, clip)
+        assert norm == pytest.approx(5.0) and p.grad is None
+        assert torch.allclose(p.detach(), -torch.tensor(step)), clip
+
+
+def test_sft_loss_is_the_mean_over_completion_tokens(workspace, tmp_path):
+    """Step 1's logged SFT loss = -(1 / #completion targets) * sum of log pi over the completion targets of its batch
+    (prompt tokens excluded, target t predicted from tokens < t), computed here one unpadded sequence at a time.
+    24 examples, batch 10, micro-batch 4 (ragged micro-batches with padding): ceil(2.4) = 3 steps."""
+    cfg = tiny_config(workspace, tmp_path / "run", sft_batch_size=10, sft_micro_batch=4, sft_epochs=1)
+    model, tok = nr.load_model(cfg, torch.device("cpu"))
+    examples = load_dataset("gsm8k", workspace / "data", "train")
+    num = den = 0.0
+    with torch.no_grad():
+        for i in nr.DataOrder(len(examples), cfg.seed).take(10):       # the first batch
+            ids, mask = sft_example(tok, examples[i], max_len=cfg.max_seq_len)
+            ids, mask = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
+            logp = torch.log_softmax(model(ids[None, :-1])[0].double(), -1).gather(1, ids[1:, None])[:, 0]
+            assert not mask[0] and mask[1:].sum() < len(ids) - 1       # the prompt is never a target
+            num, den = num + logp[mask[1:]].sum().item(), den + mask[1:].sum().item()
+    rows = []
+    nr.sft(model, tok, examples, cfg, torch.device("cpu"), torch.float32, rows.append)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["loss"] == pytest.approx(-num / den, rel=1e-5)
+    assert [r["lr"] for r in rows] == pytest.approx([cfg.sft_lr * 3 / 3, cfg.sft_lr * 2 / 3, cfg.sft_lr / 3])
+
+
+def fixed_rollouts(model, tok, temperature):
+    """2 prompts x G = 3 rows, ragged left-padded prompts (Tp = 5) and ragged completions (Tn = 4), random tokens;
+    log mu = the full model's log pi (computed here, one unpadded row at a time) + N(0, 0.5^2) noise, so that rho
+    lies on both sides of 1 and outside [0.8, 1.2]. Returns the rollouts and log pi with gradient [6, 4] (float64)."""
+    g = torch.Generator().manual_seed(0)
+    plen, clen = [5, 3, 4, 5, 2, 3], [4, 2, 3, 1, 4, 3]
+    pmask = torch.arange(5)[None, :] >= 5 - torch.tensor(plen)[:, None]
+    mask = torch.arange(4)[None, :] < torch.tensor(clen)[:, None]
+    prompt = torch.where(pmask, torch.randint(0, tok.vocab_size, (6, 5), generator=g), tok.pad_token_id)
+    tokens = torch.where(mask, torch.randint(0, tok.vocab_size, (6, 4), generator=g), tok.pad_token_id)
+    logp = torch.zeros(6, 4, dtype=torch.float64)
+    for b in range(6):
+        ids = torch.cat([prompt[b, pmask[b]], tokens[b, :clen[b]]])
+        z = model(ids[None, :-1])[0, plen[b] - 1:].double() / temperature          # predicts tokens[b, :clen[b]]
+        logp = logp.index_put((torch.tensor([b]), torch.arange(clen[b])),
+                              torch.log_softmax(z, -1).gather(1, tokens[b, :clen[b], None])[:, 0])
+    logp_mu = torch.where(mask, logp.detach() + 0.5 * torch.randn(6, 4, generator=g, dtype=torch.float64), 0.0)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    return nr.Rollouts(prompt, pmask, tokens, mask, logp_mu.float(), rewards, [""] * 6), logp
+
+
+@pytest.mark.parametrize("kw", [
+    dict(variant="retrace", lam=0.5, weight_grad="surrogate", aggregation="token_mean", scale_rewards=True),
+    dict(variant="base", clip_eps=0.2, aggregation="seq_mean", scale_rewards=False),
+    dict(variant="practical", aggregation="dr_grpo", scale_rewards=True, micro_batch=5),
+], ids=["retrace-surrogate-token_mean", "base-clip-seq_mean-unscaled", "practical-dr_grpo"])
+def test_reft_step_loss_and_gradient_by_hand(workspace, tmp_path, kw):
+    """One reft_step on fixed rollouts (micro-batches of 4 or 5 rows) against the loss written out here from log pi,
+    log mu and the rewards: A = (R - mean_g R) / (std_g R + 1e-4) (or R - mean_g R), rho = pi / mu, f(rho), the
+    aggregation over completion tokens (dr_grpo: B * max_new_tokens = 6 * 6), pi at temperature 0.7. With SGD at
+    lr 1 and no clipping the step moves every parameter by exactly minus the gradient of that loss."""
+    cfg = tiny_config(workspace, tmp_path / "run", group_size=3, temperature=0.7, fixed_length=False,
+                      max_new_tokens=6, grad_clip=0, **{"micro_batch": 4, **kw})
+    model, tok = nr.load_model(cfg, torch.device("cpu"))
+    with torch.no_grad():                      # logits 5x sharper than the random init's (entropy 4.8 instead of
+        model.lm_head.weight.mul_(5)           # ln 300 = 5.7 everywhere): per-position entropies differ
+    r, logp = fixed_rollouts(model, tok, cfg.temperature)
+    m = r.mask.double()
+    R = r.rewards.double().view(2, 3)
+    A = R - R.mean(1, keepdim=True)
+    if cfg.scale_rewards:
+        A = A / (R.std(1, keepdim=True) + 1e-4)
+    A = A.reshape(6, 1)
+    rho = torch.exp(logp - r.logp_mu.double())
+    if cfg.variant == "retrace":               # surrogate: the gradient goes through lam * min(1, rho)
+        per_token = -cfg.lam * torch.clamp(rho, max=1.0) * A
+    elif cfg.variant == "base":                # TRL's clipped objective, gradient through rho
+        per_token = -torch.min(rho * A, torch.clamp(rho, 1 - cfg.clip_eps, 1 + cfg.clip_eps) * A)
+    else:                                      # f = 1: -A log pi in gradient, -A in value
+        per_token = -torch.exp(logp - logp.detach()) * A
+    if cfg.aggregation == "token_mean":
+        expect = (per_token * m).sum() / m.sum()
+    elif cfg.aggregation == "seq_mean":
+        expect = ((per_token * m).sum(1) / m.sum(1)).mean()
+    else:
+        expect = (per_token * m).sum() / (6 * cfg.max_new_tokens)
+    params = [p for p in model.parameters()]
+    grads = torch.autograd.grad(expect, params)
+    with torch.no_grad():                      # entropy of pi(. | s_t) at the temperature, over completion tokens
+        ent = []
+        for b in range(6):
+            ids = torch.cat([r.prompt_tokens[b, r.prompt_mask[b]], r.tokens[b, r.mask[b]]])
+            z = model(ids[None, :-1])[0, int(r.prompt_mask[b].sum()) - 1:].double() / cfg.temperature
+            ent.append(-(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1))
+        ent = torch.cat(ent).mean().item()
+
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.SGD(params, lr=1.0)
+    out = nr.reft_step(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), r, cfg, tok,
+                       torch.device("cpu"), torch.float32)
+    assert out["loss"] == pytest.approx(expect.item(), rel=1e-5, abs=1e-7)
+    for p, p0, gr in zip(params, before, grads):
+        assert torch.allclose(p0 - p.detach(), gr.float(), rtol=1e-4, atol=1e-7)
+    assert out["entropy"] == pytest.approx(ent, rel=1e-5)
+    assert out["ratio_max"] == pytest.approx(rho[r.mask].max().item(), rel=1e-5)
+
+
+def test_rollout_rows_follow_their_prompts(workspace, tmp_path, monkeypatch):
+    """G consecutive rows per prompt: row i is scored against prompt i // G's gold, holds that prompt (truncated on
+    the left to max_prompt_len, as TRL) and its decoded completion; two generate() calls are concatenated."""
+    cfg = tiny_config(workspace, tmp_path / "run", group_size=3, rollout_batch=4, max_new_tokens=3, max_prompt_len=8)
+    model, tok = nr.load_model(cfg, torch.device("cpu"))
+    batch = load_dataset("gsm8k", workspace / "data", "train")[:2]
+    assert batch[0].answer != batch[1].answer
+    seen = []
+    monkeypatch.setattr(nr, "reward", lambda text, gold: seen.append((text, gold)) or float(gold == batch[0].answer))
+    r = nr.rollout(model, tok, batch, [False, True, False, False], cfg, torch.Generator().manual_seed(0),
+                   torch.device("cpu"), torch.float32)
+    assert [gold for _, gold in seen] == [batch[0].answer] * 3 + [batch[1].answer] * 3
+    assert r.rewards.tolist() == [1.0] * 3 + [0.0] * 3
+    for i in range(6):
+        assert r.prompt_tokens[i][r.prompt_mask[i]].tolist() == tok.encode(chat_prompt(batch[i // 3].question))[-8:]
+        assert r.texts[i] == seen[i][0] == tok.decode(r.tokens[i][r.mask[i]].tolist())
+    assert r.tokens.shape == r.mask.shape == r.logp_mu.shape == (6, 3)
