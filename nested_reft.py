@@ -489,7 +489,9 @@ class DataOrder:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config, lr: float, total_steps: int):
-    """AdamW with linear warm-up and then linear decay to 0 over total_steps (or a constant rate)."""
+    """AdamW with linear warm-up and then linear decay to 0 over total_steps (or a constant rate). Step s (from 0)
+    runs at lr * factor(s): (s + 1) / (w + 1) for s < w = warmup_steps, so the first step already learns
+    (Hugging Face's s / w spends it at lr 0); then (T - s) / (T - w), as Hugging Face's linear decay."""
     betas = tuple(float(b) for b in cfg.adam_betas.split(","))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=cfg.weight_decay)
 
