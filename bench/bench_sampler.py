@@ -84,13 +84,28 @@ def _timed(f):
     return clock() - t
 
 
-def weight_bytes_per_step(m: Qwen2, active=None) -> int:
+def weight_bytes_per_step(m: Qwen2, active=None, matmul_dtype=None) -> int:
     """Bytes of weights read for one decode step: decoder layers (active ones: q/k/v/o with the q/k/v biases,
     gate/up/down, both norms), final norm, LM head. Not the embedding: a decode step gathers B of its rows; a tied
-    LM head is the embedding matrix and is counted once, as the head."""
+    LM head is the embedding matrix and is counted once, as the head. matmul_dtype: the dtype the step reads the
+    matrices and their biases in (decode_matmul_dtype); None = the parameters' dtype. The norms are read as
+    parameters."""
+    def nbytes(p, matrix: bool) -> int:
+        return p.numel() * (matmul_dtype if matrix and matmul_dtype is not None else p.dtype).itemsize
     layers = range(m.config.num_hidden_layers) if active is None else active
-    b = sum(p.nbytes for i in layers for p in m.model.layers[i].parameters())
-    return b + m.model.norm.weight.nbytes + m.lm_head.weight.nbytes
+    b = sum(nbytes(p, isinstance(mod, torch.nn.Linear))
+            for i in layers for mod in m.model.layers[i].modules() for p in mod.parameters(recurse=False))
+    return b + m.model.norm.weight.nbytes + nbytes(m.lm_head.weight, True)
+
+
+def decode_matmul_dtype(m: Qwen2) -> torch.dtype:
+    """The dtype the decode step reads its matrices in: that of the model's decode packing where generate() made
+    one (pack_for_decode, from PACK_MIN_NEW_TOKENS new tokens on): fp32 copies for a bf16 model on a CPU without
+    bf16 matmul hardware (qwen2.DecodeLinear), twice the parameters' bytes; else the parameters' dtype."""
+    packed = _PACKED.get(m)
+    if packed is not None and packed["lm_head"].dtype == m.dtype:
+        return packed["lm_head"].compute
+    return m.dtype
 
 
 def bandwidth_limit(weight_bytes: int, bandwidth: float, step_s: float) -> tuple[float, float]:
@@ -194,7 +209,9 @@ def section_a(args, bw):
             same = (hf_generate(hf, ref, new) == ref.tokens).float().mean().item()
             runs = [decode_steps(ours, prompts, new) for _ in range(reps)]
             step, pack = min(r[0] for r in runs), min(r[1] for r in runs)
-            limit, share = bandwidth_limit(weight_bytes_per_step(ours), bw, step)
+            read_as = decode_matmul_dtype(ours)                  # fp32 copies of a bf16 model without bf16 hardware
+            wbytes = weight_bytes_per_step(ours, matmul_dtype=read_as)
+            limit, share = bandwidth_limit(wbytes, bw, step)
             res[dtype] = t["ours"]
             d = str(dtype).removeprefix("torch.")
             target = "2x" if name == "tiny" else "1x"
@@ -206,7 +223,8 @@ def section_a(args, bw):
                   f"(the first generate() after a weight update; later calls reuse the packing)")
             packing = f"{pack * 1e3:.0f} ms per call" if new >= PACK_MIN_NEW_TOKENS else "off (new too small)"
             print(f"        decode {step * 1e3:.1f} ms/step (packing the decode weights: {packing});"
-                  f" weights {weight_bytes_per_step(ours) / 1e6:.0f} MB"
+                  f" weights {wbytes / 1e6:.0f} MB"
+                  + (f" (matrices read as {str(read_as).removeprefix('torch.')} copies)" if read_as != dtype else "") +
                   f" / {bw / 1e9:.1f} GB/s = {limit * 1e3:.1f} ms  -> {share:.0%} of the bandwidth limit (target >= 60%)")
             if dtype == torch.bfloat16:
                 a, b = bf16_logit_errors(hf, ours, ref)

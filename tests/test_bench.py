@@ -67,6 +67,37 @@ def test_weight_bytes_per_step_counts_only_active_layers():
     assert bs.weight_bytes_per_step(m, [i for i in range(28) if i != 13]) == 1077539840
 
 
+def test_weight_bytes_per_step_in_the_dtype_the_decode_step_reads():
+    # A bf16 model on a CPU without bf16 matmul hardware decodes from fp32 copies of its matrices and biases
+    # (pack_for_decode -> qwen2.DecodeLinear, compute = fp32): 4 B per matrix/bias weight, 2 B per norm weight.
+    # 0.5B: matrices + biases 14912384 - 1792 = 14910592 per layer, head 136134656:
+    #   4 * (24 * 14910592 + 136134656) = 4 * 493988864 = 1975955456;  norms 2 * (24 * 1792 + 896) = 87808
+    #   -> 1976043264 B, twice the 988065536 B of the bf16 parameters (less the norms)
+    m = meta_model(QWEN25_05B, torch.bfloat16)
+    assert bs.weight_bytes_per_step(m, matmul_dtype=torch.float32) == 1976043264
+    assert bs.weight_bytes_per_step(m, matmul_dtype=torch.bfloat16) == bs.weight_bytes_per_step(m) == 988065536
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_decode_matmul_dtype_follows_the_packing(monkeypatch, native):
+    # tiny shape in bf16: per layer matrices + biases 16512 + 2 * 8256 + 16384 + 3 * 65536 = 246016, norms 256;
+    # head 1024 * 128 = 131072, final norm 128. Unpacked, or packed on bf16 hardware: bf16 throughout,
+    # 2 * (8 * 246272 + 128 + 131072) = 4202752 B. Packed without bf16 hardware: fp32 matrices,
+    # 4 * (8 * 246016 + 131072) + 2 * (8 * 256 + 128) = 8396800 + 4352 = 8401152 B.
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN: pack_for_decode packs nothing")
+    import qwen2
+    monkeypatch.setattr(qwen2, "native_bf16_matmul", lambda: native)
+    torch.manual_seed(0)
+    m = Qwen2(Qwen2Config(**bs.SHAPES["tiny"])).to(torch.bfloat16).eval()
+    assert bs.decode_matmul_dtype(m) == torch.bfloat16                      # not packed: the parameters
+    assert bs.weight_bytes_per_step(m, matmul_dtype=bs.decode_matmul_dtype(m)) == 4202752
+    assert m.pack_for_decode(m.new_cache(4, 8))
+    want = torch.bfloat16 if native else torch.float32
+    assert bs.decode_matmul_dtype(m) == want
+    assert bs.weight_bytes_per_step(m, matmul_dtype=want) == (4202752 if native else 8401152)
+
+
 def test_bandwidth_limit_reproduces_the_readme_xeon_rows():
     # fp32: 1976131072 B / 34.7e9 B/s = 56.95 ms ("57.0 ms"), / 74.8 ms per step = 0.7613 ("76 %")
     limit, share = bs.bandwidth_limit(1976131072, 34.7e9, 74.8e-3)
