@@ -5,23 +5,26 @@ MASTER_ADDR, MASTER_PORT) runs every 2-rank scenario (starting processes is the 
 outputs. Rollouts differ between ranks by design (each rank has its own sampling stream), so the 1-vs-2-process
 parity of the optimizer step is checked on FIXED rollouts fed to reft_step (and on SFT, whose batches are fixed
 by the data order); the full train() loop on 2 ranks is checked for identical skip masks, rank-0-only files,
-merged evaluation and exact resume.
+merged evaluation and exact resume. The helpers' rank arithmetic (orders, paddings, flags) is also checked in ONE
+process on a simulated rank (world_size / rank patched, the collectives replaced by the other rank's part).
 """
 import contextlib
 import json
 import os
 import socket
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 import distributed
 import nested_reft as nr
-from data import load_dataset
+from data import Example, load_dataset
 from eval import run_benchmarks
 from qwen2 import Qwen2
 from test_train import read_metrics, tiny_config, workspace  # noqa: F401  (workspace is a fixture)
@@ -109,6 +112,7 @@ def train_a_bit(ws: Path, parallel: str) -> dict:
         out.update(fsdp_checks(model, device, dtype))
     full = distributed.full_model(model)
     out["params"] = full.state_dict() if full is not None else None
+    out["tied"] = full is None or full.lm_head.weight is full.model.embed_tokens.weight   # tie_word_embeddings
     return out
 
 
@@ -124,7 +128,12 @@ def fsdp_checks(model, device, dtype) -> dict:
     x = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
     with torch.no_grad(), distributed.gathered(model):
         same = torch.equal(ref(x), model(x))
+    with torch.no_grad():            # after gathered(): the layers reshard after a forward again; the frozen
+        model(x), ref(x)             # copy (no backward to free it) reshards its root too
+    layers_reshard = all(isinstance(p, DTensor) for p in distributed.unwrap(model).model.layers.parameters())
+    ref_reshards = all(isinstance(p, DTensor) for p in ref.parameters())
     return {"sampled": sampled, "unsharded_inside": unsharded, "resharded_after": resharded,
+            "layers_reshard_after_forward": layers_reshard, "frozen_copy_reshards": ref_reshards,
             "frozen_copy_same_logits": same,
             "frozen_copy_no_grad": not any(p.requires_grad for p in ref.parameters())}
 
@@ -154,8 +163,10 @@ def test_two_ranks_take_the_step_of_one_process(workspace, one_process, two_rank
         torch.testing.assert_close(pb[k], pa[k], rtol=0, atol=2e-4, msg=k)
         assert (pb[k] - pa[k]).abs().mean() < 1e-6, k
     assert any(not torch.equal(pa[k], v) for k, v in Qwen2.from_pretrained(workspace / "model").state_dict().items())
+    assert two["tied"]
     if parallel == "fsdp":
         assert two["unsharded_inside"] and two["resharded_after"]
+        assert two["layers_reshard_after_forward"] and two["frozen_copy_reshards"]
         assert two["frozen_copy_same_logits"] and two["frozen_copy_no_grad"]
         full = Qwen2(Qwen2.from_pretrained(workspace / "model").config)       # the same weights, not sharded
         full.load_state_dict(pb)
@@ -169,6 +180,8 @@ def train_loop(rank: int, ws: Path, base: Path, parallel: str) -> None:
     """train() on 2 ranks: a bad split, a run with evaluation, and an interrupted + resumed run."""
     masks, draw = [], nr.SkipSampler.next
     nr.SkipSampler.next = lambda self: masks.append(draw(self)) or masks[-1]
+    batches, roll = [], nr.rollout                      # the questions each rank rolls out, step by step
+    nr.rollout = lambda m, tok, batch, *a: batches.append([e.question for e in batch]) or roll(m, tok, batch, *a)
     report = {}
     try:                                   # an uneven split is a one-line user error on every rank
         nr.train(tiny_config(ws, base / "bad", parallel=parallel, prompts_per_step=3), quiet=True)
@@ -185,8 +198,8 @@ def train_loop(rank: int, ws: Path, base: Path, parallel: str) -> None:
     nr.train(tiny_config(ws, base / "part", **kw), quiet=True, stop_after=2)
     cfg, resume = nr.parse_args(["--resume", str(base / "part")])
     nr.train(cfg, resume=resume, quiet=True)
-    nr.SkipSampler.next = draw
-    report["masks"] = masks
+    nr.SkipSampler.next, nr.rollout = draw, roll
+    report["masks"], report["batches"] = masks, batches
     (base / f"report{rank}.json").write_text(json.dumps(report))
 
 
@@ -226,6 +239,13 @@ def test_train_on_two_ranks(with_test_set, two_ranks, tmp_path, parallel):
     # the same skip mask on every rank at every step (3 nested SFT steps, then 3 + 4 + 2 + 2 ReFT steps of 4
     # train() calls; 1 or 2 of the 4 layers each, so masks drawn independently per rank would differ somewhere)
     assert reports[0]["masks"] == reports[1]["masks"] and len(reports[0]["masks"]) == 3 + 3 + 4 + 2 + 2
+    # each rank rolls out its own contiguous half of every step's prompts (rank 0 first), none twice
+    assert all(len(b) == 1 for r in reports for b in r["batches"]) and len(reports[0]["batches"]) == 3 + 4 + 2 + 2
+    train_set = load_dataset("gsm8k", ws / "data", "train")
+    order = nr.DataOrder(len(train_set), tiny_config(ws, tmp_path).seed)
+    for step in range(3):                                                   # the run in own<rank>
+        want = [train_set[i].question for i in order.take(2)]
+        assert reports[0]["batches"][step] + reports[1]["batches"][step] == want, step
     # only rank 0 wrote files
     assert not (base / "own1").exists()
     run = base / "own0"
@@ -276,3 +296,141 @@ def test_single_process_helpers_are_identities():
     assert distributed.gather_rows(x) is x and distributed.all_reduce_sum(5) == 5
     assert distributed.shard([1, 2]) == [1, 2] and distributed.all_gather("a") == ["a"]
     assert distributed.init(torch.device("cpu")) == torch.device("cpu") and distributed.world_size() == 1
+
+
+# ------------------------------------------------------------------------------------------------ 2 ranks, simulated
+# The helpers' rank arithmetic in ONE process: world_size / rank patched, the collectives replaced by what the
+# other rank would contribute. Catches what the spawned run cannot see (orders and paddings it never exercises,
+# performance-only contracts such as no_sync and per-layer FSDP units).
+
+@pytest.fixture
+def rank_of_two(monkeypatch):
+    """Pretend to be rank `r` of 2: call the returned function with r."""
+    def be(r: int) -> None:
+        monkeypatch.setattr(distributed, "world_size", lambda: WORLD)
+        monkeypatch.setattr(distributed, "rank", lambda: r)
+    return be
+
+
+def test_shard_and_gather_rows_on_a_simulated_rank(rank_of_two, monkeypatch):
+    for r in range(WORLD):                    # contiguous blocks in rank order, the order gather_rows restores
+        rank_of_two(r)
+        assert distributed.shard(list(range(6))) == [[0, 1, 2], [3, 4, 5]][r]
+        assert distributed.is_main() == (r == 0)
+    with pytest.raises(ValueError, match="3 items cannot be split evenly over 2"):
+        distributed.shard([1, 2, 3])
+    rank_of_two(0)
+    other = {torch.int64: torch.tensor([[5, 6, 7]]), torch.bool: torch.tensor([[True, True, True]]),
+             torch.float32: torch.tensor([2.5])}
+    monkeypatch.setattr(distributed, "all_gather", lambda t: [t, other[t.dtype]])
+    # ragged completions: rank 0's rows first, dim 1 right-padded with 0 / False (a mask must stay False there)
+    assert torch.equal(distributed.gather_rows(torch.tensor([[1, 2], [3, 4]])),
+                       torch.tensor([[1, 2, 0], [3, 4, 0], [5, 6, 7]]))
+    assert torch.equal(distributed.gather_rows(torch.tensor([[True], [True]])),
+                       torch.tensor([[True, False, False], [True, False, False], [True, True, True]]))
+    assert torch.equal(distributed.gather_rows(torch.tensor([1.5])), torch.tensor([1.5, 2.5]))
+
+
+def test_reductions_on_a_simulated_rank(rank_of_two, monkeypatch):
+    rank_of_two(1)
+    calls = []
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    distributed.barrier()
+    assert calls == ["barrier"]
+
+    def all_reduce(t, op=distributed.dist.ReduceOp.SUM):      # the other rank holds the same value
+        assert op == distributed.dist.ReduceOp.SUM
+        t.add_(t.clone())
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(distributed, "_comm_device", lambda: torch.device("cpu"))
+    total = distributed.all_reduce_sum(1 / 3)                  # summed in float64: no float32 rounding
+    assert type(total) is float and total == 2 / 3
+    total = distributed.all_reduce_sum(2 ** 40 + 1)            # token counts: exact integers
+    assert type(total) is int and total == 2 ** 41 + 2
+
+
+def test_grad_sync_defers_the_ddp_all_reduce_to_the_last_micro_batch():
+    ddp = DistributedDataParallel.__new__(DistributedDataParallel)   # a shell: no process group needed
+    torch.nn.Module.__init__(ddp)
+    ddp.require_backward_grad_sync = True                             # the flag DDP's backward reads
+    with distributed.grad_sync(ddp, last=False):
+        assert not ddp.require_backward_grad_sync
+    assert ddp.require_backward_grad_sync
+    with distributed.grad_sync(ddp, last=True):
+        assert ddp.require_backward_grad_sync
+
+
+def test_fsdp_wrap_units_and_precision(workspace, rank_of_two, monkeypatch):  # noqa: F811
+    """One FSDP unit per decoder layer (resharded after forward) and then the root; weights all-gathered in the
+    compute dtype (fp32: as stored), gradients reduce-scattered in fp32."""
+    rank_of_two(0)
+    calls = []
+    monkeypatch.setattr(distributed, "init_device_mesh", lambda kind, shape: ("mesh", kind, shape))
+    monkeypatch.setattr(distributed, "fully_shard", lambda m, **kw: calls.append((m, kw)) or m)
+    model = Qwen2.from_pretrained(workspace / "model")
+    for dtype, param_dtype in ((torch.bfloat16, torch.bfloat16), (torch.float32, None)):
+        calls.clear()
+        assert distributed.wrap(model, "fsdp", torch.device("cpu"), dtype) is model
+        assert [m for m, _ in calls] == [*model.model.layers, model]
+        assert all(kw["mesh"] == ("mesh", "cpu", (WORLD,)) for _, kw in calls)
+        assert all(kw["reshard_after_forward"] for _, kw in calls[:-1])
+        assert all(kw["mp_policy"].param_dtype == param_dtype and kw["mp_policy"].reduce_dtype == torch.float32
+                   for _, kw in calls)
+    with pytest.raises(ValueError, match="expected ddp or fsdp"):
+        distributed.wrap(model, "zero3", torch.device("cpu"), torch.float32)
+
+
+def test_evaluate_sharded_on_a_simulated_rank(rank_of_two, monkeypatch):
+    """Rank r grades problems r, r + 2, ...; every rank returns the records in order and the accuracy of all."""
+    examples = [Example(f"q{i}", None, str(int(i in (1, 3, 4)))) for i in range(7)]
+
+    def evaluate(model, tok, exs, **kw):                              # grades "1" as correct
+        recs = [{"question": ex.question, "correct": ex.answer == "1"} for ex in exs]
+        return sum(r["correct"] for r in recs) / max(len(recs), 1), recs
+    monkeypatch.setattr(nr, "evaluate", evaluate)
+    for r in range(WORLD):
+        rank_of_two(r)
+        parts = [evaluate(None, None, examples[k::WORLD])[1] for k in range(WORLD)]   # what each rank grades
+
+        def all_gather(mine, r=r, parts=parts):
+            assert mine == parts[r], "this rank graded the wrong slice"
+            return parts
+        monkeypatch.setattr(distributed, "all_gather", all_gather)
+        acc, records = nr.evaluate_sharded(None, None, examples, batch_size=2)
+        assert [rec["question"] for rec in records] == [ex.question for ex in examples] and acc == 3 / 7
+
+
+def test_only_the_last_micro_batch_syncs(workspace, monkeypatch):  # noqa: F811
+    """reft_step and sft call grad_sync(last=True) exactly once per step, on the last micro-batch, whether the
+    micro-batches divide the batch or not (a missed last=True under DDP: no all-reduce, the ranks drift apart)."""
+    flags = []
+    monkeypatch.setattr(distributed, "grad_sync", lambda model, last: flags.append(last) or contextlib.nullcontext())
+    cfg = tiny_config(workspace, workspace / "unused", prompts_per_step=2, sft_batch_size=8, sft_epochs=1)
+    model, tok = nr.load_model(cfg, torch.device("cpu"))
+    examples = load_dataset("gsm8k", workspace / "data", "train")[:8]
+    r = fixed_rollouts(tok, 0, prompts=2)                                         # 8 rows
+    with one_thread():
+        for micro, calls in ((3, 3), (4, 2), (8, 1)):
+            c = replace(cfg, micro_batch=micro, sft_micro_batch=micro)
+            opt, sched = nr.make_optimizer(model, c, c.lr, 10)
+            flags.clear()
+            nr.reft_step(model, opt, sched, r, c, tok, torch.device("cpu"), torch.float32)
+            assert flags == [False] * (calls - 1) + [True], ("reft", micro)
+            flags.clear()
+            nr.sft(model, tok, examples, c, torch.device("cpu"), torch.float32, lambda row: None)
+            assert flags == [False] * (calls - 1) + [True], ("sft", micro)
+
+
+def test_train_checks_the_world_size(workspace, rank_of_two, monkeypatch, tmp_path):  # noqa: F811
+    """Under torchrun, before anything is loaded: both batch sizes must split evenly over the ranks, and a
+    checkpoint must come from the same number of processes (a 1-process one has no per-rank sampling states)."""
+    rank_of_two(0)
+    monkeypatch.setattr(distributed, "barrier", lambda: None)
+    for key in ("prompts_per_step", "sft_batch_size"):
+        with pytest.raises(nr.UserError, match=f"'{key}' = 3: expected a multiple of the number of processes \\(2\\)"):
+            nr.train(tiny_config(workspace, tmp_path / key, **{key: 3}), quiet=True)
+    run = tmp_path / "one_process_run"
+    (run / "checkpoint").mkdir(parents=True)
+    torch.save({"step": 1, "sample_rng": torch.Generator().get_state()}, run / "checkpoint" / "trainer_state.pt")
+    with pytest.raises(nr.UserError, match="written by 1 process\\(es\\) but this run has 2"):
+        nr.train(tiny_config(workspace, run), resume=str(run), quiet=True)
