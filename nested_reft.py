@@ -681,20 +681,24 @@ class MetricsLog:
         if not self.quiet and (row["step"] % self.log_every == 0 or row["step"] == row["steps"]):
             print(progress_line(row), flush=True)
 
+    def rows(self) -> list[dict]:
+        """Every row logged so far (none when the file does not exist)."""
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
     def truncate(self, stage: str, step: int) -> None:
         """Drop rows of `stage` after `step` (written after the checkpoint a resumed run restarts from)."""
         if not self.enabled or not self.path.exists():
             return
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        keep = [r for r in rows if not (r.get("stage") == stage and r["step"] > step)]
+        keep = [r for r in self.rows() if not (r.get("stage") == stage and r["step"] > step)]
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
-def sft_summary(path: Path) -> dict | None:
+def sft_summary(log: MetricsLog) -> dict | None:
     """The SFT warm-up as metrics.jsonl logged it (kept across resumes): its steps, runtime and first / last
     batch loss; None when the run had no warm-up (sft_epochs = 0)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    rows = [r for r in rows if r.get("stage") == "sft"]
+    rows = [r for r in log.rows() if r.get("stage") == "sft"]
     if not rows:
         return None
     return {"steps": rows[-1]["step"], "runtime": rows[-1]["runtime"], "loss_first": rows[0]["loss"],
@@ -881,7 +885,7 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
     summary = {"steps": step, "runtime": totals["runtime"], "tok_s": totals["tokens"] / max(totals["runtime"], 1e-9),
                "rollout_tok_s": totals["rollout_tokens"] / max(totals["rollout_s"], 1e-9), **totals}
     if main_rank:
-        summary["sft"] = sft_summary(log.path)
+        summary["sft"] = sft_summary(log)
     if cfg.eval_benchmarks:
         with distributed.gathered(model):                                       # FSDP: all-gather once
             summary["eval"] = run_benchmarks(
