@@ -118,23 +118,15 @@ def extract_answer(text: str | None, fallback: bool = False) -> str | None:
     return ans
 
 
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")   # \boxed / \fbox, not a longer command (\fboxsep)
+
+
 def _last_box_start(text: str) -> int:
-    """Index of the last \\boxed or \\fbox command, or -1; a longer command name (\\fboxsep, \\fboxrule) is
-    skipped. Each rfind scans a new stretch of text, so this stays linear."""
-    b, f = text.rfind("\\boxed"), text.rfind("\\fbox")
-    while max(b, f) >= 0:
-        start = max(b, f)
-        end = start + (6 if start == b else 5)
-        if end >= len(text) or text[end] not in _LETTERS:
-            return start
-        if start == b:
-            b = text.rfind("\\boxed", 0, start)
-        else:
-            f = text.rfind("\\fbox", 0, start)
-    return -1
-
-
-_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")   # a LaTeX command name's characters
+    """Index of the last \\boxed or \\fbox command, or -1 (one linear scan)."""
+    start = -1
+    for m in _BOX_RE.finditer(text):
+        start = m.start()
+    return start
 
 
 def _box_content(text: str, start: int) -> str | None:
