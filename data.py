@@ -234,9 +234,12 @@ def load_dataset(name: str, data_dir: str | os.PathLike, split: str) -> list[Exa
     math500  test        same fields, all 500 records.
     aime, amc test       solution None; AMC's float golds (142.0) are stored as clean number strings ("142").
     minerva, olympiad    solution None; gold = list of strings, whitespace stripped ("9.6\\n" -> "9.6").
+    synthetic train/test the generated demo task (synthetic_dataset): no files, data_dir is ignored.
     """
+    if name == "synthetic":
+        return synthetic_dataset(split)
     if name not in DATA_FILES:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATA_FILES)}")
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted([*DATA_FILES, 'synthetic'])}")
     if split not in DATA_FILES[name]:
         raise ValueError(f"dataset {name!r} has no split {split!r}; expected one of {sorted(DATA_FILES[name])}")
     path = Path(data_dir) / DATA_FILES[name][split]
@@ -552,19 +555,3 @@ def synthetic_tokenizer(vocab_size: int = SYNTHETIC_VOCAB_SIZE) -> Tokenizer:
     """The demo tokenizer: train_tokenizer on synthetic_corpus() (deterministic: same ids on every run)."""
     return train_tokenizer(synthetic_corpus(), vocab_size)
 
-
-# load_dataset also serves "synthetic" (generated, no files: data_dir is ignored for it).
-_load_file_dataset = load_dataset
-
-
-def load_dataset(name: str, data_dir: str | os.PathLike, split: str) -> list[Example]:  # noqa: F811
-    if name == "synthetic":
-        return synthetic_dataset(split)
-    if name not in DATA_FILES:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted([*DATA_FILES, 'synthetic'])}")
-    return _load_file_dataset(name, data_dir, split)
-
-
-load_dataset.__doc__ = _load_file_dataset.__doc__.rstrip() + """
-    synthetic train/test the generated demo task (synthetic_dataset): no files, data_dir is ignored.
-    """
