@@ -26,8 +26,8 @@ import distributed
 from eval import check_benchmarks, check_tokenizer_fits, evaluate, reward, run_benchmarks
 from data import (Example, Tokenizer, chat_prompt, collate_sft, load_dataset, sft_example, synthetic_tokenizer,
                   write_text_atomic)
-from grpo import (group_advantages, loss_normaliser, offpolicy_stats, policy_loss, reward_stats, token_entropy,
-                  token_logprobs)
+from grpo import (AGGREGATIONS, GRADS, VARIANTS, group_advantages, loss_normaliser, offpolicy_stats, policy_loss,
+                  reward_stats, token_entropy, token_logprobs)
 from qwen2 import Qwen2, Qwen2Config, parse_device
 
 # ======================================================================================================
@@ -307,10 +307,9 @@ def load_config(name: str = "", overrides: dict | None = None) -> Config:
 def validate(cfg: Config) -> None:
     """Range and cross-field checks that a type check cannot do: every bad value fails here, before the SFT warm-up
     (k = round(r*N) against the model's layers is checked by train() once the model config is read)."""
-    choices = {"variant": ("base", "practical", "retrace"), "weight_grad": ("detached", "surrogate"),
-               "aggregation": ("token_mean", "seq_mean", "dr_grpo"), "lr_schedule": ("linear", "constant"),
-               "dtype": ("auto", "float32", "bfloat16"), "parallel": ("ddp", "fsdp"),
-               "dataset": ("gsm8k", "svamp", "math12k", "synthetic")}
+    choices = {"variant": VARIANTS, "weight_grad": GRADS, "aggregation": AGGREGATIONS,
+               "lr_schedule": ("linear", "constant"), "dtype": ("auto", "float32", "bfloat16"),
+               "parallel": ("ddp", "fsdp"), "dataset": ("gsm8k", "svamp", "math12k", "synthetic")}
     for key, ok in choices.items():
         if getattr(cfg, key) not in ok:
             raise UserError(f"config key '{key}' = {getattr(cfg, key)!r}: expected one of {', '.join(ok)}")
