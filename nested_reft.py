@@ -270,14 +270,15 @@ def _coerce(name: str, value, typ, source: str):
     raise UserError(f"{source}: key '{name}' expects {typ.__name__}, got {value!r}")
 
 
-def _fields() -> dict:
+def _field_types() -> dict:
+    """Config field name -> its type (int, float, str or bool; annotations are strings under `from __future__`)."""
     types = {"int": int, "float": float, "str": str, "bool": bool}
-    return {f.name: (f, types.get(f.type, f.type) if isinstance(f.type, str) else f.type) for f in fields(Config)}
+    return {f.name: types.get(f.type, f.type) if isinstance(f.type, str) else f.type for f in fields(Config)}
 
 
 def load_config(name: str = "", overrides: dict | None = None) -> Config:
     """Config from configs/NAME.json (or a path to a .json) with `overrides` applied; every key type-checked."""
-    values, known = {}, _fields()
+    values, known = {}, _field_types()
     if name:
         path = Path(name) if name.endswith(".json") else CONFIG_DIR / f"{name}.json"
         if not path.is_file():
@@ -294,11 +295,11 @@ def load_config(name: str = "", overrides: dict | None = None) -> Config:
                 continue  # "_comment" keys
             if k not in known:
                 raise UserError(f"{path}: unknown key '{k}' (see python nested_reft.py --help)")
-            values[k] = _coerce(k, v, known[k][1], str(path))
+            values[k] = _coerce(k, v, known[k], str(path))
     for k, v in (overrides or {}).items():
         if k not in known:
             raise UserError(f"command line: unknown key '--{k}' (see python nested_reft.py --help)")
-        values[k] = _coerce(k, v, known[k][1], "command line")
+        values[k] = _coerce(k, v, known[k], "command line")
     cfg = Config(**values)
     validate(cfg)
     return cfg
