@@ -227,15 +227,8 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str = "t
         numer = per_seq.sum()                                             # sum_b
     else:
         numer = masked.sum()                                              # sum_{b,t} m l
-    if token_normaliser is not None:
-        denom = token_normaliser                                          # the full batch's Z
-    elif aggregation == "token_mean":
-        denom = mask.sum()                                                # Z = #tokens
-    elif aggregation == "seq_mean":
-        denom = mask.shape[0]                                             # Z = B
-    else:
-        _check_max_len(max_len, mask.shape[1])
-        denom = mask.shape[0] * max_len                                   # Z = B * max_len
+    # Z: the full batch's (token_normaliser), else this call's own
+    denom = token_normaliser if token_normaliser is not None else loss_normaliser(mask, aggregation, max_len)
     denom = torch.as_tensor(denom, dtype=per_token.dtype, device=per_token.device)
     return numer / denom.clamp(min=1)                                     # Z >= 1: an empty batch gives loss 0
 
