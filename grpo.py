@@ -83,15 +83,15 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
 # ------------------------------------------------------------------------------------------------------
 # Importance ratio and the off-policy weights f (Algorithm 1, step 7; spec §4)
 
-def importance_ratio(logp: torch.Tensor, logp_mu: torch.Tensor, max_log: float = MAX_LOG_RATIO) -> torch.Tensor:
-    """rho_t = pi_theta(y_t|s_t) / mu(y_t|s_t) = exp(min(log pi_theta - log mu, max_log)), in log space.
+def importance_ratio(logp: torch.Tensor, logp_mu: torch.Tensor) -> torch.Tensor:
+    """rho_t = pi_theta(y_t|s_t) / mu(y_t|s_t) = exp(min(log pi_theta - log mu, MAX_LOG_RATIO)), in log space.
 
-    Overflow guard: the log-ratio is capped at max_log (default 20: rho <= 4.9e8) so rho, rho^2 and 0 * rho stay
+    Overflow guard: the log-ratio is capped at MAX_LOG_RATIO (20: rho <= 4.9e8) so rho, rho^2 and 0 * rho stay
     finite in fp32 (an inf would turn masked or zero-advantage tokens into NaN). A ratio that large already makes
     the estimate meaningless; below the cap nothing changes. Above it the gradient through rho is zero (clamp),
     which only matters for grad="surrogate".
     """
-    return torch.exp(torch.clamp(logp - logp_mu, max=max_log))   # rho = exp(log pi - log mu)
+    return torch.exp(torch.clamp(logp - logp_mu, max=MAX_LOG_RATIO))   # rho = exp(log pi - log mu)
 
 
 def offpolicy_weight(rho: torch.Tensor, variant: str, lam: float = 1.0) -> torch.Tensor:
@@ -239,7 +239,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str = "t
 def offpolicy_stats(logp: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor,
                     advantages: torch.Tensor | None = None, *, variant: str = "base", lam: float = 1.0,
                     clip_eps: float | None = None, logits: torch.Tensor | None = None, temperature: float = 1.0,
-                    ref_logp: torch.Tensor | None = None, max_log: float = MAX_LOG_RATIO) -> dict[str, float]:
+                    ref_logp: torch.Tensor | None = None) -> dict[str, float]:
     """Floats describing how off-policy the batch is, all over the masked (completion) tokens:
 
     ratio_min / ratio_mean / ratio_max   rho = pi_theta / mu (after the overflow guard)
@@ -261,7 +261,7 @@ def offpolicy_stats(logp: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tenso
         m = mask.bool()
         n = m.sum()
         logp, logp_mu = logp.detach().double(), logp_mu.detach().double()   # float64: sums of rho^2 stay finite
-        log_ratio = torch.clamp(logp - logp_mu, max=max_log)
+        log_ratio = torch.clamp(logp - logp_mu, max=MAX_LOG_RATIO)
         rho = torch.exp(log_ratio)                                        # [B, T]; 0 outside pi's nucleus
         live = m & (logp > -math.inf)                                     # log pi finite (always when top_p = 1)
         log_ratio, logp = torch.where(live, log_ratio, 0.0), torch.where(live, logp, 0.0)
