@@ -111,8 +111,8 @@ def extract_answer(text: str | None, fallback: bool = False) -> str | None:
     """
     if text is None:
         return None
-    start = _last_box_start(text)
-    ans = _box_content(text, start) if start >= 0 else None
+    end = _last_box_end(text)
+    ans = _box_content(text, end) if end >= 0 else None
     if ans is None and fallback:
         ans = _fallback_answer(text)
     return ans
@@ -121,16 +121,17 @@ def extract_answer(text: str | None, fallback: bool = False) -> str | None:
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")   # \boxed / \fbox, not a longer command (\fboxsep)
 
 
-def _last_box_start(text: str) -> int:
-    """Index of the last \\boxed or \\fbox command, or -1 (one linear scan)."""
-    start = -1
+def _last_box_end(text: str) -> int:
+    """Index just after the last \\boxed or \\fbox command, or -1 (one linear scan)."""
+    end = -1
     for m in _BOX_RE.finditer(text):
-        start = m.start()
-    return start
+        end = m.end()
+    return end
 
 
-def _box_content(text: str, start: int) -> str | None:
-    i = start + (6 if text.startswith("\\boxed", start) else 5)
+def _box_content(text: str, i: int) -> str | None:
+    """The argument of the box command that ends just before text[i]: {...} (braces matched; None when they do not
+    balance) or the brace-less form; None when there is neither."""
     j = i
     while j < len(text) and text[j] in " \t":
         j += 1
