@@ -579,7 +579,8 @@ def sampling_kwargs(cfg: Config, tok: Tokenizer) -> dict:
 
 def rollout(model: Qwen2, tok: Tokenizer, batch: list[Example], skip_mask: list[bool], cfg: Config,
             gen: torch.Generator, device, dtype) -> Rollouts:
-    """Steps 3-4: G completions per prompt from the nested model (no gradient), their log mu and rewards."""
+    """Steps 3-5 up to the rewards: G completions per prompt from the nested model (no gradient), their log mu
+    (recorded by generate) and 0/1 rewards R; reft_step turns R into advantages."""
     G = cfg.group_size
     prompts = [tok.encode(chat_prompt(ex.question))[-cfg.max_prompt_len:] for ex in batch for _ in range(G)]
     golds = [ex.answer for ex in batch for _ in range(G)]
