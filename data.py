@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import tempfile
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -494,7 +496,6 @@ def _synthetic_stream(seed: int, flaw_rate: float, exclude: set):
     """Endless (question, solution, answer) triples of the stream `seed`: distinct questions, none in `exclude`.
     Every candidate costs the same random draws, flawed or not, so the questions of a stream do not depend on
     flaw_rate."""
-    import random
     rng, seen, i = random.Random(seed), set(exclude), 0
     while True:
         template = SYNTHETIC_TEMPLATES[i % len(SYNTHETIC_TEMPLATES)]
@@ -518,7 +519,6 @@ def synthetic_dataset(split: str, n: int | None = None, seed: int = SYNTHETIC_SE
     Deterministic in (split, n, seed, flaw_rate); a smaller n is a prefix of a larger one. Gold answers are
     always correct. Arithmetic facts (3 + 4) recur across questions, as in any word-problem set.
     """
-    from itertools import islice
     if split not in SYNTHETIC_SIZES:
         raise ValueError(f"dataset 'synthetic' has no split {split!r}; expected one of {sorted(SYNTHETIC_SIZES)}")
     n = SYNTHETIC_SIZES[split] if n is None else n
