@@ -568,6 +568,7 @@ class Rollouts:
     logp_mu: torch.Tensor        # [S, Tn] log mu_t(y_t | s_t), recorded at sampling time
     rewards: torch.Tensor        # [S] 0/1
     texts: list[str]
+    skip: list[bool] | None = None   # the step's skip mask; none skipped: mu_t = pi_theta_old = pi_theta (on-policy)
 
 
 def sampling_kwargs(cfg: Config, tok: Tokenizer) -> dict:
@@ -596,7 +597,7 @@ def rollout(model: Qwen2, tok: Tokenizer, batch: list[Example], skip_mask: list[
     texts = [tok.decode(t[m].tolist()) for t, m in zip(tokens, mask)]
     rewards = torch.tensor([reward(t, g) for t, g in zip(texts, golds)], dtype=torch.float32)   # step 5: R
     return Rollouts(cat("prompt_tokens", tok.pad_token_id, True), cat("prompt_mask", False, True), tokens, mask,
-                    cat("logprobs", 0.0, False), rewards, texts)
+                    cat("logprobs", 0.0, False), rewards, texts, list(skip_mask))
 
 
 def _cat_padded(ts: list[torch.Tensor], pad, left: bool) -> torch.Tensor:
@@ -617,8 +618,13 @@ def policy_logits(model: Qwen2, r: Rollouts, rows: slice, device, dtype) -> torc
 def reft_step(model: Qwen2, opt, sched, r: Rollouts, cfg: Config, tok: Tokenizer, device, dtype,
               ref_model: Qwen2 | None = None) -> dict:
     """Steps 5-9 on one rollout batch, in micro-batches whose losses sum to the full-batch loss.
-    ref_model (only when beta > 0): the frozen initial model of the k3 KL penalty beta * KL(pi_theta || pi_ref)."""
+    ref_model (only when beta > 0): the frozen initial model of the k3 KL penalty beta * KL(pi_theta || pi_ref).
+    A step that skips no layer (r.skip all False: k = 0, the baseline) is on-policy, mu_t = pi_theta_old = pi_theta
+    (one gradient step per rollout batch): the loss takes log mu = sg[log pi_theta], so rho = 1 exactly and every
+    variant is plain GRPO (spec §2, §3), as TRL's num_iterations = 1. The recorded log mu, equal up to the
+    sampler's round-off, still feeds the logged ratio statistics."""
     adv = group_advantages(r.rewards, cfg.group_size, scale=cfg.scale_rewards)          # [S] step 5
+    on_policy = r.skip is not None and not any(r.skip)                                  # k = 0: mu_t = pi_theta
     kw = sampling_kwargs(cfg, tok)
     Z = loss_normaliser(r.mask, cfg.aggregation, cfg.max_new_tokens)                    # whole-batch denominator
     Z = distributed.all_reduce_sum(Z)                                                   # (torchrun: all ranks)
@@ -637,7 +643,8 @@ def reft_step(model: Qwen2, opt, sched, r: Rollouts, cfg: Config, tok: Tokenizer
                 with torch.no_grad():
                     ref_logp = token_logprobs(policy_logits(ref_model, r, rows, device, dtype),
                                               r.tokens[rows].to(device), **kw)
-            loss, _ = policy_loss(logp, r.logp_mu[rows].to(device), adv[rows].to(device), r.mask[rows].to(device),
+            logp_mu = logp.detach() if on_policy else r.logp_mu[rows].to(device)      # rho = 1 exactly at k = 0
+            loss, _ = policy_loss(logp, logp_mu, adv[rows].to(device), r.mask[rows].to(device),
                                   variant=cfg.variant, lam=cfg.lam, grad=cfg.weight_grad,
                                   clip_eps=cfg.clip_eps or None, aggregation=cfg.aggregation,
                                   max_len=cfg.max_new_tokens, token_normaliser=Z, ref_logp=ref_logp,

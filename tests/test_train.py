@@ -183,6 +183,24 @@ def test_plain_reft_is_on_policy(workspace, tmp_path):
         assert abs(r["ratio_min"] - 1) < 1e-4 and abs(r["ratio_max"] - 1) < 1e-4
 
 
+def test_plain_reft_is_the_same_run_for_every_variant(workspace, tmp_path, coin_reward):
+    """r = 0, e = 0 is exactly standard ReFT (spec §2, §3): mu_t = pi_theta_old = pi_theta, so the loss's rho is 1
+    exactly (not 1 up to the sampler's round-off) and f(rho) = rho = 1 = min(1, rho): Base, Practical and Retrace-λ
+    take bit-for-bit the same steps (losses, gradient norms, final weights)."""
+    runs = {}
+    for variant in ("base", "practical", "retrace"):
+        out = tmp_path / variant
+        nr.train(tiny_config(workspace, out, skip_ratio=0, skip_border=0, sft_epochs=0, steps=2, temperature=0.7,
+                             lr=1e-2, variant=variant), quiet=True)
+        runs[variant] = ([(r["loss"], r["grad_norm"]) for r in read_metrics(out)],
+                         Qwen2.from_pretrained(out / "checkpoint").state_dict())
+    rows, weights = runs["base"]
+    assert all(g > 0 for _, g in rows)                                       # the steps did learn
+    for variant in ("practical", "retrace"):
+        assert runs[variant][0] == rows, variant
+        assert all(torch.equal(runs[variant][1][k], weights[k]) for k in weights), variant
+
+
 def test_resume_reproduces_an_uninterrupted_run(workspace, tmp_path, coin_reward):
     full, part = tmp_path / "full", tmp_path / "part"
     sa = nr.train(tiny_config(workspace, full), quiet=True)["sft"]
