@@ -201,6 +201,25 @@ def test_plain_reft_is_the_same_run_for_every_variant(workspace, tmp_path, coin_
         assert all(torch.equal(runs[variant][1][k], weights[k]) for k in weights), variant
 
 
+def test_token_speed_is_total_tokens_over_runtime(workspace, tmp_path, coin_reward):
+    """Spec §6: token speed = total tokens processed / total runtime. Tokens of a step = every rollout row's prompt
+    tokens (left-truncated to max_prompt_len = 20 of 89, padding excluded) + its completion tokens: 2 prompts x G = 4
+    = 8 rows, fixed-length completions of 6 tokens, so 8 * 20 + 8 * 6 = 208 per step. tok_s of step s = the tokens
+    of steps 1..s / the runtime of steps 1..s; rollout_tok_s = the step's completion tokens / its rollout time."""
+    cfg = tiny_config(workspace, tmp_path / "run", sft_epochs=0, steps=2, max_prompt_len=20)
+    summary = nr.train(cfg, quiet=True)
+    rows = read_metrics(tmp_path / "run")
+    tok = Tokenizer.load(workspace / "tok")
+    examples = load_dataset("gsm8k", workspace / "data", "train")
+    assert min(len(tok.encode(chat_prompt(e.question))) for e in examples) == 89    # every prompt is truncated
+    for s, r in enumerate(rows, 1):
+        assert r["tok_s"] == pytest.approx(208 * s / r["runtime"], rel=1e-12)
+        assert r["rollout_tok_s"] == pytest.approx(48 / r["rollout_s"], rel=1e-12)
+    assert summary["tokens"] == 2 * 208 and summary["rollout_tokens"] == 2 * 48
+    assert summary["runtime"] == rows[-1]["runtime"] == pytest.approx(sum(r["step_s"] for r in rows), rel=1e-12)
+    assert summary["tok_s"] == pytest.approx(2 * 208 / summary["runtime"], rel=1e-12)
+
+
 def test_resume_reproduces_an_uninterrupted_run(workspace, tmp_path, coin_reward):
     full, part = tmp_path / "full", tmp_path / "part"
     sa = nr.train(tiny_config(workspace, full), quiet=True)["sft"]
