@@ -75,6 +75,22 @@ def test_paper_configs_keep_paper_settings(name):
     assert ("7B" in cfg.model) == name.endswith("_7b")
 
 
+@pytest.mark.parametrize("name", ["gsm8k_1p5b", "svamp_1p5b", "math12k_1p5b", "gsm8k_7b", "svamp_7b", "math12k_7b"])
+def test_paper_configs_keep_the_spec_defaults(name):
+    """Spec §6 (TRL GRPO defaults of 0.16-0.17 and the [U] stripped values) and §4 ([M] switches, default off):
+    every paper config runs with them, whether its file sets them or the Config default does."""
+    cfg = nr.load_config(name)
+    trl = dict(lr_schedule="linear", warmup_steps=0, weight_decay=0.0, adam_betas="0.9,0.999", grad_clip=1.0,
+               temperature=0.9, top_p=1.0, max_prompt_len=512, max_new_tokens=256, scale_rewards=True,
+               aggregation="token_mean")
+    unknown = dict(sft_epochs=2.0, sft_lr=1e-5, prompts_per_step=64, eval_max_new_tokens=3000, sft_skip_prob=0.0)
+    plausible = dict(weight_grad="detached", lam=1.0, clip_eps=0.0)     # clip_eps 0 = off (TRL's 0.2 is a switch)
+    paper = dict(skip_ratio=0.1, skip_border=1, beta=0.0, group_size=8, lr=1e-6, fixed_length=True)
+    for key, value in {**trl, **unknown, **plausible, **paper}.items():
+        assert getattr(cfg, key) == value, key
+    assert nr.num_skipped(cfg.skip_ratio, 28) == 3                     # Table 1: r = 10 % of N = 28 -> k = 3
+
+
 def test_named_config_runs_from_any_folder(tmp_path, monkeypatch):
     """configs/tiny.json names configs/tiny_model.json: found from outside the project folder too."""
     monkeypatch.chdir(tmp_path)
