@@ -146,6 +146,19 @@ def test_rollout_flops_golden():
     assert demo.predicted_speedup(cfg, 0, 50, 24) == 1.0
 
 
+def test_flop_ceiling_of_the_spec_for_the_1p5b_model():
+    # Spec §7: with the LM head included, about 3.0 / 9.1 / 12.1 % less compute per decoded token for k = 1 / 3 / 4
+    # on Qwen2.5-Math-1.5B (W 1536, I 8960, 2 KV heads of 128, V 151936, N 28). One decoded token (1 key):
+    # layer 2 * (1536^2 + 2 * 1536 * 256 + 1536^2 + 3 * 1536 * 8960) + 4 * 1536 = 93591552, head 2 * 1536 * 151936
+    # = 466747392, total 28 * 93591552 + 466747392 = 3087310848; k layers save k * 93591552 of it.
+    cfg = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                      num_attention_heads=12, num_key_value_heads=2)
+    assert demo.rollout_flops(cfg, 28, 1, 1) == 3087310848
+    saved = [1 - 1 / demo.predicted_speedup(cfg, k, 1, 1) for k in (1, 3, 4)]
+    assert saved == pytest.approx([k * 93591552 / 3087310848 for k in (1, 3, 4)], rel=1e-12)
+    assert [round(100 * x, 1) for x in saved] == [3.0, 9.1, 12.1]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # what the demo says: repetitions of the speed sweep, an earlier demo it replaces
 
