@@ -199,6 +199,16 @@ def test_plain_reft_is_on_policy(workspace, tmp_path):
         assert abs(r["ratio_min"] - 1) < 1e-4 and abs(r["ratio_max"] - 1) < 1e-4
 
 
+def test_plain_reft_scores_pi_theta_with_the_samplers_top_p(workspace, tmp_path):
+    """r = 0, top_p = 0.8, temperature 0.7: the recorded log mu (nucleus of mu = pi_theta_old) and reft_step's log pi_theta
+    agree (|rho - 1| < 1e-4 on every token) only if pi_theta is scored with the same top-p truncation (spec §3.4)."""
+    cfg = tiny_config(workspace, tmp_path / "run", skip_ratio=0, skip_border=0, sft_epochs=0, steps=2,
+                      temperature=0.7, top_p=0.8)
+    nr.train(cfg, quiet=True)
+    for r in read_metrics(tmp_path / "run"):
+        assert abs(r["ratio_min"] - 1) < 1e-4 and abs(r["ratio_max"] - 1) < 1e-4 and r["outside_frac"] == 0
+
+
 def test_plain_reft_is_the_same_run_for_every_variant(workspace, tmp_path, coin_reward):
     """r = 0, e = 0 is exactly standard ReFT (spec §2, §3): mu_t = pi_theta_old = pi_theta, so the loss's rho is 1
     exactly (not 1 up to the sampler's round-off) and f(rho) = rho = 1 = min(1, rho): Base, Practical and Retrace-λ
