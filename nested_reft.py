@@ -766,6 +766,42 @@ def load_reference(cfg: Config, run_dir: Path, device) -> Qwen2:
     return Qwen2.from_pretrained(ref_dir, device=device)
 
 
+def open_run_dir(run_dir: Path, resume: str, world: int, main_rank: bool) -> tuple[dict | None, str]:
+    """Check the run folder and read what a resume continues from -> (trainer state or None, model dir to load).
+
+    A new run needs a folder that holds no run; it starts from the config's model (""). --resume continues from
+    checkpoint/ (its trainer_state.pt, written by the same number of processes) or, killed before the first
+    checkpoint, runs ReFT again from the finished sft/ (state None)."""
+    ckpt, sft_dir = run_dir / "checkpoint", run_dir / "sft"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"out_dir {run_dir}: is a file, expected a run folder")
+    if resume and main_rank:
+        recover_checkpoint(run_dir)
+    distributed.barrier()
+    has_state = (ckpt / "trainer_state.pt").is_file()
+    resumable = has_state or (sft_dir / "config.json").is_file()
+    if resume and not resumable:
+        raise UserError(f"--resume {resume}: no checkpoint/trainer_state.pt and no finished sft/ in it: nothing to "
+                        f"continue (start again in another --out_dir, or delete it)")
+    if not resume and ((run_dir / "metrics.jsonl").exists() or ckpt.exists()):
+        how = f"continue it with --resume {run_dir}, or start" if resumable else "nothing to resume in it: start"
+        raise UserError(f"out_dir {run_dir} already holds a run: {how} a new one in another --out_dir (or delete it)")
+    if main_rank:                                                             # only rank 0 writes files
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        return None, ""
+    if not has_state:
+        return None, str(sft_dir)
+    try:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False, mmap=world > 1)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise UserError(f"{ckpt / 'trainer_state.pt'}: not a readable trainer state ({e})") from None
+    if state.get("world_size", 1) != world:
+        raise UserError(f"--resume {resume}: the checkpoint was written by {state.get('world_size', 1)} "
+                        f"process(es) but this run has {world}: resume with the same number")
+    return state, str(ckpt)
+
+
 def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | None = None) -> dict:
     """Algorithm 1 end to end: SFT warm-up (sft_epochs), `steps` ReFT steps, optional evaluation.
 
@@ -783,34 +819,10 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
         if getattr(cfg, key) % world:
             raise UserError(f"config key '{key}' = {getattr(cfg, key)}: expected a multiple of the number of "
                             f"processes ({world}), each takes an equal share")
-    ckpt, sft_dir = run_dir / "checkpoint", run_dir / "sft"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"out_dir {run_dir}: is a file, expected a run folder")
-    if resume and main_rank:
-        recover_checkpoint(run_dir)
-    distributed.barrier()
-    # resume: from the last checkpoint, or, interrupted before the first one, ReFT again from the finished SFT model
-    resumable = (ckpt / "trainer_state.pt").is_file() or (sft_dir / "config.json").is_file()
-    from_sft = bool(resume) and not (ckpt / "trainer_state.pt").is_file()
-    if resume and not resumable:
-        raise UserError(f"--resume {resume}: no checkpoint/trainer_state.pt and no finished sft/ in it: nothing to "
-                        f"continue (start again in another --out_dir, or delete it)")
-    if not resume and ((run_dir / "metrics.jsonl").exists() or ckpt.exists()):
-        how = f"continue it with --resume {run_dir}, or start" if resumable else "nothing to resume in it: start"
-        raise UserError(f"out_dir {run_dir} already holds a run: {how} a new one in another --out_dir (or delete it)")
-    if main_rank:                                                             # only rank 0 writes files
-        run_dir.mkdir(parents=True, exist_ok=True)
-    state = None
-    if resume and not from_sft:
-        try:
-            state = torch.load(ckpt / "trainer_state.pt", weights_only=False, mmap=world > 1)
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            raise UserError(f"{ckpt / 'trainer_state.pt'}: not a readable trainer state ({e})") from None
-    if state is not None and state.get("world_size", 1) != world:
-        raise UserError(f"--resume {resume}: the checkpoint was written by {state.get('world_size', 1)} "
-                        f"process(es) but this run has {world}: resume with the same number")
+    state, start_dir = open_run_dir(run_dir, resume, world, main_rank)
+    from_sft = bool(resume) and state is None             # interrupted before the first checkpoint: ReFT from sft/
     log = MetricsLog(run_dir / "metrics.jsonl", cfg.log_every, quiet, enabled=main_rank)
-    model, tok = load_model(cfg, device, str(ckpt) if state else str(sft_dir) if from_sft else "")
+    model, tok = load_model(cfg, device, start_dir)
     _k_and_valid(model.config.num_hidden_layers, cfg.skip_ratio, cfg.skip_border)   # k <= |V|, before SFT
     check_context(cfg, model.config.max_position_embeddings)
     run_sft = not resume and cfg.sft_epochs > 0
