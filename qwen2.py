@@ -19,6 +19,7 @@ Architecture (pre-norm decoder, per layer l):
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -646,7 +647,7 @@ class Qwen2(nn.Module):
         if max_new_tokens < 1 or not 0 <= min_new_tokens <= max_new_tokens:
             raise ValueError(f"need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens, "
                              f"got max_new_tokens={max_new_tokens}, min_new_tokens={min_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
+        if not (temperature >= 0 and math.isfinite(temperature)) or not 0 < top_p <= 1:   # NaN fails both tests
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         if valid_vocab_size is not None and not 0 < valid_vocab_size <= V:
             raise ValueError(f"valid_vocab_size={valid_vocab_size}, expected 1..{V}")

@@ -529,6 +529,9 @@ def test_generate_argument_errors():
         m.generate([[1, 2], []], max_new_tokens=2)
     with pytest.raises(ValueError, match="temperature >= 0"):
         m.generate([[1]], max_new_tokens=2, temperature=-0.5)
+    for bad in (float("nan"), float("inf")):       # NaN sampled silently at temperature 1, inf uniformly
+        with pytest.raises(ValueError, match="temperature >= 0"):
+            m.generate([[1]], max_new_tokens=2, temperature=bad)
     with pytest.raises(ValueError, match="0 < top_p <= 1"):
         m.generate([[1]], max_new_tokens=2, top_p=0.0)
     with pytest.raises(ValueError, match="min_new_tokens"):
