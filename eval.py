@@ -1363,6 +1363,8 @@ def _check_args(a) -> None:
         _check_dir("--tokenizer", a.tokenizer, "a tokenizer directory (tokenizer.json)",
                    ("tokenizer.json", "vocab.json"))
     a.data = resolve_data_dir(a.data)
+    if a.out is not None:
+        _check_out(a.out)
 
 
 # where eval.py looks for the datasets when neither --data nor $NESTED_REFT_DATA is given: the developers'
@@ -1398,6 +1400,18 @@ def _check_dir(flag: str, path: str, expected: str, markers: tuple[str, ...]) ->
         if subs:
             alt = f" (or {subs[1]})" if len(subs) > 1 else ""
             raise ValueError(f"{flag} {path}: is a run folder: pass {subs[0]}{alt}")
+
+
+def _check_out(path: str) -> None:
+    """--out must be a file that can be written once the evaluation is done: not a directory, and under a
+    directory (checked before the model is loaded, not after hours of generation)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--out {path}: is a directory, expected a .jsonl file path")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(f"--out {path}: {parent} is a file, expected a directory")
 
 
 def default_out_path(model: str, now: float | None = None) -> str:

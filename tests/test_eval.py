@@ -405,6 +405,18 @@ def test_cli_model_is_a_run_folder_or_a_file(tiny_checkpoint, tmp_path, capsys):
         assert f"{flag} {f}: is a file, expected a " in err and "directory" in err, err
 
 
+def test_cli_out_is_checked_before_evaluating(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    import qwen2
+    monkeypatch.setattr(qwen2.Qwen2, "generate", lambda *a, **k: pytest.fail("generation started"))
+    (tmp_path / "afile").write_text("x")
+    argv = ["--model", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "data"), "--device", "cpu"]
+    err = one_line_error(capsys, argv + ["--out", str(tmp_path)])
+    assert err == f"error: --out {tmp_path}: is a directory, expected a .jsonl file path\n"
+    out = tmp_path / "afile" / "sub" / "p.jsonl"
+    err = one_line_error(capsys, argv + ["--out", str(out)])
+    assert err == f"error: --out {out}: {tmp_path / 'afile'} is a file, expected a directory\n"
+
+
 def test_default_out_path_names_the_run():
     t = time.mktime((2026, 12, 2, 16, 5, 9, 0, 0, -1))
     out = lambda stem: os.path.join("runs", f"eval-{stem}-20261202-160509.jsonl")
