@@ -787,7 +787,10 @@ def open_run_dir(run_dir: Path, resume: str, world: int, main_rank: bool) -> tup
         how = f"continue it with --resume {run_dir}, or start" if resumable else "nothing to resume in it: start"
         raise UserError(f"out_dir {run_dir} already holds a run: {how} a new one in another --out_dir (or delete it)")
     if main_rank:                                                             # only rank 0 writes files
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:                        # a file where a parent folder should be, no permission, ...
+            raise UserError(f"out_dir {run_dir}: cannot create the run folder ({e.strerror}: {e.filename})") from None
     if not resume:
         return None, ""
     if not has_state:

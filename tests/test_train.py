@@ -323,6 +323,8 @@ def test_run_folder_errors(workspace, tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(nr.UserError, match="is a file"):
         nr.train(tiny_config(workspace, tmp_path / "afile"), quiet=True)
+    with pytest.raises(nr.UserError, match=f"out_dir {tmp_path / 'afile' / 'run'}: cannot create the run folder"):
+        nr.train(tiny_config(workspace, tmp_path / "afile" / "run"), quiet=True)
     nr.train(tiny_config(workspace, run, sft_epochs=0, steps=1), quiet=True)
     with pytest.raises(nr.UserError, match="already holds a run: continue it with --resume"):
         nr.train(tiny_config(workspace, run, sft_epochs=0, steps=1), quiet=True)
