@@ -342,6 +342,8 @@ def validate(cfg: Config) -> None:
         ok = False
     if not ok:
         raise UserError(f"config key 'adam_betas' = {cfg.adam_betas!r}: expected two numbers in [0, 1), e.g. 0.9,0.999")
+    if not cfg.out_dir:                             # not the working directory by accident
+        raise UserError("config key 'out_dir' = '': expected a run folder")
     if not cfg.model and not cfg.model_config:
         raise UserError("config: set 'model' (a checkpoint dir) or 'model_config' (a config.json to build)")
     if cfg.eval_benchmarks:
@@ -378,6 +380,8 @@ def parse_args(argv: list[str]) -> tuple[Config, str]:
                 raise UserError(f"command line: --{key} needs a value")
             value, i = argv[i + 1], i + 1
         key = key.replace("-", "_")
+        if key in ("config", "resume") and not value:
+            raise UserError(f"command line: --{key} needs a value")
         if key == "config":
             name = value
         elif key == "resume":

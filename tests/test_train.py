@@ -112,6 +112,10 @@ def test_overrides_are_type_checked():
         nr.parse_args(["--config=gsm8k_1p5b", "--variant=vtrace"])
     with pytest.raises(nr.UserError, match="skip_ratio"):
         nr.parse_args(["--config=gsm8k_1p5b", "--skip_ratio=1.5"])
+    for argv, words in ((["--config=gsm8k_1p5b", "--out_dir="], "'out_dir' = ''"),     # not the working dir
+                        (["--resume="], "--resume needs a value"), (["--config="], "--config needs a value")):
+        with pytest.raises(nr.UserError, match=words):
+            nr.parse_args(argv)
 
 
 def test_config_file_errors(tmp_path):
