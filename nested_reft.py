@@ -697,7 +697,15 @@ class MetricsLog:
         """Every row logged so far (none when the file does not exist)."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for n, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{self.path}: line {n}: bad JSON ({e.msg}), expected one JSON object a line") from None
+        return rows
 
     def truncate(self, stage: str, step: int) -> None:
         """Drop rows of `stage` after `step` (written after the checkpoint a resumed run restarts from)."""

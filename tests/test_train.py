@@ -381,6 +381,12 @@ def test_resume_before_the_first_checkpoint_restarts_reft_from_sft(workspace, tm
     with pytest.raises(ValueError, match="k=round"):
         nr.train(bad, resume=resume, quiet=True)
     assert (cut / "run_config.json").read_text() == saved
+    metrics = (cut / "metrics.jsonl").read_text()                   # a torn last line (disk full): named
+    (cut / "metrics.jsonl").write_text(metrics + '{"stage": "reft", "st')
+    n = metrics.count("\n") + 1
+    with pytest.raises(nr.UserError, match=f"metrics.jsonl: line {n}: bad JSON"):
+        nr.train(cfg, resume=resume, quiet=True)
+    (cut / "metrics.jsonl").write_text(metrics)
     state = cut / "checkpoint" / "trainer_state.pt"
     for damaged in (state.read_bytes()[:1000], b"not a checkpoint"):
         state.write_bytes(damaged)
