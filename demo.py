@@ -388,7 +388,12 @@ def main(argv=None) -> int:
     mode = "quick" if args.quick else "full"
     s = SETTINGS[mode]
     out = Path(args.out or ("runs/demo_quick" if args.quick else "runs/demo"))
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_file():
+        ap.error(f"--out {out}: is a file, expected an output folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:                            # a file where a parent folder should be, no permission, ...
+        ap.error(f"--out {out}: cannot create the output folder ({e.strerror}: {e.filename})")
     torch.set_num_threads(args.threads)
     cfg_kw = {"seed": args.seed}
     t_start = time.perf_counter()

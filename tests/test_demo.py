@@ -202,6 +202,17 @@ def test_rerun_in_the_same_out_says_it_replaces_the_earlier_demo(tmp_path, monke
                      f"(init, sft, nested-retrace)"], lines
 
 
+def test_out_that_is_or_is_under_a_file_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    for out, words in ((tmp_path / "afile", "is a file, expected an output folder"),
+                       (tmp_path / "afile" / "sub", "cannot create the output folder (Not a directory")):
+        with pytest.raises(SystemExit) as e:
+            demo.main(["--quick", "--out", str(out)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"error: --out {out}: {words}" in err and "Traceback" not in err, err
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the shortened demo
 
