@@ -718,7 +718,7 @@ class Qwen2(nn.Module):
             raise FileNotFoundError(f"{path}: checkpoint directory not found")
         cfg = Qwen2Config.from_json(path / "config.json")
         dtype = torch.float32 if dtype is None else _as_dtype(dtype)
-        device = torch.device("cpu" if device is None else device)
+        device = torch.device("cpu") if device is None else parse_device(device)   # before any weight is read
         index = path / "model.safetensors.index.json"
         if (path / "model.safetensors").is_file():
             files = [path / "model.safetensors"]

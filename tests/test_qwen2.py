@@ -308,6 +308,10 @@ def test_load_errors_name_the_tensor(tmp_path):
         Qwen2.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError):
         Qwen2.from_pretrained(tmp_path / "absent")
+    ours().save_pretrained(tmp_path)
+    for device, words in (("tpu", "device = 'tpu': expected cpu, cuda or cuda:N"), ("cuda:7", "no such CUDA device")):
+        with pytest.raises(ValueError, match=words):     # were torch's RuntimeError / AssertionError
+            Qwen2.from_pretrained(tmp_path, device=device)
 
 
 def test_load_skips_a_tied_lm_head_and_rotary_buffers(tmp_path):
