@@ -644,6 +644,9 @@ class Qwen2(nn.Module):
         V = self.config.vocab_size
         if not isinstance(prompts, (list, tuple)) or not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts: expected a non-empty list of non-empty token-id lists")
+        for name, n in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens)):
+            if isinstance(n, bool) or not hasattr(type(n), "__index__"):   # 2.5 failed in torch.zeros, None on '<'
+                raise TypeError(f"{name}={n!r}: expected an int")
         if max_new_tokens < 1 or not 0 <= min_new_tokens <= max_new_tokens:
             raise ValueError(f"need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens, "
                              f"got max_new_tokens={max_new_tokens}, min_new_tokens={min_new_tokens}")

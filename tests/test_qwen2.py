@@ -540,6 +540,10 @@ def test_generate_argument_errors():
         m.generate([[1]], max_new_tokens=2, top_p=0.0)
     with pytest.raises(ValueError, match="min_new_tokens"):
         m.generate([[1]], max_new_tokens=2, min_new_tokens=3)
+    for kw in (dict(max_new_tokens=2.5), dict(max_new_tokens=None), dict(max_new_tokens="4"),
+               dict(max_new_tokens=4, min_new_tokens=1.0)):
+        with pytest.raises(TypeError, match=f"{list(kw)[-1]}=.*expected an int"):
+            m.generate([[1]], **kw)
     with pytest.raises(ValueError, match="token ids"):
         m.generate([[1, 96]], max_new_tokens=2)
     with pytest.raises(ValueError, match="pad_token_id=-1"):
