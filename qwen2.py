@@ -667,8 +667,13 @@ class Qwen2(nn.Module):
             raise ValueError(f"pad_token_id={pad_token_id}, expected an id in [0, {V})")
         if int(prompt_tokens.min()) < 0 or int(prompt_tokens.max()) >= V:
             raise ValueError(f"prompt token ids must be in [0, {V})")
-        prompt_tokens, prompt_mask = prompt_tokens.to(dev), prompt_mask.to(dev)
-        eos = torch.as_tensor(list(eos_token_ids), dtype=torch.long, device=dev)
+        if isinstance(eos_token_ids, int):          # HF's eos_token_id may be a bare int
+            raise TypeError(f"eos_token_ids={eos_token_ids!r}: expected a sequence of token ids, "
+                            f"e.g. ({eos_token_ids},)")
+        eos = torch.as_tensor(list(eos_token_ids), dtype=torch.long)
+        if len(eos) and (int(eos.min()) < 0 or int(eos.max()) >= V):   # -1 banned id V-1, V an IndexError
+            raise ValueError(f"eos_token_ids={list(eos_token_ids)}: expected ids in [0, {V})")
+        prompt_tokens, prompt_mask, eos = prompt_tokens.to(dev), prompt_mask.to(dev), eos.to(dev)
         banned = eos if len(eos) and min_new_tokens > 0 else None
 
         cache = self.new_cache(B, Tp + max_new_tokens - 1, skip_mask)

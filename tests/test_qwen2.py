@@ -546,6 +546,11 @@ def test_generate_argument_errors():
             m.generate([[1]], **kw)
     with pytest.raises(ValueError, match="token ids"):
         m.generate([[1, 96]], max_new_tokens=2)
+    with pytest.raises(TypeError, match=r"eos_token_ids=5: expected a sequence of token ids, e.g. \(5,\)"):
+        m.generate([[1]], max_new_tokens=2, eos_token_ids=5)
+    for eos in ([-1], [3, 96]):                     # -1 silently banned id 95 before min_new_tokens
+        with pytest.raises(ValueError, match=r"eos_token_ids=.*expected ids in \[0, 96\)"):
+            m.generate([[1]], max_new_tokens=2, min_new_tokens=1, eos_token_ids=eos)
     with pytest.raises(ValueError, match="pad_token_id=-1"):
         m.generate([[1, 2], [3]], max_new_tokens=2, pad_token_id=-1)
     with pytest.raises(ValueError, match="pad_token_id=96"):
