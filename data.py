@@ -250,7 +250,11 @@ def load_dataset(name: str, data_dir: str | os.PathLike, split: str) -> list[Exa
                                 f"see the README's data section)")
     parse = _PARSERS[(name, split)] if (name, split) in _PARSERS else _PARSERS[name]
     examples = (parse(rec, _Where(path, where)) for where, rec in _records(path))
-    return [ex for ex in examples if ex is not None]       # a parser drops a record by returning None
+    examples = [ex for ex in examples if ex is not None]   # a parser drops a record by returning None
+    if not examples:                                       # training would wait forever for a first prompt
+        raise ValueError(f"{path}: no records, expected at least one (get it from {DATA_SOURCES[name]}; "
+                         f"see the README's data section)")
+    return examples
 
 
 class _Where:

@@ -324,6 +324,13 @@ def test_malformed_json_list_and_values(tmp_path):
     p.write_bytes(b'{"question": "\xff"}\n')
     with pytest.raises(ValueError, match=re.escape(f"{p}: not UTF-8")):
         load_dataset("gsm8k", tmp_path, "test")
+    for content in ("", "\n\n", []):                # an empty file: training waited forever for a first prompt
+        p = write(tmp_path, "svamp" if content == [] else "gsm8k", "test", content)
+        with pytest.raises(ValueError, match=re.escape(f"{p}: no records, expected at least one")):
+            load_dataset("svamp" if content == [] else "gsm8k", tmp_path, "test")
+    write(tmp_path, "math12k", "train", [{"problem": "P", "solution": "s", "answer": ""}])   # all dropped
+    with pytest.raises(ValueError, match="math12k_train.jsonl: no records"):
+        load_dataset("math12k", tmp_path, "train")
     p = write(tmp_path, "minerva", "test", [{"problem": "p", "answer": []}])
     with pytest.raises(ValueError, match=re.escape(f"{p}: line 1: ") + ".*non-empty list"):
         load_dataset("minerva", tmp_path, "test")
