@@ -838,7 +838,10 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
     from_sft = bool(resume) and state is None             # interrupted before the first checkpoint: ReFT from sft/
     log = MetricsLog(run_dir / "metrics.jsonl", cfg.log_every, quiet, enabled=main_rank)
     model, tok = load_model(cfg, device, start_dir)
-    _k_and_valid(model.config.num_hidden_layers, cfg.skip_ratio, cfg.skip_border)   # k <= |V|, before SFT
+    k, _ = _k_and_valid(model.config.num_hidden_layers, cfg.skip_ratio, cfg.skip_border)   # k <= |V|, before SFT
+    if k == 0 and cfg.skip_ratio > 0 and main_rank and not quiet:
+        print(f"note: skip_ratio={cfg.skip_ratio} on N={model.config.num_hidden_layers} layers gives k = round(r*N) "
+              f"= 0: no layer is ever skipped, this run is plain ReFT")
     check_context(cfg, model.config.max_position_embeddings)
     run_sft = not resume and cfg.sft_epochs > 0
     model = distributed.wrap(model, cfg.parallel, device, dtype,               # torchrun: DDP or FSDP2

@@ -250,6 +250,15 @@ def test_token_speed_is_total_tokens_over_runtime(workspace, tmp_path, coin_rewa
     assert summary["tok_s"] == pytest.approx(2 * 208 / summary["runtime"], rel=1e-12)
 
 
+def test_a_ratio_that_skips_no_layer_is_announced(workspace, tmp_path, capsys):
+    """r = 0.1 on N = 4 layers: k = round(0.4) = 0, so the 'nested' run is plain ReFT; the run says so."""
+    nr.train(tiny_config(workspace, tmp_path / "run", skip_ratio=0.1, sft_epochs=0, steps=1))
+    assert "k = round(r*N) = 0: no layer is ever skipped" in capsys.readouterr().out
+    assert read_metrics(tmp_path / "run")[0]["skip"] == []
+    nr.train(tiny_config(workspace, tmp_path / "run2", skip_ratio=0.25, sft_epochs=0, steps=1))
+    assert "no layer is ever skipped" not in capsys.readouterr().out
+
+
 def test_resume_reproduces_an_uninterrupted_run(workspace, tmp_path, coin_reward):
     full, part = tmp_path / "full", tmp_path / "part"
     sa = nr.train(tiny_config(workspace, full), quiet=True)["sft"]
