@@ -244,6 +244,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike, split: str) -> list[Exa
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted([*DATA_FILES, 'synthetic'])}")
     if split not in DATA_FILES[name]:
         raise ValueError(f"dataset {name!r} has no split {split!r}; expected one of {sorted(DATA_FILES[name])}")
+    if not data_dir:                                       # e.g. an unset $NESTED_REFT_DATA passed through
+        raise ValueError(f"data_dir={data_dir!r}: expected the datasets folder (see the README's data section)")
     path = Path(data_dir) / DATA_FILES[name][split]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: dataset file not found (get it from {DATA_SOURCES[name]}; "

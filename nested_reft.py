@@ -778,6 +778,9 @@ def load_reference(cfg: Config, run_dir: Path, device) -> Qwen2:
     return Qwen2.from_pretrained(ref_dir, device=device)
 
 
+TRAINER_STATE_KEYS = frozenset({"optimizer", "scheduler", "step", "totals", "data_order", "skip_sampler", "sample_rng"})
+
+
 def open_run_dir(run_dir: Path, resume: str, world: int, main_rank: bool) -> tuple[dict | None, str]:
     """Check the run folder and read what a resume continues from -> (trainer state or None, model dir to load).
 
@@ -811,6 +814,10 @@ def open_run_dir(run_dir: Path, resume: str, world: int, main_rank: bool) -> tup
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False, mmap=world > 1)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise UserError(f"{ckpt / 'trainer_state.pt'}: not a readable trainer state ({e})") from None
+    missing = TRAINER_STATE_KEYS - state.keys() if isinstance(state, dict) else TRAINER_STATE_KEYS
+    if missing:
+        raise UserError(f"{ckpt / 'trainer_state.pt'}: not a trainer state of this project (no {sorted(missing)[0]!r}; "
+                        f"expected the keys {', '.join(sorted(TRAINER_STATE_KEYS))})")
     if state.get("world_size", 1) != world:
         raise UserError(f"--resume {resume}: the checkpoint was written by {state.get('world_size', 1)} "
                         f"process(es) but this run has {world}: resume with the same number")
@@ -889,7 +896,11 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
         if main_rank and not quiet:
             print(f"{run_dir}: already at step {step} of steps={cfg.steps}; its summary.json stands (raise --steps "
                   f"to go on)")
-        return json.loads((run_dir / "summary.json").read_text())
+        try:
+            return json.loads((run_dir / "summary.json").read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{run_dir / 'summary.json'}: bad JSON ({e.msg}): delete it and --resume again to "
+                            f"write it anew") from None
 
     while step < cfg.steps:
         t0 = time.perf_counter()

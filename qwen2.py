@@ -661,7 +661,10 @@ class Qwen2(nn.Module):
         prompt_tokens = torch.full((B, Tp), pad_token_id, dtype=torch.long)
         prompt_mask = torch.zeros(B, Tp, dtype=torch.bool)
         for b, p in enumerate(prompts):
-            prompt_tokens[b, Tp - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            ids = torch.as_tensor(p)
+            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:   # 1.5 would become 1
+                raise TypeError(f"prompts[{b}]: expected integer token ids, got {ids.dtype}")
+            prompt_tokens[b, Tp - len(p):] = ids
             prompt_mask[b, Tp - len(p):] = True
         if not 0 <= pad_token_id < V:
             raise ValueError(f"pad_token_id={pad_token_id}, expected an id in [0, {V})")

@@ -324,6 +324,9 @@ def test_malformed_json_list_and_values(tmp_path):
     p.write_bytes(b'{"question": "\xff"}\n')
     with pytest.raises(ValueError, match=re.escape(f"{p}: not UTF-8")):
         load_dataset("gsm8k", tmp_path, "test")
+    for unset in (None, ""):                         # an unset $NESTED_REFT_DATA passed straight through
+        with pytest.raises(ValueError, match=f"data_dir={unset!r}: expected the datasets folder"):
+            load_dataset("gsm8k", unset, "test")
     for content in ("", "\n\n", []):                # an empty file: training waited forever for a first prompt
         p = write(tmp_path, "svamp" if content == [] else "gsm8k", "test", content)
         with pytest.raises(ValueError, match=re.escape(f"{p}: no records, expected at least one")):

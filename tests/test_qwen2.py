@@ -546,6 +546,9 @@ def test_generate_argument_errors():
             m.generate([[1]], **kw)
     with pytest.raises(ValueError, match="token ids"):
         m.generate([[1, 96]], max_new_tokens=2)
+    for bad in ([[3], [1.5, 2]], [[3], [True]]):     # 1.5 was silently read as token 1
+        with pytest.raises(TypeError, match="prompts\\[1\\]: expected integer token ids"):
+            m.generate(bad, max_new_tokens=2)
     with pytest.raises(TypeError, match=r"eos_token_ids=5: expected a sequence of token ids, e.g. \(5,\)"):
         m.generate([[1]], max_new_tokens=2, eos_token_ids=5)
     for eos in ([-1], [3, 96]):                     # -1 silently banned id 95 before min_new_tokens

@@ -341,6 +341,20 @@ def test_run_folder_errors(workspace, tmp_path):
     nr.train(tiny_config(workspace, run, sft_epochs=0, steps=1), quiet=True)
     with pytest.raises(nr.UserError, match="already holds a run: continue it with --resume"):
         nr.train(tiny_config(workspace, run, sft_epochs=0, steps=1), quiet=True)
+    done = tmp_path / "done"                                   # a finished run: --resume returns its summary.json
+    nr.train(tiny_config(workspace, done, sft_epochs=0, steps=1), quiet=True)
+    assert nr.train(tiny_config(workspace, done, steps=1), resume=str(done), quiet=True)["steps"] == 1
+    (done / "summary.json").write_text("{")
+    with pytest.raises(nr.UserError, match=f"{done / 'summary.json'}: bad JSON .*: delete it and --resume again"):
+        nr.train(tiny_config(workspace, done, steps=1), resume=str(done), quiet=True)
+    (done / "summary.json").unlink()                           # ... which writes it anew
+    assert nr.train(tiny_config(workspace, done, steps=1), resume=str(done), quiet=True)["steps"] == 1
+    state = torch.load(done / "checkpoint" / "trainer_state.pt", weights_only=False)
+    for bad in ({k: v for k, v in state.items() if k != "skip_sampler"}, [1, 2]):
+        torch.save(bad, done / "checkpoint" / "trainer_state.pt")
+        with pytest.raises(nr.UserError, match="trainer_state.pt: not a trainer state of this project "
+                                               "\\(no '(skip_sampler|data_order)'; expected the keys"):
+            nr.train(tiny_config(workspace, done, steps=1), resume=str(done), quiet=True)
     died = tmp_path / "died_in_sft"                                      # a log, but no sft/ and no checkpoint
     died.mkdir()
     (died / "metrics.jsonl").write_text('{"stage": "sft", "step": 1}\n')
