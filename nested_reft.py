@@ -784,7 +784,7 @@ TRAINER_STATE_KEYS = frozenset({"optimizer", "scheduler", "step", "totals", "dat
 def open_run_dir(run_dir: Path, resume: str, world: int, main_rank: bool) -> tuple[dict | None, str]:
     """Check the run folder and read what a resume continues from -> (trainer state or None, model dir to load).
 
-    A new run needs a folder that holds no run; it starts from the config's model (""). --resume continues from
+    A new run needs a folder that holds no run (train creates it once every check has passed); it starts from the config's model (""). --resume continues from
     checkpoint/ (its trainer_state.pt, written by the same number of processes) or, killed before the first
     checkpoint, runs ReFT again from the finished sft/ (state None)."""
     ckpt, sft_dir = run_dir / "checkpoint", run_dir / "sft"
@@ -801,11 +801,6 @@ def open_run_dir(run_dir: Path, resume: str, world: int, main_rank: bool) -> tup
     if not resume and ((run_dir / "metrics.jsonl").exists() or ckpt.exists()):
         how = f"continue it with --resume {run_dir}, or start" if resumable else "nothing to resume in it: start"
         raise UserError(f"out_dir {run_dir} already holds a run: {how} a new one in another --out_dir (or delete it)")
-    if main_rank:                                                             # only rank 0 writes files
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:                        # a file where a parent folder should be, no permission, ...
-            raise UserError(f"out_dir {run_dir}: cannot create the run folder ({e.strerror}: {e.filename})") from None
     if not resume:
         return None, ""
     if not has_state:
@@ -858,6 +853,10 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
     for name in check_benchmarks(cfg.eval_benchmarks) if cfg.eval_benchmarks else []:
         load_dataset(name, data_dir, "test")                # a missing benchmark file fails now, not after training
     if main_rank and not resume:                            # a resume records its config once its state loaded
+        try:                                                # the folder only now: a failed check leaves nothing
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:                        # a file where a parent folder should be, no permission, ...
+            raise UserError(f"out_dir {run_dir}: cannot create the run folder ({e.strerror}: {e.filename})") from None
         write_json_atomic(run_dir / "run_config.json", asdict(cfg))
 
     if run_sft:

@@ -431,6 +431,7 @@ def test_train_checks_the_world_size(workspace, rank_of_two, monkeypatch, tmp_pa
             nr.train(tiny_config(workspace, tmp_path / key, **{key: 3}), quiet=True)
     run = tmp_path / "one_process_run"
     (run / "checkpoint").mkdir(parents=True)
-    torch.save({"step": 1, "sample_rng": torch.Generator().get_state()}, run / "checkpoint" / "trainer_state.pt")
+    torch.save({**dict.fromkeys(nr.TRAINER_STATE_KEYS), "step": 1, "sample_rng": torch.Generator().get_state()},
+               run / "checkpoint" / "trainer_state.pt")
     with pytest.raises(nr.UserError, match="written by 1 process\\(es\\) but this run has 2"):
         nr.train(tiny_config(workspace, run), resume=str(run), quiet=True)
