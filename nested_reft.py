@@ -784,9 +784,9 @@ TRAINER_STATE_KEYS = frozenset({"optimizer", "scheduler", "step", "totals", "dat
 def open_run_dir(run_dir: Path, resume: str, world: int, main_rank: bool) -> tuple[dict | None, str]:
     """Check the run folder and read what a resume continues from -> (trainer state or None, model dir to load).
 
-    A new run needs a folder that holds no run (train creates it once every check has passed); it starts from the config's model (""). --resume continues from
-    checkpoint/ (its trainer_state.pt, written by the same number of processes) or, killed before the first
-    checkpoint, runs ReFT again from the finished sft/ (state None)."""
+    A new run needs a folder that holds no run (train creates it once every check has passed); it starts from the
+    config's model (""). --resume continues from checkpoint/ (its trainer_state.pt, written by the same number of
+    processes) or, killed before the first checkpoint, runs ReFT again from the finished sft/ (state None)."""
     ckpt, sft_dir = run_dir / "checkpoint", run_dir / "sft"
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"out_dir {run_dir}: is a file, expected a run folder")

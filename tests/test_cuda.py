@@ -97,8 +97,9 @@ def test_checkpoint_loads_onto_the_gpu_in_bf16(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_reft_step_equals_the_cpu_step(workspace, tmp_path, dtype):
-    """One reft_step on the same fixed rollouts (micro-batches, Retrace-λ), SGD at lr 1: the GPU moves the
-    weights as the CPU does, to fp32 round-off, and under bf16 autocast in the direction of the fp32 step (cosine 0.9995 on a CPU)."""
+    """One reft_step on the same fixed rollouts (micro-batches, Retrace-λ), SGD at lr 1: the GPU moves the weights
+    as the CPU does, to fp32 round-off, and under bf16 autocast in the direction of the fp32 step (cosine 0.9995
+    for bf16 autocast on a CPU)."""
     cfg = tiny_config(workspace, tmp_path / "run", group_size=3, temperature=0.7, fixed_length=False, grad_clip=0,
                       micro_batch=4)
     steps = []
