@@ -722,6 +722,9 @@ EXTRACTION = [
     ("see \\fboxsep", None),                  # a longer command is no box
     ("\\boxed{5}, drawn with \\fboxsep=2pt", "5"),   # ... and does not hide the last real box
     ("\\fbox{3} \\fboxrule \\boxedanswer", "3"),
+    ("\\boxed\t{5}", "5"),                   # a tab between the command and its brace, like a space
+    ("\\boxed\t7.", "7"),
+    ("\\boxed, then nothing", None),         # no argument at all: not the brace-less form
 ]
 
 
