@@ -2,6 +2,7 @@
 end-to-end run of `python eval.py` on a tiny random Qwen2 with a tiny trained tokenizer."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -416,6 +417,24 @@ def test_cli_out_is_checked_before_evaluating(tiny_checkpoint, tmp_path, capsys,
     err = one_line_error(capsys, argv + ["--out", str(out)])
     assert err == f"error: --out {out}: {tmp_path / 'afile'} is a file, expected a directory\n"
 
+
+
+def test_check_out_walks_up_to_the_first_existing_folder(tmp_path):
+    """--out may lie in folders not made yet (write_jsonl creates them): the check climbs to the nearest existing
+    ancestor, which must be a folder, and names that one; a relative path is read from the working directory."""
+    assert E._check_out(str(tmp_path / "new" / "a" / "b" / "p.jsonl")) is None
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "a" / "b" / "p.jsonl"
+    with pytest.raises(NotADirectoryError, match=re.escape(f"--out {out}: {tmp_path / 'afile'} is a file")):
+        E._check_out(str(out))
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import eval\n"   # a subprocess: a climb that never
+            "for p in ('p.jsonl', 'new/p.jsonl', 'afile/p.jsonl'):\n"       # reaches '/' fails, not hangs
+            "    try: eval._check_out(p); print('ok')\n"
+            "    except NotADirectoryError as e: print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
+    assert r.stdout.splitlines() == ["ok", "ok", f"--out afile/p.jsonl: {tmp_path / 'afile'} is a file, "
+                                                 "expected a directory"], r.stderr
 
 def test_default_out_path_names_the_run():
     t = time.mktime((2026, 12, 2, 16, 5, 9, 0, 0, -1))
