@@ -541,12 +541,13 @@ def test_generate_argument_errors():
     with pytest.raises(ValueError, match="min_new_tokens"):
         m.generate([[1]], max_new_tokens=2, min_new_tokens=3)
     for kw in (dict(max_new_tokens=2.5), dict(max_new_tokens=None), dict(max_new_tokens="4"),
-               dict(max_new_tokens=4, min_new_tokens=1.0)):
+               dict(max_new_tokens=4, min_new_tokens=1.0), dict(max_new_tokens=True),   # True was 1 token
+               dict(max_new_tokens=4, min_new_tokens=False)):
         with pytest.raises(TypeError, match=f"{list(kw)[-1]}=.*expected an int"):
             m.generate([[1]], **kw)
     with pytest.raises(ValueError, match="token ids"):
         m.generate([[1, 96]], max_new_tokens=2)
-    for bad in ([[3], [1.5, 2]], [[3], [True]]):     # 1.5 was silently read as token 1
+    for bad in ([[3], [1.5, 2]], [[3], [True]], [[3], [2 + 0j]]):     # 1.5 was silently read as token 1
         with pytest.raises(TypeError, match="prompts\\[1\\]: expected integer token ids"):
             m.generate(bad, max_new_tokens=2)
     with pytest.raises(TypeError, match=r"eos_token_ids=5: expected a sequence of token ids, e.g. \(5,\)"):
