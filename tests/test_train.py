@@ -362,6 +362,22 @@ def test_run_folder_errors(workspace, tmp_path):
         nr.train(tiny_config(workspace, died), quiet=True)
 
 
+def test_trainer_state_keys_and_a_checkpoint_without_its_log(workspace, tmp_path):
+    """Each key the trainer reads back from trainer_state.pt, missing alone, is named (not a KeyError mid-resume);
+    a folder whose checkpoint/ outlived its metrics.jsonl still holds a run: a fresh start refuses it."""
+    run = tmp_path / "run"
+    nr.train(tiny_config(workspace, run, sft_epochs=0, steps=1), quiet=True)
+    path = run / "checkpoint" / "trainer_state.pt"
+    state = torch.load(path, weights_only=False)
+    for key in ("optimizer", "scheduler", "step", "totals", "data_order", "skip_sampler", "sample_rng"):
+        torch.save({k: v for k, v in state.items() if k != key}, path)
+        with pytest.raises(nr.UserError, match=f"trainer_state.pt: not a trainer state of this project \\(no '{key}';"):
+            nr.train(tiny_config(workspace, run, steps=2), resume=str(run), quiet=True)
+    torch.save(state, path)
+    (run / "metrics.jsonl").unlink()
+    with pytest.raises(nr.UserError, match=f"out_dir {run} already holds a run: continue it with --resume {run}"):
+        nr.train(tiny_config(workspace, run, sft_epochs=0, steps=1), quiet=True)
+
 def test_top_p_rollouts_train_with_finite_losses(workspace, tmp_path, coin_reward):
     """top_p < 1 with a nested behaviour model: some sampled tokens fall outside pi_theta's nucleus (rho = 0);
     every logged statistic and every update stays finite."""
