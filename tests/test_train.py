@@ -257,6 +257,10 @@ def test_a_ratio_that_skips_no_layer_is_announced(workspace, tmp_path, capsys):
     assert read_metrics(tmp_path / "run")[0]["skip"] == []
     nr.train(tiny_config(workspace, tmp_path / "run2", skip_ratio=0.25, sft_epochs=0, steps=1))
     assert "no layer is ever skipped" not in capsys.readouterr().out
+    nr.train(tiny_config(workspace, tmp_path / "run3", skip_ratio=0, skip_border=0, sft_epochs=0, steps=1))
+    assert "no layer is ever skipped" not in capsys.readouterr().out   # r = 0 asked for plain ReFT: nothing to say
+    nr.train(tiny_config(workspace, tmp_path / "run4", skip_ratio=0.1, sft_epochs=0, steps=1), quiet=True)
+    assert capsys.readouterr().out == ""                              # quiet: not even the note
 
 
 def test_resume_reproduces_an_uninterrupted_run(workspace, tmp_path, coin_reward):
