@@ -446,6 +446,16 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_refused(workspace, tmp_pa
 # of the loop, re-derived independently on the tiny model: the learning-rate schedule, gradient clipping, the SFT loss,
 # one ReFT step (advantages, log-probs, f(rho), aggregation, gradient) and the rollout bookkeeping.
 
+def test_metrics_log_rows_skip_blank_lines_and_name_a_bad_one(tmp_path):
+    """metrics.jsonl read back: blank lines (a hand edit) are skipped, a bad line is named by its 1-based number."""
+    log = nr.MetricsLog(tmp_path / "metrics.jsonl", quiet=True)
+    assert log.rows() == []
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n\n  \n{"step": 2}\n\n')
+    assert log.rows() == [{"step": 1}, {"step": 2}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n\n{"step": 2\n')
+    with pytest.raises(nr.UserError, match=r"metrics.jsonl: line 3: bad JSON \(.*\), expected one JSON object a line"):
+        log.rows()
+
 def test_lr_schedule_by_hand():
     """lr factor: warm-up (s + 1) / (w + 1) for s < w, then linear (T - s) / (T - w) down to 1/(T - w), or 1."""
     def lrs(total, **kw):
