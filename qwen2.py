@@ -480,6 +480,47 @@ def sample_from_logprobs(logp, temperature, generator=None):
 # the model
 
 
+def check_generate_args(prompts, vocab_size, max_new_tokens, min_new_tokens, temperature, top_p, eos_token_ids,
+                        pad_token_id, valid_vocab_size) -> None:
+    """generate()'s arguments, each checked with an error naming it (TypeError / ValueError)."""
+    V = vocab_size
+    if not isinstance(prompts, (list, tuple)) or not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts: expected a non-empty list of non-empty token-id lists")
+    for name, n in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens)):
+        if isinstance(n, bool) or not hasattr(type(n), "__index__"):   # 2.5 failed in torch.zeros, None on '<'
+            raise TypeError(f"{name}={n!r}: expected an int")
+    if max_new_tokens < 1 or not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError(f"need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens, "
+                         f"got max_new_tokens={max_new_tokens}, min_new_tokens={min_new_tokens}")
+    if not (temperature >= 0 and math.isfinite(temperature)) or not 0 < top_p <= 1:   # NaN fails both tests
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if valid_vocab_size is not None and not 0 < valid_vocab_size <= V:
+        raise ValueError(f"valid_vocab_size={valid_vocab_size}, expected 1..{V}")
+    if not 0 <= pad_token_id < V:
+        raise ValueError(f"pad_token_id={pad_token_id}, expected an id in [0, {V})")
+    if isinstance(eos_token_ids, int):              # HF's eos_token_id may be a bare int
+        raise TypeError(f"eos_token_ids={eos_token_ids!r}: expected a sequence of token ids, e.g. ({eos_token_ids},)")
+    if any(not 0 <= int(e) < V for e in eos_token_ids):   # -1 banned id V-1, V an IndexError
+        raise ValueError(f"eos_token_ids={list(eos_token_ids)}: expected ids in [0, {V})")
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists of different lengths -> (tokens, mask) [B, Tp] long / bool, left-padded with pad_token_id
+    (mask False there); ids must be integers in [0, vocab_size)."""
+    B, Tp = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((B, Tp), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(B, Tp, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        ids = torch.as_tensor(p)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:   # 1.5 would become 1
+            raise TypeError(f"prompts[{b}]: expected integer token ids, got {ids.dtype}")
+        tokens[b, Tp - len(p):] = ids
+        mask[b, Tp - len(p):] = True
+    if int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+    return tokens, mask
+
+
 class Qwen2(nn.Module):
     def __init__(self, config: Qwen2Config):
         super().__init__()
@@ -641,42 +682,15 @@ class Qwen2(nn.Module):
         each token was drawn from (vocab masking, EOS ban before min_new_tokens, /temperature, top-p); they
         equal logprobs_from_logits(model(seq, skip_mask)[...], ...) with the same arguments.
         A row stops after its first EOS id: later tokens are pad_token_id, mask False, logprob 0."""
-        V = self.config.vocab_size
-        if not isinstance(prompts, (list, tuple)) or not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("prompts: expected a non-empty list of non-empty token-id lists")
-        for name, n in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens)):
-            if isinstance(n, bool) or not hasattr(type(n), "__index__"):   # 2.5 failed in torch.zeros, None on '<'
-                raise TypeError(f"{name}={n!r}: expected an int")
-        if max_new_tokens < 1 or not 0 <= min_new_tokens <= max_new_tokens:
-            raise ValueError(f"need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens, "
-                             f"got max_new_tokens={max_new_tokens}, min_new_tokens={min_new_tokens}")
-        if not (temperature >= 0 and math.isfinite(temperature)) or not 0 < top_p <= 1:   # NaN fails both tests
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        if valid_vocab_size is not None and not 0 < valid_vocab_size <= V:
-            raise ValueError(f"valid_vocab_size={valid_vocab_size}, expected 1..{V}")
-        dev = self.device
+        V, dev = self.config.vocab_size, self.device
+        check_generate_args(prompts, V, max_new_tokens, min_new_tokens, temperature, top_p, eos_token_ids,
+                            pad_token_id, valid_vocab_size)
         if generator is not None and generator.device.type != dev.type:
             raise ValueError(f"generator is on {generator.device}, expected the model's device {dev}")
-        B, Tp = len(prompts), max(len(p) for p in prompts)
-        prompt_tokens = torch.full((B, Tp), pad_token_id, dtype=torch.long)
-        prompt_mask = torch.zeros(B, Tp, dtype=torch.bool)
-        for b, p in enumerate(prompts):
-            ids = torch.as_tensor(p)
-            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:   # 1.5 would become 1
-                raise TypeError(f"prompts[{b}]: expected integer token ids, got {ids.dtype}")
-            prompt_tokens[b, Tp - len(p):] = ids
-            prompt_mask[b, Tp - len(p):] = True
-        if not 0 <= pad_token_id < V:
-            raise ValueError(f"pad_token_id={pad_token_id}, expected an id in [0, {V})")
-        if int(prompt_tokens.min()) < 0 or int(prompt_tokens.max()) >= V:
-            raise ValueError(f"prompt token ids must be in [0, {V})")
-        if isinstance(eos_token_ids, int):          # HF's eos_token_id may be a bare int
-            raise TypeError(f"eos_token_ids={eos_token_ids!r}: expected a sequence of token ids, "
-                            f"e.g. ({eos_token_ids},)")
-        eos = torch.as_tensor(list(eos_token_ids), dtype=torch.long)
-        if len(eos) and (int(eos.min()) < 0 or int(eos.max()) >= V):   # -1 banned id V-1, V an IndexError
-            raise ValueError(f"eos_token_ids={list(eos_token_ids)}: expected ids in [0, {V})")
-        prompt_tokens, prompt_mask, eos = prompt_tokens.to(dev), prompt_mask.to(dev), eos.to(dev)
+        prompt_tokens, prompt_mask = left_pad(prompts, pad_token_id, V)                # [B, Tp] on the CPU
+        B, Tp = prompt_tokens.shape
+        prompt_tokens, prompt_mask = prompt_tokens.to(dev), prompt_mask.to(dev)
+        eos = torch.as_tensor(list(eos_token_ids), dtype=torch.long, device=dev)
         banned = eos if len(eos) and min_new_tokens > 0 else None
 
         cache = self.new_cache(B, Tp + max_new_tokens - 1, skip_mask)
