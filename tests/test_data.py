@@ -88,6 +88,22 @@ def test_ids_match_transformers(tok, ref):
         assert tok.encode(t) == ref.encode(t, add_special_tokens=False), repr(t)
 
 
+def test_a_tokenizer_json_written_by_transformers_loads_with_the_same_ids(ref, tmp_path):
+    """A real checkpoint ships the tokenizer.json transformers writes (not vocab.json + merges.txt): loaded from
+    such a folder alone, the tokenizer has the same ids, special tokens and size as transformers' own."""
+    ref.save_pretrained(str(tmp_path))
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / name).unlink(missing_ok=True)          # only tokenizer.json (+ its config files) is left
+    hf = Tokenizer.load(tmp_path)
+    assert hf.vocab_size == len(ref) == 151665
+    assert (hf.endoftext_id, hf.im_start_id, hf.im_end_id) == (151643, 151644, 151645)
+    assert hf.eos_token_ids == (151645, 151643) and hf.pad_token_id == 151643
+    texts = SAMPLE + [chat_prompt(SAMPLE[1]), chat_prompt("What is 1+1?") + "2<|im_end|>"]
+    assert hf.encode_batch(texts) == [ref.encode(t, add_special_tokens=False) for t in texts]
+    assert hf.decode(hf.encode(texts[-1]), skip_special_tokens=True) == ref.decode(
+        ref.encode(texts[-1], add_special_tokens=False), skip_special_tokens=True)
+
+
 def test_ids_match_transformers_on_real_records(tok, ref, data_dir):
     texts = [e.question + "\n" + e.solution for e in load_dataset("gsm8k", data_dir, "test")[:150]]
     texts += [e.question + "\n" + e.solution for e in load_dataset("math500", data_dir, "test")[:150]]
