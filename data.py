@@ -210,6 +210,7 @@ DATA_FILES = {
     "minerva": {"test": "eval_suite/understand-r1-zero_jsonl/minerva.jsonl"},
     "olympiad": {"test": "eval_suite/understand-r1-zero_jsonl/olympiad_bench.jsonl"},
 }
+TRAIN_SETS = tuple(name for name, splits in DATA_FILES.items() if "train" in splits)   # gsm8k, svamp, math12k
 # Where the files come from (printed when one is missing; details in ../shared/data/README.md).
 DATA_SOURCES = {
     "gsm8k": "github.com/openai/grade-school-math grade_school_math/data/{train,test}.jsonl",

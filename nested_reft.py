@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 import distributed
 from eval import check_benchmarks, check_tokenizer_fits, evaluate, reward, run_benchmarks
-from data import (Example, Tokenizer, chat_prompt, collate_sft, load_dataset, sft_example, synthetic_tokenizer,
-                  write_text_atomic)
+from data import (TRAIN_SETS, Example, Tokenizer, chat_prompt, collate_sft, load_dataset, sft_example,
+                  synthetic_tokenizer, write_text_atomic)
 from grpo import (AGGREGATIONS, GRADS, VARIANTS, group_advantages, loss_normaliser, offpolicy_stats, policy_loss,
                   reward_stats, token_entropy, token_logprobs)
 from qwen2 import Qwen2, Qwen2Config, parse_device
@@ -310,7 +310,7 @@ def validate(cfg: Config) -> None:
     (k = round(r*N) against the model's layers is checked by train() once the model config is read)."""
     choices = {"variant": VARIANTS, "weight_grad": GRADS, "aggregation": AGGREGATIONS,
                "lr_schedule": ("linear", "constant"), "dtype": ("auto", "float32", "bfloat16"),
-               "parallel": ("ddp", "fsdp"), "dataset": ("gsm8k", "svamp", "math12k", "synthetic")}
+               "parallel": ("ddp", "fsdp"), "dataset": (*TRAIN_SETS, "synthetic")}
     for key, ok in choices.items():
         if getattr(cfg, key) not in ok:
             raise UserError(f"config key '{key}' = {getattr(cfg, key)!r}: expected one of {', '.join(ok)}")
