@@ -224,6 +224,8 @@ class Config:
                             "one, or from sft/ before the first)", "ours")
     eval_benchmarks: str = _f("", "comma list of test sets evaluated at the end (aime, amc, math500, minerva, olympiad, gsm8k, svamp); empty = none",
                               "ours")
+    eval_every: int = _f(0, "also evaluate eval_benchmarks every N ReFT steps, a metrics.jsonl row of stage 'eval' "
+                               "each (0 = only at the end)", "ours")
     eval_max_new_tokens: int = _f(3000, "evaluation: max new tokens (greedy)", "Liu et al.: 3000")
     eval_batch_size: int = _f(32, "evaluation: prompts per generate() call", "ours")
     eval_limit: int = _f(0, "evaluation: first N problems per benchmark (0 = all)", "ours")
@@ -320,7 +322,7 @@ def validate(cfg: Config) -> None:
             "sft_batch_size", "sft_micro_batch", "max_seq_len", "log_every", "eval_max_new_tokens",
             "eval_batch_size")},
         **{k: (lambda v: v >= 0, "an integer >= 0") for k in (
-            "steps", "warmup_steps", "save_every", "skip_border", "eval_limit")},
+            "steps", "warmup_steps", "save_every", "skip_border", "eval_limit", "eval_every")},
         **{k: (lambda v: v > 0 and math.isfinite(v), "a number > 0") for k in ("lr", "sft_lr", "temperature")},
         **{k: (lambda v: v >= 0 and math.isfinite(v), "a number >= 0") for k in (
             "sft_epochs", "weight_decay", "grad_clip", "beta")},
@@ -346,6 +348,8 @@ def validate(cfg: Config) -> None:
         raise UserError("config key 'out_dir' = '': expected a run folder")
     if not cfg.model and not cfg.model_config:
         raise UserError("config: set 'model' (a checkpoint dir) or 'model_config' (a config.json to build)")
+    if cfg.eval_every and not cfg.eval_benchmarks:
+        raise UserError(f"config key 'eval_every' = {cfg.eval_every}: expected eval_benchmarks too (what to evaluate)")
     if cfg.eval_benchmarks:
         try:
             check_benchmarks(cfg.eval_benchmarks)
@@ -726,6 +730,9 @@ def sft_summary(log: MetricsLog) -> dict | None:
 
 
 def progress_line(row: dict) -> str:
+    if row["stage"] == "eval":
+        accs = "  ".join(f"{k[4:]} {100 * v:.1f}%" for k, v in row.items() if k.startswith("acc_"))
+        return f"[eval] step {row['step']}/{row['steps']}  pass@1 macro {100 * row['macro']:.1f}%  ({accs})"
     runtime, step, steps = row["runtime"], row["step"], row["steps"]
     eta = runtime / step * (steps - step)
     line = f"[{row['stage']}] step {step}/{steps}  loss {row['loss']:+.4f}"
@@ -885,10 +892,12 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
         gen.set_state(state["sample_rng_ranks"][rank] if world > 1 else state["sample_rng"])
         step, totals = state["step"], state["totals"]
         log.truncate("reft", step)
+        log.truncate("eval", step)
     elif from_sft:
         if main_rank and not quiet:
             print(f"{run_dir}: no ReFT checkpoint yet: ReFT starts again from sft/ (its logged ReFT steps are dropped)")
         log.truncate("reft", 0)                              # the rows of the interrupted ReFT steps
+        log.truncate("eval", 0)
     if resume and main_rank:                                 # everything loaded: record the config it goes on with
         write_json_atomic(run_dir / "run_config.json", asdict(cfg))
     if resume and step >= cfg.steps and (run_dir / "summary.json").is_file():
@@ -920,6 +929,9 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
              "skip": skipped_layers(skip), "completion_len": n_gen / len(rewards), "step_s": dt, "rollout_s": t_roll,
              "rollout_tok_s": n_gen / t_roll, "tok_s": totals["tokens"] / totals["runtime"],
              "runtime": totals["runtime"]})
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:   # the last step's: below
+            log(eval_row(run_eval(model, tok, data_dir, cfg, device, dtype, None, print_fn=lambda *a: None),
+                         step, cfg.steps))
         if (cfg.save_every and step % cfg.save_every == 0) or step in (cfg.steps, stop_after):
             rng = {"sample_rng": gen.get_state()}
             if world > 1:  # every rank's sampling stream (resume needs the same world size)
@@ -935,16 +947,31 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
     if main_rank:
         summary["sft"] = sft_summary(log)
     if cfg.eval_benchmarks:
-        with distributed.gathered(model):                                       # FSDP: all-gather once
-            summary["eval"] = run_benchmarks(
-                distributed.unwrap(model), tok, data_dir, cfg.eval_benchmarks,
-                run_dir / "eval.jsonl" if main_rank else None, limit=cfg.eval_limit or None,
-                evaluate_fn=evaluate_sharded if world > 1 else evaluate,           # torchrun: a slice per rank
-                batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
-                print_fn=(lambda *a: None) if quiet or not main_rank else print)
+        summary["eval"] = run_eval(model, tok, data_dir, cfg, device, dtype, run_dir / "eval.jsonl" if main_rank
+                                   else None, print_fn=(lambda *a: None) if quiet or not main_rank else print)
+        log.truncate("eval", step - 1)                       # a resume that evaluates again: one row per step
+        log(eval_row(summary["eval"], step, cfg.steps))
     if main_rank:
         write_json_atomic(run_dir / "summary.json", summary)
     return summary
+
+
+def run_eval(model, tok: Tokenizer, data_dir: Path, cfg: Config, device, dtype, out_path, print_fn) -> dict:
+    """eval_benchmarks on the current weights: greedy, in the compute dtype (bf16 autocast on a bf16 GPU, as the
+    rollouts), predictions to out_path (None: not written); torchrun: a slice per rank, FSDP: gathered once."""
+    with distributed.gathered(model), autocast(device, dtype):
+        return run_benchmarks(distributed.unwrap(model), tok, data_dir, cfg.eval_benchmarks, out_path,
+                              limit=cfg.eval_limit or None, print_fn=print_fn,
+                              evaluate_fn=evaluate_sharded if distributed.world_size() > 1 else evaluate,
+                              batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens)
+
+
+def eval_row(result: dict, step: int, steps: int) -> dict:
+    """The metrics.jsonl row of one evaluation: pass@1 macro mean, acc_<benchmark> each, eval_s."""
+    bench = result["benchmarks"]
+    return {"stage": "eval", "step": step, "steps": steps, "macro": result["macro"],
+            **{f"acc_{name}": b["accuracy"] for name, b in bench.items()},
+            "eval_s": sum(b["seconds"] for b in bench.values())}
 
 
 def evaluate_sharded(model: Qwen2, tok: Tokenizer, examples: list[Example], **gen_kwargs) -> tuple[float, list]:

@@ -263,6 +263,43 @@ def test_a_ratio_that_skips_no_layer_is_announced(workspace, tmp_path, capsys):
     assert capsys.readouterr().out == ""                              # quiet: not even the note
 
 
+def test_eval_every_logs_held_out_accuracy_along_the_run(workspace, tmp_path, monkeypatch, coin_reward):
+    """eval_every = 2 over 4 steps: a metrics row of stage 'eval' at steps 2 and 4, each the pass@1 of the weights
+    of that step (the step-2 checkpoint evaluated on its own gives the same), the last one summary.json's; a run
+    stopped at step 2 and resumed logs the same rows, once each. Reward and grade are two hashes of the completion
+    (a random tiny model boxes nothing), so the accuracies move with the weights: 0.75 / 1.0 / 0.0 at steps 0 / 2 /
+    4 on the CPUs this was written on."""
+    import eval as E
+    monkeypatch.setattr(E, "extract_answer", lambda text, fallback=False: text)
+    monkeypatch.setattr(E, "grade", lambda pred, gold: zlib.crc32(f"{pred}|{gold}".encode()) % 2 == 1)
+    data = tmp_path / "data"
+    shutil.copytree(workspace / "data", data)
+    (data / "gsm8k" / "test.jsonl").write_text("".join(
+        json.dumps({"question": f"What is {a} plus {b}?", "answer": f"{a} + {b}\n#### {a + b}"}) + "\n"
+        for a in range(7, 10) for b in range(1, 5)))
+    model = Qwen2.from_pretrained(workspace / "model")
+    with torch.no_grad():                                     # large random weights: greedy completions that
+        for p in model.parameters():                          # differ by problem and change with every step
+            p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    model.save_pretrained(tmp_path / "model")
+    kw = dict(model=str(tmp_path / "model"), data_dir=str(data), sft_epochs=0, eval_every=2, eval_benchmarks="gsm8k",
+              eval_max_new_tokens=6, lr=0.003)
+    summary = nr.train(tiny_config(workspace, tmp_path / "run", **kw), quiet=True)
+    evals = read_metrics(tmp_path / "run", "eval")
+    assert [(r["step"], r["steps"]) for r in evals] == [(2, 4), (4, 4)]
+    assert evals[-1]["macro"] == evals[-1]["acc_gsm8k"] == summary["eval"]["macro"]
+    assert all(r["eval_s"] >= 0 for r in evals)
+
+    half = tmp_path / "half"
+    assert nr.train(tiny_config(workspace, half, **kw), quiet=True, stop_after=2)["interrupted"]
+    model, tok = Qwen2.from_pretrained(half / "checkpoint"), Tokenizer.load(half / "checkpoint")
+    alone = E.run_benchmarks(model, tok, data, "gsm8k", None, print_fn=lambda *a: None, max_new_tokens=6)
+    assert alone["macro"] == evals[0]["acc_gsm8k"]
+    nr.train(tiny_config(workspace, half, **kw), resume=str(half), quiet=True)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "eval_s"} for r in rows]
+    assert strip(read_metrics(half, "eval")) == strip(evals)
+
+
 def test_resume_reproduces_an_uninterrupted_run(workspace, tmp_path, coin_reward):
     full, part = tmp_path / "full", tmp_path / "part"
     sa = nr.train(tiny_config(workspace, full), quiet=True)["sft"]
@@ -308,10 +345,12 @@ def test_config_values_are_checked_before_any_work():
     bad = {"lam": "0", "clip_eps": "1.5", "top_p": "0", "temperature": "0", "beta": "-1", "sft_batch_size": "0",
            "sft_micro_batch": "0", "max_prompt_len": "0", "save_every": "-1", "skip_border": "-1", "lr": "nan",
            "adam_betas": "0.9", "grad_clip": "-1", "sft_epochs": "-1", "log_every": "0",
-           "eval_benchmarks": "aime,nope"}
+           "eval_benchmarks": "aime,nope", "eval_every": "-1"}
     for key, value in bad.items():
         with pytest.raises(nr.UserError, match=f"'{key}'"):
             nr.load_config("gsm8k_1p5b", {key: value})
+    with pytest.raises(nr.UserError, match="'eval_every' = 5: expected eval_benchmarks too"):
+        nr.load_config("gsm8k_1p5b", {"eval_every": "5", "eval_benchmarks": ""})
     nr.load_config("gsm8k_1p5b", {"lam": "2", "variant": "base"})       # lambda is Retrace's only
     nr.load_config("gsm8k_1p5b", {"clip_eps": "0.2", "top_p": "1", "steps": "0"})
 
