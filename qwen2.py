@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # ----------------------------------------------------------------------------------------------------------
@@ -531,6 +532,8 @@ class Qwen2(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(self._init_weights)
         self._inv_freq = None                    # fp32 RoPE frequencies; a plain attribute so .to(dtype) skips it
+        self.grad_checkpointing = False          # True: a training forward keeps only each layer's input and
+                                                 # recomputes the layer in the backward (activation memory / ~N)
 
     def inv_freq(self, device) -> torch.Tensor:
         """theta^(-2i/hd), i = 0..hd/2-1, fp32 [hd/2], cached per device."""
@@ -657,7 +660,11 @@ class Qwen2(nn.Module):
                 mask = padded_causal_mask(cache.mask[:, :start + T], T, start)
         x = self.model.embed_tokens(input_ids)                                           # [B, T, D]
         packed = cache is not None and cache.weights is not None           # pack_for_decode's copies (CPU)
+        recompute = self.grad_checkpointing and cache is None and torch.is_grad_enabled()
         for j, i in enumerate(active):
+            if recompute:                # the same layer call, its activations recomputed in the backward
+                x = torch.utils.checkpoint.checkpoint(self.model.layers[i], x, cos, sin, mask, use_reentrant=False)
+                continue
             kv = None if cache is None else (cache.k[j], cache.v[j])
             w = cache.weights[j] if packed and T == 1 else None                          # one-token step
             x = self.model.layers[i](x, cos, sin, mask, kv, start, w)

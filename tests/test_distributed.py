@@ -94,11 +94,12 @@ def my_rows(r: nr.Rollouts) -> nr.Rollouts:
                        r.rewards[sl], r.texts[sl])
 
 
-def train_a_bit(ws: Path, parallel: str) -> dict:
+def train_a_bit(ws: Path, parallel: str, grad_checkpointing: bool = False) -> dict:
     """3 ReFT steps on fixed rollouts (this rank's rows of each), then 3 SFT steps (this rank's share of each
     batch), from the workspace model. In one process: the whole batches."""
     cfg = tiny_config(ws, ws / "unused", parallel=parallel, prompts_per_step=4, micro_batch=3, lr=1e-2,
-                      sft_batch_size=8, sft_micro_batch=3, sft_lr=1e-2, sft_epochs=1)
+                      sft_batch_size=8, sft_micro_batch=3, sft_lr=1e-2, sft_epochs=1,
+                      grad_checkpointing=grad_checkpointing)
     device, dtype = torch.device("cpu"), torch.float32
     model, tok = nr.load_model(cfg, device)
     model = distributed.wrap(model, parallel, device, dtype)
@@ -148,7 +149,9 @@ def one_process(workspace):  # noqa: F811
 def test_two_ranks_take_the_step_of_one_process(workspace, one_process, two_ranks, parallel):  # noqa: F811
     """Same losses, gradient norms, whole-batch statistics and parameters as one process with the whole batch:
     the token-mean normaliser is the global token count and the rank-averaged gradients are rescaled to a sum
-    (a factor-2 or a per-rank normaliser error changes grad_norm; Adam alone would hide a uniform scale)."""
+    (a factor-2 or a per-rank normaliser error changes grad_norm; Adam alone would hide a uniform scale).
+    The two ranks recompute their layers in the backward (grad_checkpointing, under DDP and FSDP2), the one
+    process does not: the same steps either way."""
     two = torch.load(two_ranks / f"steps_{parallel}.pt", weights_only=False)
     for stage in ("reft", "sft"):
         assert len(two[stage]) == len(one_process[stage]) == 3
@@ -208,7 +211,7 @@ def _worker(rank: int, ws: Path, base: Path) -> None:
     distributed.init(torch.device("cpu"))
     nr.reward = coin
     for parallel in ("ddp", "fsdp"):
-        result = train_a_bit(ws, parallel)
+        result = train_a_bit(ws, parallel, grad_checkpointing=True)     # the one-process reference: without
         if rank == 0:
             torch.save(result, base / f"steps_{parallel}.pt")
         (base / parallel).mkdir(exist_ok=True)

@@ -356,6 +356,32 @@ def test_truncated_safetensors_is_a_value_error_naming_the_file(tmp_path, shard,
 # ---------------------------------------------------------------------------------------------- skipping
 
 
+@pytest.mark.parametrize("skip", [None, [False, True, False, False]])
+def test_grad_checkpointing_gives_the_same_gradients(skip):
+    """grad_checkpointing recomputes each layer in the backward: the same loss and gradients (left-padded batch,
+    a skip mask), fewer tensors kept for the backward; forwards without gradient and the sampler are unchanged."""
+    ids, am = left_pad(PROMPTS)
+    runs = []
+    for flag in (False, True):
+        m = ours(seed=14).train()
+        m.grad_checkpointing = flag
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss = (torch.log_softmax(m(ids, skip, am.bool()), -1)[am.bool()][:, :7].sum())
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}, len(saved)))
+        with torch.no_grad():
+            assert torch.equal(m(ids, skip, am.bool()), ours(seed=14)(ids, skip, am.bool()))
+    (l0, g0, n0), (l1, g1, n1) = runs
+    assert torch.equal(l0, l1) and n1 < n0 / 2
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-6, atol=1e-7, msg=name)
+    m = ours(seed=14)
+    m.grad_checkpointing = True
+    assert torch.equal(m.generate(PROMPTS, max_new_tokens=5, temperature=0.0).tokens,
+                       ours(seed=14).generate(PROMPTS, max_new_tokens=5, temperature=0.0).tokens)
+
+
 @pytest.mark.parametrize("i", [0, 2])
 def test_skipping_layer_equals_model_without_it(i):
     m = ours(seed=6)

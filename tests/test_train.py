@@ -565,7 +565,9 @@ def fixed_rollouts(model, tok, temperature):
     dict(variant="retrace", lam=0.5, weight_grad="surrogate", aggregation="token_mean", scale_rewards=True),
     dict(variant="base", clip_eps=0.2, aggregation="seq_mean", scale_rewards=False),
     dict(variant="practical", aggregation="dr_grpo", scale_rewards=True, micro_batch=5),
-], ids=["retrace-surrogate-token_mean", "base-clip-seq_mean-unscaled", "practical-dr_grpo"])
+    dict(variant="retrace", lam=0.5, weight_grad="surrogate", aggregation="token_mean", scale_rewards=True,
+         grad_checkpointing=True),
+], ids=["retrace-surrogate-token_mean", "base-clip-seq_mean-unscaled", "practical-dr_grpo", "retrace-checkpointing"])
 def test_reft_step_loss_and_gradient_by_hand(workspace, tmp_path, kw):
     """One reft_step on fixed rollouts (micro-batches of 4 or 5 rows) against the loss written out here from log pi,
     log mu and the rewards: A = (R - mean_g R) / (std_g R + 1e-4) (or R - mean_g R), rho = pi / mu, f(rho), the
