@@ -714,11 +714,11 @@ class MetricsLog:
                 raise UserError(f"{self.path}: line {n}: bad JSON ({e.msg}), expected one JSON object a line") from None
         return rows
 
-    def truncate(self, stage: str, step: int) -> None:
-        """Drop rows of `stage` after `step` (written after the checkpoint a resumed run restarts from)."""
+    def truncate(self, stages: tuple[str, ...], step: int) -> None:
+        """Drop rows of `stages` after `step` (written after the checkpoint a resumed run restarts from)."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [r for r in self.rows() if not (r.get("stage") == stage and r["step"] > step)]
+        keep = [r for r in self.rows() if not (r.get("stage") in stages and r["step"] > step)]
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
@@ -894,13 +894,11 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
         skipper.load_state_dict(state["skip_sampler"])
         gen.set_state(state["sample_rng_ranks"][rank] if world > 1 else state["sample_rng"])
         step, totals = state["step"], state["totals"]
-        log.truncate("reft", step)
-        log.truncate("eval", step)
+        log.truncate(("reft", "eval"), step)
     elif from_sft:
         if main_rank and not quiet:
             print(f"{run_dir}: no ReFT checkpoint yet: ReFT starts again from sft/ (its logged ReFT steps are dropped)")
-        log.truncate("reft", 0)                              # the rows of the interrupted ReFT steps
-        log.truncate("eval", 0)
+        log.truncate(("reft", "eval"), 0)                    # the rows of the interrupted ReFT steps
     if resume and main_rank:                                 # everything loaded: record the config it goes on with
         write_json_atomic(run_dir / "run_config.json", asdict(cfg))
     if resume and step >= cfg.steps and (run_dir / "summary.json").is_file():
@@ -952,7 +950,7 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
     if cfg.eval_benchmarks:
         summary["eval"] = run_eval(model, tok, data_dir, cfg, device, dtype, run_dir / "eval.jsonl" if main_rank
                                    else None, print_fn=(lambda *a: None) if quiet or not main_rank else print)
-        log.truncate("eval", step - 1)                       # a resume that evaluates again: one row per step
+        log.truncate(("eval",), step - 1)                    # a resume that evaluates again: one row per step
         log(eval_row(summary["eval"], step, cfg.steps))
     if main_rank:
         write_json_atomic(run_dir / "summary.json", summary)
