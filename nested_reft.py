@@ -697,7 +697,8 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if not self.quiet and (row["step"] % self.log_every == 0 or row["step"] == row["steps"]):
+        if not self.quiet and (row["step"] % self.log_every == 0 or row["step"] == row["steps"]
+                               or row["stage"] == "eval"):             # an evaluation (eval_every) always shows
             print(progress_line(row), flush=True)
 
     def rows(self) -> list[dict]:

@@ -495,6 +495,14 @@ def test_metrics_log_rows_skip_blank_lines_and_name_a_bad_one(tmp_path):
     with pytest.raises(nr.UserError, match=r"metrics.jsonl: line 3: bad JSON \(.*\), expected one JSON object a line"):
         log.rows()
 
+
+def test_metrics_log_prints_every_evaluation(tmp_path, capsys):
+    """log_every thins the step lines only: an eval row (eval_every = 3 here, log_every = 2) is always printed."""
+    log = nr.MetricsLog(tmp_path / "metrics.jsonl", log_every=2)
+    log({"stage": "eval", "step": 3, "steps": 10, "macro": 0.5, "acc_gsm8k": 0.5, "eval_s": 1.0})
+    assert capsys.readouterr().out == "[eval] step 3/10  pass@1 macro 50.0%  (gsm8k 50.0%)\n"
+
+
 def test_lr_schedule_by_hand():
     """lr factor: warm-up (s + 1) / (w + 1) for s < w, then linear (T - s) / (T - w) down to 1/(T - w), or 1."""
     def lrs(total, **kw):
