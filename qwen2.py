@@ -312,6 +312,17 @@ _PACKED = weakref.WeakKeyDictionary()     # model -> its last packing (pack_for_
 register_optimizer_step_post_hook(lambda *_: _PACKED.clear())
 
 
+def decode_packing(model: nn.Module) -> dict | None:
+    """The model's current decode packing (pack_for_decode): {"lm_head": DecodeLinear, "layers": {i: DecodeWeights},
+    ...}, or None (none made, or dropped by an optimizer step or drop_decode_packing)."""
+    return _PACKED.get(model)
+
+
+def drop_decode_packing(model: nn.Module) -> None:
+    """Forget the model's decode packing: the next generate() packs again (benchmarks time a real packing)."""
+    _PACKED.pop(model, None)
+
+
 def _weights_key(model: nn.Module) -> tuple:
     """What pack_for_decode's reuse checks: per parameter its storage and in-place version counter (bumped by writes
     through autograd: optimizer steps, load_state_dict, p.add_), plus 16 of its values spread over it, which also

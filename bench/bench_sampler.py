@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import collate_prompts  # noqa: E402
-from qwen2 import _PACKED, PACK_MIN_NEW_TOKENS, Qwen2, Qwen2Config  # noqa: E402
+from qwen2 import PACK_MIN_NEW_TOKENS, Qwen2, Qwen2Config, decode_packing, drop_decode_packing  # noqa: E402
 
 clock = time.thread_time          # main() sets it from --clock
 
@@ -102,7 +102,7 @@ def decode_matmul_dtype(m: Qwen2) -> torch.dtype:
     """The dtype the decode step reads its matrices in: that of the model's decode packing where generate() made
     one (pack_for_decode, from PACK_MIN_NEW_TOKENS new tokens on): fp32 copies for a bf16 model on a CPU without
     bf16 matmul hardware (qwen2.DecodeLinear), twice the parameters' bytes; else the parameters' dtype."""
-    packed = _PACKED.get(m)
+    packed = decode_packing(m)
     if packed is not None and packed["lm_head"].dtype == m.dtype:
         return packed["lm_head"].compute
     return m.dtype
@@ -177,7 +177,7 @@ def decode_steps(m: Qwen2, prompts, new: int) -> tuple[float, float]:
     with torch.no_grad():
         cache = m.new_cache(B, T + new - 1)
         if new >= PACK_MIN_NEW_TOKENS:
-            _PACKED.pop(m, None)                           # time a real packing, not the reuse of the last one
+            drop_decode_packing(m)                         # time a real packing, not the reuse of the last one
             t0 = clock()
             m.pack_for_decode(cache)
             pack = clock() - t0

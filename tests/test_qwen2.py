@@ -729,6 +729,12 @@ def test_packed_decode_weights_are_reused_until_the_weights_change(monkeypatch):
     first = qwen2._PACKED[m]
     b = m.generate(PROMPTS, max_new_tokens=6, temperature=0)
     assert qwen2._PACKED[m] is first and torch.equal(a.tokens, b.tokens)
+    assert qwen2.decode_packing(m) is first                                # the public view of the same
+    qwen2.drop_decode_packing(m)
+    assert qwen2.decode_packing(m) is None and m not in qwen2._PACKED
+    c = m.generate(PROMPTS, max_new_tokens=6, temperature=0)              # packs anew: the same tokens
+    assert qwen2.decode_packing(m) is not first and torch.equal(c.tokens, a.tokens)
+    first = qwen2._PACKED[m]
     with torch.no_grad():                                                   # an "optimizer step" in place
         for p in m.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
