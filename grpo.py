@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from qwen2 import logprobs_from_logits
+from qwen2 import logprobs_from_logits, process_logits
 
 VARIANTS = ("base", "practical", "retrace")
 GRADS = ("detached", "surrogate")
@@ -69,14 +69,19 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return torch.cat(rows) if rows else logits.new_zeros(tokens.shape, dtype=torch.float32)        # [B, T]
 
 
-def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """H(pi(. | s_t)) = logsumexp(z) - sum_v softmax(z)_v z_v, z = logits / tau; [B, T, V] -> [B, T] fp32, no grad."""
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+                  valid_vocab_size: int | None = None, eos_token_ids=(), min_new_tokens: int = 0) -> torch.Tensor:
+    """H(pi(. | s_t)) = -sum_v p_v log p_v, p = the distribution token_logprobs scores (same arguments: vocab masking,
+    EOS ban before min_new_tokens, / temperature, top-p; ids with p_v = 0 add 0). [B, T, V] -> [B, T] fp32, no grad."""
     with torch.no_grad():
         rows = []
         for z in logits:                                     # [T, V]
-            z = z.float() / temperature
-            lse = torch.logsumexp(z, dim=-1)                 # [T]
-            rows.append(lse - (torch.softmax(z, dim=-1) * z).sum(-1))
+            m = min(min_new_tokens, z.shape[0]) if len(eos_token_ids) else 0   # positions t < m: EOS banned
+            banned = torch.as_tensor(list(eos_token_ids), dtype=torch.long, device=z.device) if m else None
+            logp = torch.cat([process_logits(z[:m], temperature, top_p, valid_vocab_size, banned),
+                              process_logits(z[m:], temperature, top_p, valid_vocab_size)])       # [T, V] fp32
+            plogp = torch.where(logp > -math.inf, logp.exp() * logp, 0.0)                        # p log p, 0 log 0 = 0
+            rows.append(-plogp.sum(-1))                      # [T]
         return torch.stack(rows)                             # [B, T]
 
 

@@ -665,7 +665,7 @@ def reft_step(model: Qwen2, opt, sched, r: Rollouts, cfg: Config, tok: Tokenizer
         logp_all[rows] = logp.detach().cpu()
         if ref_all is not None:
             ref_all[rows] = ref_logp.cpu()
-        entropy[rows] = token_entropy(logits, cfg.temperature).cpu()
+        entropy[rows] = token_entropy(logits, **kw).cpu()                              # H of pi_theta as scored
         del logits, logp, loss
     lr = sched.get_last_lr()[0]
     grad_norm = optimizer_step(model, opt, sched, cfg.grad_clip)                         # step 9

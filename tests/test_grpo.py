@@ -96,6 +96,25 @@ def test_token_entropy():
     assert close(token_entropy(skewed, temperature=0.5), [[0.3250830]])
 
 
+def test_token_entropy_of_the_scored_distribution():
+    # The entropy of the distribution token_logprobs scores (the sampler's): V = 5, id 4 >= valid_vocab_size = 4 is
+    # masked, EOS = id 3 is banned at completion positions t < min_new_tokens = 1. Logits [0, 0, 0, ln 3, 100]:
+    #   raw softmax: p_4 ~ 1 -> H ~ 0 (what a plain entropy of the logits would log)
+    #   t = 0 (EOS banned, id 4 masked): uniform over {0, 1, 2} -> H = ln 3
+    #   t = 1 (EOS allowed): p = [1/6, 1/6, 1/6, 1/2] -> H = 3 (1/6) ln 6 + (1/2) ln 2 = (1/2) ln 12
+    # top_p = 0.4 keeps the ids whose mass strictly before them is < 0.4:
+    #   t = 0: [1/3, 1/3, 1/3] -> before [0, 1/3, 2/3]: two ids kept, H = ln 2
+    #   t = 1: EOS (1/2) first -> before [0, 1/2, ...]: EOS alone, H = 0
+    z = torch.tensor([0.0, 0.0, 0.0, math.log(3.0), 100.0]).expand(1, 2, 5)
+    kw = dict(valid_vocab_size=4, eos_token_ids=(3,), min_new_tokens=1)
+    assert close(token_entropy(z), [[0.0, 0.0]], atol=1e-6)
+    assert close(token_entropy(z, **kw), [[math.log(3.0), 0.5 * math.log(12.0)]])
+    assert close(token_entropy(z, top_p=0.4, **kw), [[LN2, 0.0]])
+    # temperature: t = 1 at tau = 0.5 (EOS allowed): logits [0, 0, 0, 2 ln 3] -> p = [1, 1, 1, 9] / 12
+    #   H = 3 (1/12) ln 12 + (9/12) ln(12/9) = 0.25 ln 12 + 0.75 ln(4/3) = 0.8369882
+    assert close(token_entropy(z, temperature=0.5, **kw)[0, 1], 0.25 * math.log(12.0) + 0.75 * math.log(4 / 3))
+
+
 # ---------------------------------------------------------------------------------------------- ratio and f
 
 def test_importance_ratio_and_overflow_guard():

@@ -644,3 +644,30 @@ def test_rollout_rows_follow_their_prompts(workspace, tmp_path, monkeypatch):
         assert r.prompt_tokens[i][r.prompt_mask[i]].tolist() == tok.encode(chat_prompt(batch[i // 3].question))[-8:]
         assert r.texts[i] == seen[i][0] == tok.decode(r.tokens[i][r.mask[i]].tolist())
     assert r.tokens.shape == r.mask.shape == r.logp_mu.shape == (6, 3)
+
+
+def test_reft_step_entropy_is_that_of_the_sampled_distribution(workspace, tmp_path):
+    """Fixed-length rollouts (the paper's setting) are drawn with EOS banned at every position, and pi_theta is scored
+    on that distribution: the logged entropy is its entropy (EOS logit -inf), not that of the raw logits. Computed
+    here one unpadded row at a time at temperature 0.7, over the completion tokens."""
+    cfg = tiny_config(workspace, tmp_path / "run", group_size=3, temperature=0.7, fixed_length=True, max_new_tokens=6)
+    model, tok = nr.load_model(cfg, torch.device("cpu"))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(5)
+    r, _ = fixed_rollouts(model, tok, cfg.temperature)
+    eos = list(tok.eos_token_ids)
+    with torch.no_grad():
+        banned, raw = [], []
+        for b in range(6):
+            ids = torch.cat([r.prompt_tokens[b, r.prompt_mask[b]], r.tokens[b, r.mask[b]]])
+            z = model(ids[None, :-1])[0, int(r.prompt_mask[b].sum()) - 1:].double() / cfg.temperature
+            raw.append(-(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1))
+            z[:, eos] = -math.inf                                  # every position t < min_new_tokens = 6
+            p = torch.softmax(z, -1)
+            banned.append(-(p * torch.log_softmax(z, -1)).nan_to_num().sum(-1))
+        banned, raw = torch.cat(banned).mean().item(), torch.cat(raw).mean().item()
+    assert abs(banned - raw) > 1e-4                                # the two differ: the test can tell them apart
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    out = nr.reft_step(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), r, cfg, tok,
+                       torch.device("cpu"), torch.float32)
+    assert out["entropy"] == pytest.approx(banned, rel=1e-5)
