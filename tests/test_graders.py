@@ -534,6 +534,13 @@ REVIEW_CASES = [
     ("10,000", "10000", True),
     ("1,0", "1,0", True),
     ("0,1", "1,0", True),
+    # ... unless its commas are written as list separators: a space after one, or degree marks (Math12k golds)
+    ("256, 81", "81, 256", True),
+    ("81,256", "81, 256", True),
+    ("81256", "81, 256", False),
+    ("120^\\circ, 60^\\circ", "60^\\circ, 120^\\circ", True),
+    ("60120", "60^\\circ, 120^\\circ", False),
+    ("111111111", "111, \\! 111, \\! 111", True),        # ", \\!" is still a thousands separator
     # 6. a decimal prediction against an exact non-integer gold (rule c): rounded or truncated, 3+ digits
     ("142.87", "\\frac{1000}{7}", False),
     ("3333.5", "\\frac{10000}{3}", False),
