@@ -224,6 +224,7 @@ _BRACED_SCRIPT_RE = re.compile(r"([_^])\{(\w)\}")                            # x
 _IN_PREFIX_RE = re.compile(r"^[a-zA-Z]\\in(?![a-zA-Z])")                    # x \in [1,2] -> [1,2]
 _CHOICE_RE = re.compile(r"^\(([A-E])\)$")                                    # (C) -> C
 _AND_RE = re.compile(r"\s+(?:and|or)\s+")
+_PLUS_INFTY_RE = re.compile(r"(?<=[(\[{,])\+(?=\\infty(?![a-zA-Z]))")   # (2,+\infty) -> (2,\infty)
 
 
 @lru_cache(maxsize=1 << 14)
@@ -247,7 +248,8 @@ def normalize(s: str) -> str:
     - all whitespace removed, except one space between a command and a following letter ("\\cot x")
     - single-character scripts unbraced: x^{2} -> x^2, 4210_{5} -> 4210_5
     - "x \\in" prefix removed; \\approx read as "=" (a leading one dropped); trailing "." removed;
-      a choice "(C)" -> "C"; "\\{\\}" -> \\emptyset
+      a choice "(C)" -> "C"; "\\{\\}" -> \\emptyset; a "+" before \\infty dropped, leading or after ( [ { ,
+      ("(2,+\\infty)" -> "(2,\\infty)": the parser never sees \\infty, so only the text compares)
     """
     s = str(s)
     for a, b in _UNICODE:
@@ -281,6 +283,7 @@ def normalize(s: str) -> str:
     s = _SPACES_RE.sub(lambda m: (m.group(1) + " ") if m.group(1) and m.group(2).isalpha()
                        else (m.group(1) or ""), s)
     s = _BRACED_SCRIPT_RE.sub(r"\1\2", s)
+    s = _PLUS_INFTY_RE.sub("", s)
     s = _IN_PREFIX_RE.sub("", s)
     s = s.replace("\\approx", "=").lstrip("=")      # "x \approx 1.6" -> "x=1.6";  "\approx 1.6" -> "1.6"
     while len(s) > 1 and s[0] == "{" and s[-1] == "}" and _spans(s):   # {5} -> 5

@@ -580,6 +580,13 @@ REVIEW_CASES = [
     ("4.4 \\times 10^7 Hz", "4.4 \\times 10^7", True),
     ("4.4677 \\times 10^{14}", "4.4677 \\times 10^{14} Hz", True),
     ("4.4 \\times 10^7 Hz", "4.5 \\times 10^7", False),
+    # 11. "+\\infty" is \\infty also inside an interval or a list, not only as the whole answer
+    ("(2,+\\infty)", "(2,\\infty)", True),
+    ("(-\\infty, 2) \\cup (3, +\\infty)", "(-\\infty, 2) \\cup (3, \\infty)", True),
+    ("[2, +∞)", "[2,\\infty)", True),
+    ("(-\\infty,+\\infty)", "(-\\infty,\\infty)", True),
+    ("(2,+\\infty)", "(2,-\\infty)", False),
+    ("(2,+\\infty)", "[2,\\infty)", False),
 ]
 
 
