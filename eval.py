@@ -69,9 +69,10 @@ How grade() decides (each rule is documented where it is implemented):
      value / 100 is accepted too, so "50\\%" == "0.5" (and "50\\%" == "50").
      An empty gold (after normalisation) matches nothing: a broken record never rewards.
   5. Bounded time on any input: answers longer than MAX_ANSWER_CHARS are compared as stripped strings only,
-     the parser stops at MAX_TOKENS tokens / MAX_DEPTH nesting, exponents above MAX_EXPONENT in magnitude,
-     factorials above 170 and non-finite values make an expression "not comparable" (-> not equal); exact
-     arithmetic hands over to floating point as soon as any intermediate value exceeds _EXACT_BITS bits.
+     the parser stops at MAX_TOKENS tokens / MAX_DEPTH nesting, exponents above MAX_EXPONENT in magnitude in
+     floating point, factorials above 170 and non-finite values make an expression "not comparable" (-> not
+     equal); exact arithmetic takes any integer exponent whose result stays within _EXACT_BITS bits (so
+     2 \\cdot 2^{1008} == 2^{1009}) and hands over to floating point as soon as any intermediate value exceeds them.
 """
 from __future__ import annotations
 
@@ -905,9 +906,9 @@ def _rational_op(node) -> Fraction:
     a, b = _rational(node[1]), _rational(node[2])
     if op in _ARITH:
         return _ARITH[op](a, b)
-    if op == "^":                                    # integer exponents only, bounded size
+    if op == "^":                                    # integer exponents only, bounded size of the result
         bits = max(a.numerator.bit_length(), a.denominator.bit_length())
-        if b.denominator != 1 or abs(b) > MAX_EXPONENT or bits * abs(b) > _EXACT_BITS:
+        if b.denominator != 1 or bits * abs(b) > _EXACT_BITS:   # not MAX_EXPONENT: 2^{1009} is a gold
             raise _Inexact
         return a ** int(b)
     if a.denominator != 1 or b.denominator != 1 or not 0 <= a <= 10_000:   # binom

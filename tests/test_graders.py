@@ -587,6 +587,14 @@ REVIEW_CASES = [
     ("(-\\infty,+\\infty)", "(-\\infty,\\infty)", True),
     ("(2,+\\infty)", "(2,-\\infty)", False),
     ("(2,+\\infty)", "[2,\\infty)", False),
+    # 12. an integer power beyond MAX_EXPONENT is still exact when its value is small enough (golds 2^{1009},
+    # 2^{2008} -2, 3^{2007}, 2^{4950})
+    ("2 \\cdot 2^{1008}", "2^{1009}", True),
+    ("2(2^{2007}-1)", "2^{2008} -2", True),
+    ("3 \\cdot 3^{2006}", "3^{2007}", True),
+    ("2^{1008}", "2^{1009}", False),
+    ("2^{1009}+1", "2^{1009}", False),
+    ("2^{2008}-1", "2^{2008} -2", False),
 ]
 
 
