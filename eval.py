@@ -224,7 +224,7 @@ _SPACES_RE = re.compile(r"(\\[a-zA-Z]+)?\s+(?=(.?))", re.S)
 _BRACED_SCRIPT_RE = re.compile(r"([_^])\{(\w)\}")                            # x^{2} -> x^2
 _IN_PREFIX_RE = re.compile(r"^[a-zA-Z]\\in(?![a-zA-Z])")                    # x \in [1,2] -> [1,2]
 _CHOICE_RE = re.compile(r"^\(([A-E])\)$")                                    # (C) -> C
-_AND_RE = re.compile(r"\s+(?:and|or)\s+")
+_AND_RE = re.compile(r"(?:\s*,)?\s+(?:and|or)\s+")                      # with a serial comma: "2, 3, and 4"
 _PLUS_INFTY_RE = re.compile(r"(?<=[(\[{,])\+(?=\\infty(?![a-zA-Z]))")   # (2,+\infty) -> (2,\infty)
 
 
@@ -243,12 +243,13 @@ def normalize(s: str) -> str:
     - degrees: ^\\circ, ^{\\circ}, \\circ, \\degree removed (with a following C/F: "1950^\\circ C" -> 1950); a
       trailing arc-minute/second mark after a number removed (0.003^{\\prime\\prime} -> 0.003); other
       ^{\\prime} -> ' (derivatives); percent signs \\% and % removed (see grade())
-    - " and " / " or " between answers -> "," ("x=2 \\text{ or } x=3" is the list x=2, x=3)
+    - " and " / " or " between answers, also after a comma, -> "," ("x=2 \\text{ or } x=3" is the list x=2, x=3;
+      "2, 3, \\text{ and } 4" is 2, 3, 4)
     - \\frac12, \\frac1{2}, \\frac{270}7 -> \\frac{1}{2}, ...; \\sqrt2 -> \\sqrt{2}; mixed numbers
       "137 \\frac{1}{2}" -> "(137+\\frac{1}{2})"; a leading-dot decimal .5 -> 0.5
     - all whitespace removed, except one space between a command and a following letter ("\\cot x")
     - single-character scripts unbraced: x^{2} -> x^2, 4210_{5} -> 4210_5
-    - "x \\in" prefix removed; \\approx read as "=" (a leading one dropped); trailing "." removed;
+    - "x \\in" prefix removed; \\approx read as "=" (a leading one dropped); trailing "." and "," removed;
       a choice "(C)" -> "C"; "\\{\\}" -> \\emptyset; a "+" before \\infty dropped, leading or after ( [ { ,
       ("(2,+\\infty)" -> "(2,\\infty)": the parser never sees \\infty, so only the text compares)
     """
@@ -289,7 +290,7 @@ def normalize(s: str) -> str:
     s = s.replace("\\approx", "=").lstrip("=")      # "x \approx 1.6" -> "x=1.6";  "\approx 1.6" -> "1.6"
     while len(s) > 1 and s[0] == "{" and s[-1] == "}" and _spans(s):   # {5} -> 5
         s = s[1:-1]
-    s = s.rstrip(".").strip()
+    s = s.rstrip(".,").strip()                       # a trailing "." or "," (the Math12k gold "\\text{(E)},")
     s = _CHOICE_RE.sub(r"\1", s)
     if s == "\\{\\}":                               # the empty set written as braces
         s = "\\emptyset"

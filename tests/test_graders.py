@@ -595,6 +595,14 @@ REVIEW_CASES = [
     ("2^{1008}", "2^{1009}", False),
     ("2^{1009}+1", "2^{1009}", False),
     ("2^{2008}-1", "2^{2008} -2", False),
+    # 13. Math12k golds with a comma before "and" (a serial comma) or a trailing comma: no answer could match them
+    ("-5, -2, 7", "7, -2, \\text{ and } -5", True),
+    ("6, 8, 10", "6, 8\\text{, and }10", True),
+    ("2, 3, 4", "2, 3, \\text{ and } 4", True),
+    ("2, 3", "2, 3, \\text{ and } 4", False),
+    ("2, 3, 5", "2, 3, \\text{ and } 4", False),
+    ("E", "\\text{(E)},", True),
+    ("D", "\\text{(E)},", False),
 ]
 
 
