@@ -499,18 +499,28 @@ def _synthetic_problem(rng, template: str) -> tuple[str, list[str], int, int]:
     raise ValueError(f"unknown synthetic template {template!r}; expected one of {sorted(set(SYNTHETIC_TEMPLATES))}")
 
 
+SYNTHETIC_MAX_REDRAWS = 100_000   # repeated questions in a row before a template counts as used up
+
+
 def _synthetic_stream(seed: int, flaw_rate: float, exclude: set):
     """Endless (question, solution, answer) triples of the stream `seed`: distinct questions, none in `exclude`.
     Every candidate costs the same random draws, flawed or not, so the questions of a stream do not depend on
-    flaw_rate."""
-    rng, seen, i = random.Random(seed), set(exclude), 0
+    flaw_rate. A template has finitely many questions (mul: 8 names * 8 items * 9 products = 576): once it has
+    drawn SYNTHETIC_MAX_REDRAWS repeats in a row, ValueError (was an endless loop; with one unused question left
+    of 576, a false alarm has probability (575/576)^100000 ~ e^-173)."""
+    rng, seen, i, redraws = random.Random(seed), set(exclude), 0, 0
     while True:
         template = SYNTHETIC_TEMPLATES[i % len(SYNTHETIC_TEMPLATES)]
         question, steps, answer, intermediate = _synthetic_problem(rng, template)
         flawed = rng.random() < flaw_rate and intermediate >= 0       # one draw per candidate
         if question in seen:
+            redraws += 1
+            if redraws >= SYNTHETIC_MAX_REDRAWS:
+                raise ValueError(f"synthetic dataset: the {template!r} questions are used up after {i} problems "
+                                 f"(no new one in {redraws} draws); ask for fewer problems")
             continue                                                  # same template again: i unchanged
         seen.add(question)
+        redraws = 0
         i += 1
         boxed = intermediate if flawed else answer                    # the flaw: box the intermediate result
         yield question, " ".join(steps) + f" The answer is \\boxed{{{boxed}}}.", str(answer)
@@ -524,7 +534,9 @@ def synthetic_dataset(split: str, n: int | None = None, seed: int = SYNTHETIC_SE
            every question of the full test split skipped.
     test:  stream `seed + 1`, all solutions correct.
     Deterministic in (split, n, seed, flaw_rate); a smaller n is a prefix of a larger one. Gold answers are
-    always correct. Arithmetic facts (3 + 4) recur across questions, as in any word-problem set.
+    always correct. Arithmetic facts (3 + 4) recur across questions, as in any word-problem set. n is bounded by
+    the 576 distinct mul questions (every 5th problem): ValueError beyond (about 2,680 train / 2,880 test problems
+    with the default seed).
     """
     if split not in SYNTHETIC_SIZES:
         raise ValueError(f"dataset 'synthetic' has no split {split!r}; expected one of {sorted(SYNTHETIC_SIZES)}")

@@ -3,6 +3,7 @@
 baseline must move accuracy and reward in the right direction."""
 import json
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,24 @@ def test_synthetic_task_is_deterministic_and_checks_arguments():
         data.synthetic_dataset("train", 5, flaw_rate=1.5)
     with pytest.raises(ValueError, match="unknown dataset 'nope'.*synthetic"):
         data.load_dataset("nope", "", "train")
+
+
+def test_synthetic_task_too_large_fails_instead_of_hanging():
+    """The mul template has 576 distinct questions (8 names, 8 items, 9 products) and comes every 5th problem:
+    asking for more problems than the templates can give raises ValueError (was an endless redraw loop). The
+    30 s alarm only catches that hang; the error itself takes about 0.5 s."""
+    def hang(signum, frame):
+        raise TimeoutError("synthetic_dataset: no answer after 30 s (endless redraw loop)")
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(30)
+    try:
+        assert len(data.synthetic_dataset("train", 2600)) == 2600                  # still fine below the limit
+        for split, n in (("train", 2700), ("test", 3000)):
+            with pytest.raises(ValueError, match="'mul' questions are used up.*ask for fewer problems"):
+                data.synthetic_dataset(split, n)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def test_demo_tokenizer_fits_the_tiny_model():
