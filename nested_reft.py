@@ -919,7 +919,7 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
         skip = skipper.next()                                                   # step 2: s_t
         with distributed.gathered(model):                                       # FSDP: all-gather once
             r = rollout(distributed.unwrap(model), tok, batch, skip, cfg, gen, device, dtype)   # steps 3-5
-        t_roll = time.perf_counter() - t0
+        t_roll = max(distributed.all_gather(time.perf_counter() - t0))          # torchrun: until the slowest rank
         out = reft_step(model, opt, sched, r, cfg, tok, device, dtype, ref_model)  # steps 5-9
         dt, step = time.perf_counter() - t0, step + 1
         n_gen, n_prompt = int(r.mask.sum()), int(r.prompt_mask.sum())

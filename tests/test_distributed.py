@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import socket
+import time
 import zlib
 from dataclasses import replace
 from pathlib import Path
@@ -30,6 +31,7 @@ from qwen2 import Qwen2
 from test_train import read_metrics, tiny_config, workspace  # noqa: F401  (workspace is a fixture)
 
 WORLD = 2
+SLOW_ROLLOUT = 0.3  # s: rank 1 rolls out this much slower in the run with evaluation
 GSM8K_TEST = [(a, b) for a in range(7, 10) for b in range(2, 5)]  # 9 toy test problems
 
 
@@ -183,8 +185,13 @@ def train_loop(rank: int, ws: Path, base: Path, parallel: str) -> None:
     """train() on 2 ranks: a bad split, a run with evaluation, and an interrupted + resumed run."""
     masks, draw = [], nr.SkipSampler.next
     nr.SkipSampler.next = lambda self: masks.append(draw(self)) or masks[-1]
-    batches, roll = [], nr.rollout                      # the questions each rank rolls out, step by step
-    nr.rollout = lambda m, tok, batch, *a: batches.append([e.question for e in batch]) or roll(m, tok, batch, *a)
+    batches, roll, slow = [], nr.rollout, [0.0]         # the questions each rank rolls out, step by step
+
+    def rollout(m, tok, batch, *a):
+        batches.append([e.question for e in batch])
+        time.sleep(slow[0])                              # a straggler's rollouts (rank 1 in the run in own<rank>)
+        return roll(m, tok, batch, *a)
+    nr.rollout = rollout
     report = {}
     try:                                   # an uneven split is a one-line user error on every rank
         nr.train(tiny_config(ws, base / "bad", parallel=parallel, prompts_per_step=3), quiet=True)
@@ -194,7 +201,9 @@ def train_loop(rank: int, ws: Path, base: Path, parallel: str) -> None:
     # ... and its 3 SFT steps all train a nested model (sft_skip_prob=1: DDP must accept layers without a gradient)
     own = tiny_config(ws, base / f"own{rank}", parallel=parallel, steps=3, skip_border=0, eval_benchmarks="gsm8k",
                       eval_limit=7, eval_max_new_tokens=4, eval_batch_size=2, sft_skip_prob=1.0)
+    slow[0] = SLOW_ROLLOUT if rank == 1 else 0.0
     report["summary"] = nr.train(own, quiet=True)
+    slow[0] = 0.0
     # exact resume with the same world size
     kw = dict(parallel=parallel, sft_epochs=0, skip_ratio=0.5, skip_border=0)   # masks: 2 of 4 layers
     nr.train(tiny_config(ws, base / "full", **kw), quiet=True)
@@ -258,6 +267,9 @@ def test_train_on_two_ranks(with_test_set, two_ranks, tmp_path, parallel):
     assert [r["step"] for r in rows] == [1, 2, 3] and len(read_metrics(run, "sft")) == 3
     assert [r["skip"] for r in rows] == [[i for i, s in enumerate(m) if s] for m in reports[0]["masks"][3:6]]
     assert all(r["completion_len"] == 6 for r in rows)                 # fixed length, over both ranks' rows
+    # the rollout phase lasts until the slowest rank is done: rank 1's straggling counts in rank 0's metrics
+    assert all(r["rollout_s"] >= SLOW_ROLLOUT and r["rollout_tok_s"] <= 2 * 4 * 6 / SLOW_ROLLOUT for r in rows)
+    assert reports[0]["summary"]["rollout_s"] >= 3 * SLOW_ROLLOUT
     # the per-rank sampling streams differ (else the two halves would duplicate rollouts of equal prompts)
     state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["world_size"] == 2 and not torch.equal(*state["sample_rng_ranks"])
