@@ -247,8 +247,15 @@ def optimizer_state_dict(model: torch.nn.Module, opt: torch.optim.Optimizer) -> 
 
 
 def load_optimizer_state_dict(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
-    """Inverse of optimizer_state_dict; under FSDP every rank passes the full state and keeps its shard."""
+    """Inverse of optimizer_state_dict; under FSDP every rank passes the full state and keeps its shard.
+    Either engine takes the other's state (a resume that switches `parallel`): opt.state_dict() keys the parameters
+    by their index in model.parameters() (the optimizer's order, make_optimizer), the FSDP state by their name, and
+    opt.load_state_dict matches them by position, whatever their keys."""
     if isinstance(model, FSDPModule):
+        if any(isinstance(p, int) for g in state["param_groups"] for p in g["params"]):     # saved by opt.state_dict()
+            names = [n for n, _ in unwrap(model).named_parameters()]
+            state = {"state": {names[i]: s for i, s in state["state"].items()},
+                     "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
         set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
     else:
         opt.load_state_dict(state)

@@ -450,3 +450,34 @@ def test_train_checks_the_world_size(workspace, rank_of_two, monkeypatch, tmp_pa
                run / "checkpoint" / "trainer_state.pt")
     with pytest.raises(nr.UserError, match="written by 1 process\\(es\\) but this run has 2"):
         nr.train(tiny_config(workspace, run), resume=str(run), quiet=True)
+
+
+def test_optimizer_state_moves_between_ddp_and_fsdp(workspace, tmp_path):  # noqa: F811
+    """--resume with `parallel` switched (same number of processes): an AdamW state saved under DDP (opt.state_dict(),
+    keyed by parameter index) loads into the FSDP model by parameter name (was KeyError 'state.0.step'), and one saved
+    under FSDP (keyed by name) loads under DDP; the same moments on every parameter. FSDP2 on a one-process group."""
+    plain = Qwen2.from_pretrained(workspace / "model")
+    opt = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+    with one_thread():
+        plain(torch.tensor([[3, 4, 5, 6]])).logsumexp(-1).mean().backward()
+    opt.step()
+    saved = opt.state_dict()                                          # what a DDP run's trainer_state.pt holds
+    names = [n for n, _ in plain.named_parameters()]
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = Qwen2.from_pretrained(workspace / "model")
+        mesh = distributed.init_device_mesh("cpu", (1,))
+        for layer in model.model.layers:
+            distributed.fully_shard(layer, mesh=mesh)
+        distributed.fully_shard(model, mesh=mesh)
+        fsdp_opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        distributed.load_optimizer_state_dict(model, fsdp_opt, saved)
+        by_name = distributed.optimizer_state_dict(model, fsdp_opt)   # what an FSDP run's trainer_state.pt holds
+    finally:
+        distributed.cleanup()
+    back = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+    distributed.load_optimizer_state_dict(plain, back, by_name)
+    for i, name in enumerate(names):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(by_name["state"][name][key], saved["state"][i][key]), (name, key)
+            assert torch.equal(back.state_dict()["state"][i][key], saved["state"][i][key]), (name, key)
