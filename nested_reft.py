@@ -505,15 +505,30 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, lr: float, total_steps: 
     (Hugging Face's s / w spends it at lr 0); then (T - s) / (T - w), as Hugging Face's linear decay."""
     betas = tuple(float(b) for b in cfg.adam_betas.split(","))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, total_steps))
 
+
+def lr_factor(cfg: Config, total_steps: int):
+    """The schedule of make_optimizer: step s (from 0) -> the factor of the base learning rate."""
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)
         if cfg.lr_schedule == "constant":
             return 1.0
         return max(0.0, (total_steps - step) / max(1, total_steps - cfg.warmup_steps))
+    return factor
 
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+def resume_optimizer(model, opt, state: dict, cfg: Config, lr: float, total_steps: int, step: int):
+    """Load a checkpoint's AdamW state into `opt` and return the scheduler that goes on from `step` -> sched.
+    The saved param groups hold the lr, betas and weight decay of the config the run was saved with: they are set
+    from `cfg` (the run's config with the --resume overrides), and the schedule is `cfg`'s over `total_steps`, so
+    that a new --steps decays over the new total from the first resumed step on. Same config: the same rates."""
+    distributed.load_optimizer_state_dict(model, opt, state)
+    betas = tuple(float(b) for b in cfg.adam_betas.split(","))
+    for g in opt.param_groups:
+        g.update(initial_lr=lr, betas=betas, weight_decay=cfg.weight_decay)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, total_steps), last_epoch=step - 1)
 
 
 def optimizer_step(model, opt, sched, grad_clip: float) -> float:
@@ -889,8 +904,7 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1 + rank)       # rollout sampling (own per rank)
     step, totals = 0, {"tokens": 0, "rollout_tokens": 0, "runtime": 0.0, "rollout_s": 0.0}
     if state is not None:
-        distributed.load_optimizer_state_dict(model, opt, state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        sched = resume_optimizer(model, opt, state["optimizer"], cfg, cfg.lr, cfg.steps, state["step"])
         order.load_state_dict(state["data_order"])
         skipper.load_state_dict(state["skip_sampler"])
         gen.set_state(state["sample_rng_ranks"][rank] if world > 1 else state["sample_rng"])

@@ -321,6 +321,21 @@ def test_resume_reproduces_an_uninterrupted_run(workspace, tmp_path, coin_reward
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_with_more_steps_decays_over_the_new_total(workspace, tmp_path, coin_reward):
+    """README: --steps given with --resume goes further and a linear schedule then decays over the new total, and
+    the other optimizer keys given with it apply too, from the first resumed step on (it ran at the saved
+    schedule's next rate, 0 after a finished run, and with the saved lr / betas)."""
+    run = tmp_path / "run"
+    nr.train(tiny_config(workspace, run, sft_epochs=0, steps=2), quiet=True)            # lr 1e-3
+    cfg, resume = nr.parse_args(["--resume", str(run), "--steps=4", "--lr=2e-3", "--adam_betas=0.5,0.6"])
+    nr.train(cfg, resume=resume, quiet=True)
+    lrs = [r["lr"] for r in read_metrics(run)]
+    assert lrs == pytest.approx([1e-3, 0.5e-3, 2e-3 * 2 / 4, 2e-3 * 1 / 4])            # (T - s) / T, T = 2 then 4
+    assert all(r["grad_norm"] > 0 for r in read_metrics(run))
+    groups = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert all(tuple(g["betas"]) == (0.5, 0.6) for g in groups)
+
+
 def test_kl_penalty_uses_a_frozen_reference(workspace, tmp_path, coin_reward):
     """beta > 0 loads a reference (the start model) and the loss gains beta * k3 KL; resume reloads it.
     Step 1: pi_theta = pi_ref, so KL = 0 and its gradient (1 - e^0) = 0: the beta and beta = 0 runs take the same
