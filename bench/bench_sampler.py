@@ -303,7 +303,7 @@ def section_bc(args):
         k = sum(mask) if mask else 0
         pred = f0 / decode_flops(cfg, N - k, ctx)
         meas = ratio[r]
-        extra = "" if r == 0 else (f"  measured/predicted {meas / pred:.3f}; realised gain "
+        extra = "" if k == 0 else (f"  measured/predicted {meas / pred:.3f}; realised gain "
                                    f"{(meas - 1) / (pred - 1):.0%} of predicted (target >= 95%)")
         print(f"  r={r:.2f} k={k}: decode {step[r] * 1e3:7.1f} ms/step  speedup {meas:.3f}x"
               f"  FLOP-predicted {pred:.3f}x{extra}")

@@ -196,6 +196,16 @@ def test_new_cache_allocates_only_the_active_layers():
     assert c.active == (0, 1, 3, 4, 6, 7) and c.nbytes == 61440
 
 
+def test_section_b_with_a_ratio_that_skips_no_layer(capsys):
+    # --nested-shape tiny (8 layers) with the default ratios: k = round(0.05 * 8) = 0, a speed-up of 1 against a
+    # predicted 1 (no realised-gain share: it divided by zero); r = 0.15 skips k = 1
+    args = SimpleNamespace(nested_shape="tiny", nested_dtype="float32", big_batch=1, prompt_len=4, new_tokens=2,
+                           ratios=[0.05, 0.15])
+    bs.section_bc(args)
+    out = capsys.readouterr().out
+    assert "r=0.05 k=0:" in out and "r=0.15 k=1:" in out and out.count("realised gain") == 1
+
+
 # ----------------------------------------------------------------------------------------------------------
 # bench_train_step: rollout FLOPs and the Amdahl step prediction
 
