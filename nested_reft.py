@@ -833,7 +833,7 @@ def open_run_dir(run_dir: Path, resume: str, world: int, main_rank: bool) -> tup
         return None, str(sft_dir)
     try:
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False, mmap=world > 1)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:   # ValueError: e.g. a text file
         raise UserError(f"{ckpt / 'trainer_state.pt'}: not a readable trainer state ({e})") from None
     missing = TRAINER_STATE_KEYS - state.keys() if isinstance(state, dict) else TRAINER_STATE_KEYS
     if missing:
