@@ -17,3 +17,11 @@ def test_ci_runs_the_readme_test_command():
     readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci" / "run").read_text()
     assert "python -m pytest -q tests" in readme and "python -m pytest -q tests" in ci
     assert "torch==2.13.0" in ci
+
+
+def test_the_readme_download_folders_are_git_ignored():
+    """The README downloads the checkpoints and datasets into checkpoints/ and data/ inside the clone: multi-GB
+    files that `git status` must not list (nor `git add -A` pick up)."""
+    readme, ignored = (ROOT / "README.md").read_text(), (ROOT / ".gitignore").read_text().split()
+    for folder in ("checkpoints/", "data/"):
+        assert f" {folder}" in readme and folder in ignored, folder
