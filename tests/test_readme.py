@@ -1,4 +1,5 @@
 """The README is the front door: it must show the test command CI runs and document every config key."""
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -11,6 +12,14 @@ def test_readme_documents_every_config_key():
     readme = (ROOT / "README.md").read_text()
     missing = [f.name for f in fields(nr.Config) if f"| `{f.name}` |" not in readme]
     assert not missing, f"README.md 'Configuration reference' lacks: {missing}"
+
+
+def test_readme_config_table_has_the_true_defaults_and_no_stale_key():
+    readme = (ROOT / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| `(.*?)` \|", readme, flags=re.M))
+    defaults = {f.name: repr(f.default) for f in fields(nr.Config)}
+    assert {k: v for k, v in rows.items() if k in defaults and v != defaults[k]} == {}
+    assert sorted(set(rows) - set(defaults)) == []
 
 
 def test_ci_runs_the_readme_test_command():
