@@ -326,7 +326,9 @@ def drop_decode_packing(model: nn.Module) -> None:
 def _weights_key(model: nn.Module) -> tuple:
     """What pack_for_decode's reuse checks: per parameter its storage and in-place version counter (bumped by writes
     through autograd: optimizer steps, load_state_dict, p.add_), plus 16 of its values spread over it, which also
-    catch writes that bypass the counter (p.data.copy_(...), as weight syncing and EMA code do)."""
+    catch writes that bypass the counter (p.data.copy_(...), as weight syncing and EMA code do) when they change one
+    of those 16 values: a write through p.data to a few entries only (p.data[rows] = ...) can miss them all and
+    leave the packing stale; call drop_decode_packing(model) after such a write."""
     ps = list(model.parameters())
     sample = torch.cat([p.detach().reshape(-1)[::max(1, p.numel() // 16)][:16].float() for p in ps])
     return tuple((p.data_ptr(), p._version, p.dtype) for p in ps), sample
