@@ -789,6 +789,7 @@ def save_checkpoint(run_dir: Path, model: Qwen2, tok: Tokenizer, opt, sched, sta
         tok.save(tmp)
         torch.save({"optimizer": optim, "scheduler": sched.state_dict(), **state}, tmp / "trainer_state.pt")
         if final.exists():
+            shutil.rmtree(old, ignore_errors=True)      # a save killed while deleting it: a stale, partial copy
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)

@@ -686,3 +686,17 @@ def test_reft_step_entropy_is_that_of_the_sampled_distribution(workspace, tmp_pa
     out = nr.reft_step(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), r, cfg, tok,
                        torch.device("cpu"), torch.float32)
     assert out["entropy"] == pytest.approx(banned, rel=1e-5)
+
+
+def test_a_save_killed_while_deleting_the_old_checkpoint_does_not_block_the_next_save(workspace, tmp_path):
+    """save_checkpoint killed after its renames, during the deletion of checkpoint.old: checkpoint/ is whole and a
+    partly deleted checkpoint.old is left. The resumed run's next save replaces it (rename onto a non-empty folder
+    raised OSError 'Directory not empty', a traceback after the step's work)."""
+    run = tmp_path / "run"
+    nr.train(tiny_config(workspace, run, sft_epochs=0, steps=1), quiet=True)
+    shutil.copytree(run / "checkpoint", run / "checkpoint.old")
+    (run / "checkpoint.old" / "model.safetensors").unlink()                     # rmtree got this far
+    cfg, resume = nr.parse_args(["--resume", str(run), "--steps=2"])
+    nr.train(cfg, resume=resume, quiet=True)
+    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 2
+    assert not (run / "checkpoint.old").exists()
