@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from decimal import ROUND_HALF_UP, Decimal
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -546,7 +547,7 @@ def optimizer_step(model, opt, sched, grad_clip: float) -> float:
 
 def sft(model: Qwen2, tok: Tokenizer, examples: list[Example], cfg: Config, device, dtype, log) -> None:
     pairs = [sft_example(tok, ex, max_len=cfg.max_seq_len) for ex in examples]
-    steps = math.ceil(len(pairs) * cfg.sft_epochs / cfg.sft_batch_size)
+    steps = math.ceil(Fraction(repr(float(cfg.sft_epochs))) * len(pairs) / cfg.sft_batch_size)   # exact, as k
     opt, sched = make_optimizer(model, cfg, cfg.sft_lr, steps)
     order, t0 = DataOrder(len(pairs), cfg.seed), time.perf_counter()
     # LayerDrop (sft_skip_prob > 0): with that probability a step trains the nested model of a fresh skip mask;

@@ -700,3 +700,15 @@ def test_a_save_killed_while_deleting_the_old_checkpoint_does_not_block_the_next
     nr.train(cfg, resume=resume, quiet=True)
     assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 2
     assert not (run / "checkpoint.old").exists()
+
+
+def test_sft_step_count_is_exact_for_the_decimal_written(workspace, tmp_path):
+    """steps = ceil(n * E_sft / batch) on the decimal the user wrote: 25 examples x 1.12 epochs / 4 = 7 exactly
+    (25 * 1.12 is 28.000000000000004 in floats, which made it 8 steps: 4 sequences beyond E_sft epochs)."""
+    cfg = tiny_config(workspace, tmp_path / "run", sft_batch_size=4, sft_micro_batch=4, sft_epochs=1.12)
+    model, tok = nr.load_model(cfg, torch.device("cpu"))
+    examples = load_dataset("gsm8k", workspace / "data", "train")
+    examples = examples + examples[:1]                                          # 25
+    rows = []
+    nr.sft(model, tok, examples, cfg, torch.device("cpu"), torch.float32, rows.append)
+    assert [r["step"] for r in rows] == list(range(1, 8)) and rows[0]["steps"] == 7
