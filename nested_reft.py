@@ -330,6 +330,7 @@ def validate(cfg: Config) -> None:
         **{k: (lambda v: v >= 0 and math.isfinite(v), "a number >= 0") for k in (
             "sft_epochs", "weight_decay", "grad_clip", "beta")},
         "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+        "seed": (lambda v: 0 <= v < 2**62, "an integer in [0, 2^62)"),   # seed + epoch / + rank: a torch seed
         "sft_skip_prob": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
         "skip_ratio": (lambda v: 0 <= v < 1, "0 <= r < 1"),
         "clip_eps": (lambda v: v == 0 or 0 < v < 1, "0 (off) or a number in (0, 1)"),
@@ -889,9 +890,9 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
 
     if run_sft:
         sft(model, tok, train_set, cfg, device, dtype, log)
+        if main_rank:                  # self-contained (eval.py --model <run>/sft): the tokenizer first, then the
+            tok.save(run_dir / "sft")  # model's atomic swap takes it in, so an sft/ with a config.json has both
         distributed.save_pretrained(model, run_dir / "sft")
-        if main_rank:
-            tok.save(run_dir / "sft")                        # self-contained: eval.py --model <run>/sft
 
     ref_model = None
     if cfg.beta > 0:  # frozen reference = the model ReFT starts from: a copy now, or sft/ (else `model`) on resume
@@ -1007,7 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, resume = parse_args(sys.argv[1:] if argv is None else argv)
         train(cfg, resume)
-    except (UserError, ValueError, FileNotFoundError) as e:
+    except (UserError, ValueError, OSError) as e:    # OSError: a missing file, no permission, a full disk, ...
         if os.environ.get("NESTED_REFT_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -144,6 +144,16 @@ def test_cli_user_error_is_one_line():
     assert "'steps' expects int" in p.stderr
 
 
+def test_cli_os_error_is_one_line(monkeypatch, capsys):
+    """A full disk or a folder without write permission mid-run: one line naming the file, exit status 2."""
+    def full_disk(cfg, resume=""):
+        raise OSError(28, "No space left on device", "runs/x/metrics.jsonl")
+    monkeypatch.setattr(nr, "train", full_disk)
+    assert nr.main(["--config=tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device: 'runs/x/metrics.jsonl'" in err
+
+
 def test_data_order_reshuffles_each_epoch_and_resumes():
     a = nr.DataOrder(5, seed=3)
     first, second = a.take(5), a.take(5)
@@ -712,3 +722,24 @@ def test_sft_step_count_is_exact_for_the_decimal_written(workspace, tmp_path):
     rows = []
     nr.sft(model, tok, examples, cfg, torch.device("cpu"), torch.float32, rows.append)
     assert [r["step"] for r in rows] == list(range(1, 8)) and rows[0]["steps"] == 7
+
+
+def test_sft_folder_with_a_model_always_has_its_tokenizer(workspace, tmp_path, monkeypatch):
+    """sft/ is written tokenizer first, then the model's atomic folder swap takes it in: a run killed in between
+    leaves no sft/ with a model but without a tokenizer (eval.py --model <run>/sft needs both)."""
+    def killed(self, path):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(nr.Tokenizer, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        nr.train(tiny_config(workspace, tmp_path / "run", steps=1), quiet=True)
+    sft = tmp_path / "run" / "sft"
+    assert not (sft / "config.json").exists() or (sft / "tokenizer.json").exists()
+    monkeypatch.undo()
+    nr.train(tiny_config(workspace, tmp_path / "ok", steps=1), quiet=True)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in (tmp_path / "ok" / "sft").iterdir()}
+
+
+@pytest.mark.parametrize("seed", [-1, 2**62, 2**64])
+def test_seed_out_of_range_is_a_config_error(seed):
+    with pytest.raises(nr.UserError, match="config key 'seed'"):
+        nr.load_config("tiny", {"seed": str(seed)})
