@@ -344,6 +344,18 @@ def main():
         p.error("--clock cpu needs --threads 1 (a thread's CPU time does not count the other threads)")
     if min(args.tiny_new, args.big_new) < 2:
         p.error("--tiny-new and --big-new must be >= 2")
+    for name in ("reps", "tiny_reps", "prompt_len", "tiny_batch", "big_batch", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
+    if args.new_tokens < 2:                          # section b times the decode steps after the first
+        p.error(f"--new-tokens {args.new_tokens}: expected an integer >= 2")
+    if not args.shapes or not set(args.shapes.split(",")) <= {"tiny", "0.5b"}:
+        p.error(f"--shapes {args.shapes!r}: expected a comma list of tiny, 0.5b")
+    N = SHAPES[args.nested_shape]["num_hidden_layers"]
+    for r in args.ratios:                            # section b skips k of the N - 2 layers 1..N-2 (e = 1)
+        if not (0 <= r < 1 and round(r * N + 1e-9) <= N - 2):
+            p.error(f"--ratios {r:g}: expected 0 <= r < 1 with k = round(r * {N}) <= {N - 2} (the {N - 2} "
+                    f"layers between the borders of the {args.nested_shape} shape)")
     global clock
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)

@@ -94,8 +94,34 @@ def parse_args(argv=None) -> argparse.Namespace:
         for k, v in PRESETS[args.preset].items():
             if k not in given:
                 setattr(args, k, v)
-    args.ratios = [float(x) for x in args.ratios.split(",") if x.strip()]
+    try:
+        ratios = [float(x) for x in args.ratios.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--ratios {args.ratios!r}: expected a comma list of numbers, e.g. 0.05,0.10,0.15")
+    for name, low in (("reps", 1), ("threads", 0), ("max_minutes", 0)):
+        if getattr(args, name) < low:
+            what = f"an integer >= {low}" if name != "max_minutes" else ">= 0 (0 = no limit)"
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected {what}")
+    try:
+        model_config(args)
+    except ValueError as e:
+        p.error(str(e))
+    for r in ratios:
+        try:
+            nr.SkipSampler(args.layers, r, args.border, 0)            # r in [0, 1), k <= N - 2e, e >= 0
+        except ValueError as e:
+            p.error(f"--ratios: {e}")
+    if not any(nr.num_skipped(r, args.layers) for r in ratios):     # the gain ratios divide by the predicted gains
+        p.error(f"--ratios {args.ratios!r}: no ratio skips a layer (k = round(r * {args.layers}) = 0 for all), "
+                f"nothing to compare")
+    args.ratios = ratios
     return args
+
+
+def model_config(args) -> Qwen2Config:
+    return Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                       num_key_value_heads=args.kv_heads, tie_word_embeddings=args.tie)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -155,9 +181,7 @@ def build(args, tmp: Path):
     examples = arithmetic_examples(256, args.seed)
     tok = train_tokenizer([chat_prompt(ex.question) + ex.solution for ex in examples], min(args.vocab, 8192))
     tok.save(tmp / "tok")
-    mcfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                       num_key_value_heads=args.kv_heads, tie_word_embeddings=args.tie)
+    mcfg = model_config(args)
     (tmp / "model_config.json").write_text(json.dumps(mcfg.to_dict()))
     S = args.prompts * args.group
     cfg = nr.load_config("", {
@@ -407,7 +431,7 @@ def report(args, out: dict) -> None:
         report_clock(out[clock], clock)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -418,13 +442,18 @@ def main(argv=None) -> None:
           f"I={args.intermediate} V={args.vocab} tie={args.tie}; e={args.border}, variant={args.variant}")
     if load_warning():
         print(load_warning())
-    out = run(args)
+    try:
+        out = run(args)
+    except nr.UserError as e:                    # a value nested_reft.load_config rejects (--variant, --dtype, ...)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     report(args, out)
     if load_warning():
         print("\n" + load_warning() + " (at the end of the run)")
     if args.json:
         write_text_atomic(args.json, json.dumps({"args": vars(args), **out}, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

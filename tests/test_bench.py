@@ -4,6 +4,7 @@ FLOPs, Amdahl step speed-up) and demo.py (rollout FLOPs, the table's Δ / δ, th
 Each is pinned against numbers derived by hand in the comments, for the Qwen2.5-0.5B shape and the benches' own
 shapes, so that a wrong count (k/v with H heads instead of Hkv, the embedding counted as read, a skipped layer
 counted, attention without its context) fails. No timing, no generate(): models are built on the meta device."""
+import sys
 from types import SimpleNamespace
 from unittest import mock
 
@@ -309,3 +310,62 @@ def test_demo_table_delta_columns_reproduce_the_readme():
     assert demo._rel(0.845, 0.995) == "-15.1%" and demo._rel(0.5, 0.0) == "–"
     # δ is relative to the baseline, not to the other model: 60 % vs 50 % is +20.0 %, not +16.7 %
     assert demo._rel(0.6, 0.5) == "+20.0%"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the command lines: a bad value is a one-line usage error before any measuring (was: a traceback, a silent
+# no-op or a wrong run after minutes of setup)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--reps", "0"], "--reps 0: expected an integer >= 1"),
+    (["--tiny-reps", "0"], "--tiny-reps 0: expected an integer >= 1"),
+    (["--prompt-len", "0"], "--prompt-len 0: expected an integer >= 1"),
+    (["--big-batch", "0"], "--big-batch 0: expected an integer >= 1"),
+    (["--tiny-batch", "-2"], "--tiny-batch -2: expected an integer >= 1"),
+    (["--threads", "0", "--clock", "wall"], "--threads 0: expected an integer >= 1"),
+    (["--new-tokens", "1"], "--new-tokens 1: expected an integer >= 2"),
+    (["--shapes", "1.5b"], "--shapes '1.5b': expected a comma list of tiny, 0.5b"),
+    # r < 0 skipped 2 of the tiny shape's 8 layers; k = round(0.95 * 8) = 8 > the 6 layers 1..6 skipped only 6
+    (["--nested-shape", "tiny", "--ratios", "0.1", "-0.1"], "--ratios -0.1: expected 0 <= r < 1"),
+    (["--nested-shape", "tiny", "--ratios", "0.95"], "--ratios 0.95: expected 0 <= r < 1 with k = round(r * 8) <= 6"),
+])
+def test_sampler_bad_option_values_are_usage_errors(monkeypatch, capsys, argv, words):
+    def measured(*a, **k):
+        raise AssertionError("bench_sampler.main went past its argument checks")
+    monkeypatch.setattr(sys, "argv", ["bench/bench_sampler.py", *argv])
+    monkeypatch.setattr(bs, "read_bandwidth", measured)
+    monkeypatch.setattr(bs, "clock", bs.clock)                  # main sets the module's clock: restored after
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    with pytest.raises(SystemExit) as e:
+        bs.main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {words}" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--reps", "0"], "--reps 0: expected an integer >= 1"),
+    (["--threads", "-1"], "--threads -1: expected an integer >= 0"),
+    (["--max-minutes", "-1"], "--max-minutes -1.0: expected >= 0"),
+    (["--ratios", "0.1,x"], "--ratios '0.1,x': expected a comma list of numbers"),
+    (["--ratios", ""], "--ratios '': no ratio skips a layer (k = round(r * 28) = 0 for all), nothing to compare"),
+    (["--ratios", "0"], "--ratios '0': no ratio skips a layer"),
+    (["--ratios", "0.1,1.5"], "--ratios: skip ratio r=1.5: expected a number in [0, 1)"),
+    (["--layers", "4", "--ratios", "0.9"], "--ratios: skip ratio r=0.9 gives k=round(r*N)=4 skipped layers but N=4"),
+    (["--hidden", "30", "--heads", "2"], "Qwen2Config: head_dim=15 must be even for RoPE"),
+])
+def test_train_step_bad_option_values_are_usage_errors(capsys, argv, words):
+    with pytest.raises(SystemExit) as e:
+        bts.parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {words}" in err and "Traceback" not in err, err
+
+
+def test_train_step_bad_config_value_is_a_one_line_error(capsys):
+    # values the library's config checks (nested_reft.load_config): its UserError becomes "error: ...", exit 2
+    assert bts.main(["--variant", "nope", "--layers", "4", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
+                     "--intermediate", "32", "--vocab", "512"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: config key 'variant' = 'nope': expected one of base, practical, retrace", err
