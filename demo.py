@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -326,6 +328,23 @@ def findings(res: dict) -> list[str]:
     return out
 
 
+def save_png(fig, path: Path) -> None:
+    """fig as a PNG at path, atomically as data.write_text_atomic writes results.json: a temp file in the same
+    folder, then os.replace, so an interrupted demo never leaves a truncated plot in place of the earlier one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)           # the mode open() would give (mkstemp makes it 0600)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def plot(res: dict, out: Path) -> list[str]:
     """reward_accuracy.png (per step, per run) and speed_vs_skip.png; [] when matplotlib is missing."""
     try:
@@ -350,7 +369,7 @@ def plot(res: dict, out: Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "reward_accuracy.png", dpi=120)
+    save_png(fig, out / "reward_accuracy.png")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -367,7 +386,7 @@ def plot(res: dict, out: Path) -> list[str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "speed_vs_skip.png", dpi=120)
+    save_png(fig, out / "speed_vs_skip.png")
     plt.close(fig)
     return [str(out / "reward_accuracy.png"), str(out / "speed_vs_skip.png")]
 

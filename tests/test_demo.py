@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -203,6 +204,28 @@ def test_speed_plot_legend_names_the_repetitions(tmp_path, monkeypatch, reps):
                            {"skip_ratio": 0.15, "tok_s": 110.0, "predicted_speedup": 1.2}]}
     demo.plot(res, tmp_path)
     assert f"generate(), warm-up model ({demo.reps_label(reps)})" in legends, legends
+
+
+def test_plots_are_written_atomically(tmp_path, monkeypatch):
+    """An interrupted savefig (Ctrl-C, full disk) leaves the earlier demo's plot in place and no temp file (was:
+    a truncated PNG where the plot was), as results.json and table.md (data.write_text_atomic)."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    (tmp_path / "reward_accuracy.png").write_bytes(b"the earlier plot")
+
+    def interrupted(fig, fname, *a, **k):
+        with open(fname, "wb") if isinstance(fname, (str, Path)) else nullcontext(fname) as f:
+            f.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    run = {"label": "ReFT baseline", "skip_ratio": 0.0, "reward": [0.5, 0.7], "rollout_tok_s": 100.0,
+           "accuracy_curve": [{"step": 0, "accuracy": 0.5}, {"step": 2, "accuracy": 0.6}]}
+    res = {"settings": {"speed_reps": 1}, "runs": [run], "sft": {"accuracy": 0.5},
+           "speed_sweep": [{"skip_ratio": 0.0, "tok_s": 100.0, "predicted_speedup": 1.0}]}
+    with pytest.raises(KeyboardInterrupt):
+        demo.plot(res, tmp_path)
+    assert (tmp_path / "reward_accuracy.png").read_bytes() == b"the earlier plot"
+    assert [p.name for p in tmp_path.iterdir()] == ["reward_accuracy.png"]
 
 
 def test_rerun_in_the_same_out_says_it_replaces_the_earlier_demo(tmp_path, monkeypatch, capsys):
