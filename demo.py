@@ -170,7 +170,7 @@ def fresh(run_dir: Path) -> Path:
 
 def run_sft(out: Path, init: Path, s: dict, tok, test, cfg_kw: dict) -> tuple[Path, dict]:
     cfg = run_config(fresh(out / "sft"), init, model=str(init), sft_epochs=s["sft_epochs"], steps=0, **cfg_kw)
-    n_steps = -(-int(2000 * cfg.sft_epochs) // cfg.sft_batch_size)
+    n_steps = nested_reft.sft_steps(2000, cfg.sft_epochs, cfg.sft_batch_size)
     say(f"SFT warm-up: {cfg.sft_epochs:g} epochs of the 2000 training problems = {n_steps} steps of "
         f"{cfg.sft_batch_size}, lr {cfg.sft_lr:g}")
     t0 = time.perf_counter()

@@ -546,9 +546,14 @@ def optimizer_step(model, opt, sched, grad_clip: float) -> float:
 # Stage 1 -- SFT warm-up:  L_sft = -(1 / #completion tokens) * sum_t log pi(y_t | x, y_<t)  (prompt masked)
 
 
+def sft_steps(n: int, epochs: float, batch_size: int) -> int:
+    """The SFT warm-up's optimizer steps: ceil(n * E_sft / batch), on the decimal written for E_sft (exact, as k)."""
+    return math.ceil(Fraction(repr(float(epochs))) * n / batch_size)
+
+
 def sft(model: Qwen2, tok: Tokenizer, examples: list[Example], cfg: Config, device, dtype, log) -> None:
     pairs = [sft_example(tok, ex, max_len=cfg.max_seq_len) for ex in examples]
-    steps = math.ceil(Fraction(repr(float(cfg.sft_epochs))) * len(pairs) / cfg.sft_batch_size)   # exact, as k
+    steps = sft_steps(len(pairs), cfg.sft_epochs, cfg.sft_batch_size)
     opt, sched = make_optimizer(model, cfg, cfg.sft_lr, steps)
     order, t0 = DataOrder(len(pairs), cfg.seed), time.perf_counter()
     # LayerDrop (sft_skip_prob > 0): with that probability a step trains the nested model of a fresh skip mask;

@@ -722,6 +722,7 @@ def test_sft_step_count_is_exact_for_the_decimal_written(workspace, tmp_path):
     rows = []
     nr.sft(model, tok, examples, cfg, torch.device("cpu"), torch.float32, rows.append)
     assert [r["step"] for r in rows] == list(range(1, 8)) and rows[0]["steps"] == 7
+    assert nr.sft_steps(2000, 4.03, 2) == 4030 and nr.sft_steps(2000, 6.0, 2) == 6000   # the demo prints this one
 
 
 def test_sft_folder_with_a_model_always_has_its_tokenizer(workspace, tmp_path, monkeypatch):
