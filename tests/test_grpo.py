@@ -272,6 +272,15 @@ def test_kl_k3_by_hand():
         k3 = math.exp(-20) + 19
         assert close(loss.item(), 0.5 * k3 / 2) and close(stats["kl_ref"], k3 / 2)
         assert close(lp.grad, [[0.5 / 2 * (1 - math.exp(-20)), 0.0]])
+    # pi_ref far ABOVE pi_theta (d = +30): d is capped at +20 like the ratio, k3 = e^20 - 21 = 4.8516519e8 (e^30 would
+    # be 1.1e13, and e^d overflows fp32 from d ~ 88.7); above the cap the clamp passes no gradient
+    lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    loss, stats = policy_loss(lp, lp.detach(), torch.zeros(1), torch.ones(1, 2, dtype=torch.bool), variant="practical",
+                              ref_logp=torch.tensor([[29.0, -2.0]]), beta=0.5)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.5 * (math.exp(20) - 21) / 2, rel=1e-6)
+    assert stats["kl_ref"] == pytest.approx((math.exp(20) - 21) / 2, rel=1e-6)
+    assert close(lp.grad, [[0.0, 0.0]])
 
 
 def test_overflow_guard_in_loss():
@@ -311,6 +320,7 @@ def test_token_outside_pi_nucleus_has_rho_zero():
                     # d loss / d logit_0 of position 0 = dlogp * (1 - p_0) = dlogp * 1/4
                     assert close(logits.grad[0, 0, 0].item(), dlogp / 4, atol=1e-6), (variant, grad)
                 assert stats["ratio_min"] == 0.0 and close(stats["ratio_max"], 2.0)
+                assert close(stats["ratio_mean"], 1.0)                          # (2 + 0) / 2: rho = 0 counts
                 assert close(stats["kl_ref"], 0.0)                               # only token 1 counts: d = 0
                 assert stats["outside_frac"] == 0.5                               # the KLs skip token 2:
                 assert close(stats["kl_mu_pi"], -math.log(2.0))                   # log mu - log pi = -ln 2
@@ -345,6 +355,22 @@ def test_no_gradient_flows_into_the_advantages():
     for grad in grpo.GRADS:
         policy_loss(logp, logp_mu, adv, mask, variant="base", grad=grad)[0].backward()
     assert adv.grad is None and logp.grad is not None
+
+
+def test_no_gradient_flows_into_mu_or_the_reference():
+    # log mu (recorded at sampling time, spec §3.4) and log pi_ref (frozen) are constants of the loss, even when the
+    # caller's tensors are still attached to a graph: here log mu IS logp (the on-policy case r = 0 written naively)
+    # and the reference is a leaf that requires grad. Base surrogate, hand example, beta = 0.1, ref - logp = 0.5:
+    #   rho = pi / sg[mu] = 1 in value, d rho / d logp = 1 -> policy part: value -sum A m / 5 = -4/5, grad -A m / 5
+    #   k3 = e^0.5 - 0.5 - 1 = 0.1487213 on each of the 5 tokens -> + 0.1 * 0.1487213;  grad + 0.1 (1 - e^0.5) m / 5
+    # (with a live log mu, rho = exp(logp - logp) would be constant: no policy gradient at all)
+    logp, _, adv, mask = hand_example()
+    ref = (logp.detach() + 0.5).requires_grad_()
+    loss, _ = policy_loss(logp, logp, adv, mask, variant="base", grad="surrogate", ref_logp=ref, beta=0.1)
+    loss.backward()
+    assert close(loss.item(), -0.8 + 0.1 * (math.exp(0.5) - 1.5))
+    assert close(logp.grad, (-adv[:, None] + 0.1 * (1 - math.exp(0.5))) * mask / 5)
+    assert ref.grad is None
 
 
 # ---------------------------------------------------------------------------------------------- sanity facts
@@ -435,6 +461,21 @@ def test_loss_normaliser_by_hand():
     assert loss_normaliser(mask, "seq_mean") == 2
     assert loss_normaliser(mask, "dr_grpo", max_len=5) == 10
     assert loss_normaliser(mask, "dr_grpo", max_len=3) == 6
+
+
+def test_empty_completions_count_as_sequences():
+    # A row with no completion token (all padding) is still one of the B sequences: seq_mean = (1/B) sum_b with the
+    # row's own length clamped to 1 (TRL "grpo": the mean over ALL rows), dr_grpo divides by B * max_len; token_mean
+    # counts tokens only. per_token [[1, 2, x], [x, x, x], [3, x, x]], B = 3:
+    #   token_mean 6 / 3 = 2    seq_mean (1.5 + 0 + 3) / 3 = 1.5    dr_grpo (max_len 4) 6 / 12 = 0.5
+    per_token = torch.tensor([[1.0, 2.0, 99.0], [99.0, 99.0, 99.0], [3.0, 99.0, 99.0]])
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]], dtype=torch.bool)
+    assert [loss_normaliser(mask, agg, max_len=4) for agg in grpo.AGGREGATIONS] == [3, 3, 12]
+    for agg, expect in (("token_mean", 2.0), ("seq_mean", 1.5), ("dr_grpo", 0.5)):
+        assert close(aggregate(per_token, mask, agg, max_len=4), expect), agg
+    # the statistics: completion_len = mean over the 3 completions of (2, 0, 1) tokens = 1
+    s = offpolicy_stats(torch.zeros(3, 3), torch.zeros(3, 3), mask)
+    assert s["completion_len"] == 1.0 and s["n_seqs"] == 3 and s["n_tokens"] == 3
 
 
 def test_ppo_clip_boundaries():
