@@ -652,6 +652,24 @@ def test_reft_step_loss_and_gradient_by_hand(workspace, tmp_path, kw):
     assert out["ratio_max"] == pytest.approx(rho[r.mask].max().item(), rel=1e-5)
 
 
+def test_reft_step_clips_the_global_gradient_norm(workspace, tmp_path):
+    """Step 9 clips the global gradient norm at grad_clip (the paper's 1.0, TRL's default): on fixed rollouts whose
+    gradient norm |g| is 2.47 (> 1), SGD at lr 1 moves the parameters by g / |g|, a step of norm 1 (its direction,
+    minus the gradient, is test_reft_step_loss_and_gradient_by_hand's); the logged grad_norm is |g|, before clipping."""
+    cfg = tiny_config(workspace, tmp_path / "run", group_size=3, temperature=0.7, fixed_length=False, max_new_tokens=6,
+                      grad_clip=1.0)
+    model, tok = nr.load_model(cfg, torch.device("cpu"))
+    r, _ = fixed_rollouts(model, tok, cfg.temperature)
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.SGD(params, lr=1.0)
+    out = nr.reft_step(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), r, cfg, tok,
+                       torch.device("cpu"), torch.float32)
+    step = torch.cat([(p0 - p.detach()).flatten() for p, p0 in zip(params, before)])
+    assert out["grad_norm"] == pytest.approx(2.47, abs=0.01)
+    assert step.norm().item() == pytest.approx(1.0, rel=1e-4)
+
+
 def test_rollout_rows_follow_their_prompts(workspace, tmp_path, monkeypatch):
     """G consecutive rows per prompt: row i is scored against prompt i // G's gold, holds that prompt (truncated on
     the left to max_prompt_len, as TRL) and its decoded completion; two generate() calls are concatenated."""
