@@ -228,6 +228,32 @@ def test_ppo_clip_by_hand(variant, grad, value, grad_):
     assert close(stats["clip_frac"], 2 / 5)
 
 
+def test_ppo_clip_retrace_lambda_by_hand():
+    # Retrace-lambda under the eps-clip: the clipped tokens' constant value -lam * min(1, clip(rho)) * A carries lambda
+    # too, so lam = 0.5 halves test_ppo_clip_by_hand's retrace rows:
+    #   values [-1, -0.5, -1 | 0.5, 0.4] sum -1.6;  grad detached [[0, -.5, -1], [.5, 0, 0]], surrogate [[0, -.5, -1], [0, 0, 0]]
+    for grad, grad_ in (("detached", [[0, -0.5, -1], [0.5, 0, 0]]), ("surrogate", [[0, -0.5, -1], [0, 0, 0]])):
+        logp, logp_mu, adv, mask = hand_example()
+        loss, _ = policy_loss(logp, logp_mu, adv, mask, variant="retrace", lam=0.5, grad=grad, clip_eps=0.2)
+        loss.backward()
+        assert close(loss.item(), -1.6 / 5) and close(logp.grad, torch.tensor(grad_) / 5), grad
+
+
+def test_per_token_advantages_by_hand():
+    # advantages [B, T] (one A per token) instead of [B]: the hand example with A = [[2, 1, -1], [-1, 3, pad 7]],
+    # rho = [[2, .5, 1], [4, .25]], base, token mean over 5 tokens:
+    #   -rho A = [[-4, -0.5, 1], [4, -0.75]]  sum -0.25;  grad (detached) the same / 5
+    # eps-clip 0.2, on each token's own A: only (0, 0) (A = 2 > 0, rho = 2 > 1.2): value -1.2 * 2 = -2.4, no gradient
+    #   sum -0.25 + 4 - 2.4 = 1.35
+    adv_bt = torch.tensor([[2.0, 1.0, -1.0], [-1.0, 3.0, 7.0]])
+    for clip_eps, value, grad_ in ((None, -0.25, [[-4, -0.5, 1], [4, -0.75, 0]]), (0.2, 1.35, [[0, -0.5, 1], [4, -0.75, 0]])):
+        logp, logp_mu, _, mask = hand_example()
+        loss, stats = policy_loss(logp, logp_mu, adv_bt, mask, variant="base", clip_eps=clip_eps)
+        loss.backward()
+        assert close(loss.item(), value / 5) and close(logp.grad, torch.tensor(grad_) / 5), clip_eps
+        assert close(stats["clip_frac"], 0.0 if clip_eps is None else 1 / 5)
+
+
 def test_ppo_clip_base_matches_trl_formula():
     # independent implementation of TRL's clipped objective: -min(rho A, clip(rho, 1-eps, 1+eps) A), token mean
     g = torch.Generator().manual_seed(1)
