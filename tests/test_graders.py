@@ -631,6 +631,8 @@ MUTATION_CASES = [
     ("x=2 \\text{ or } x=3", "2, 3", True),              # " or " separates answers
     ("f(\\frac{1}2)", "f(\\frac{1}{2})", True),          # \frac{1}2 braced (text comparison: a function call)
     ("x^2 \\frac{1}{2}", "\\frac{x^2}{2}", True),        # no mixed number after an exponent
+    ("-2.5", "-2\\frac{1}{2}", True),                   # a mixed number is one value: -(2 + 1/2)
+    ("-1.5", "-2\\frac{1}{2}", False),
     ("2^3 \\frac{1}{2}", "4", True),
     ("{{Evenly}}", "Evelyn", False),                     # braces unwrapped before the word rule
     ("\\{\\}", "\\emptyset", True),
@@ -638,6 +640,7 @@ MUTATION_CASES = [
     # structure
     ("\\{2,1\\},\\{3\\}", "\\{3\\},\\{1,2\\}", True),    # \{ \} are brackets when splitting a list
     ("2 \\mp 1", "1, 3", True),
+    ("6, -4, 7", "1 \\pm 2 \\pm 3, 7", False),          # only a single \pm is two answers
     ("\\begin{pmatrix} 1 & 2 \\end{pmatrix}", "\\begin{pmatrix} 1 & 2 & 3 \\end{pmatrix}", False),
     ("100, 2000", "2000,100", True),                     # 2000,100 has no thousands separator: a list
     # scalars
@@ -650,8 +653,14 @@ MUTATION_CASES = [
     ("\\lfloor\\sqrt{x-6}\\rfloor^3", "\\lfloor\\sqrt{x-6}\\rfloor", False),   # 1 comparable positive point
     # tolerances
     ("0.666667", "0.6666666666666666", False),           # a printed float's noise is relative 1e-12
+    ("0.666666666673", "0.6666666666666666", False),    # relative 1e-11
+    ("1.00000005x", "x", False),                        # expressions with variables: relative 1e-8
+    ("\\sqrt{2} \\times 10^{-12}", "0", False),         # absolute round-off against an exact zero: 1e-12
     ("7.9", "2.5\\pi", False),                           # rule d: relative 1e-4
     ("7.854", "2.5\\pi", True),
+    ("7.86", "2.5\\pi", False),                         # relative 7.6e-4
+    ("1.23e5", "123456", False),                        # an integer gold gets no slack (rule b)
+    ("1.2346 \\times 10^5", "123456", False),
     ("1.234 \\times 10^5", "1.23 \\cdot 10^{5}", True),  # \cdot 10^k is scientific notation too
     # percent
     ("50 percent", "0.5", True),
