@@ -538,6 +538,13 @@ def test_process_logits_golden_values():
                                torch.tensor([0.625, 0.375, 0, 0]))
     torch.testing.assert_close(process_logits(logits, banned_ids=torch.tensor([0])).exp()[0],
                                torch.tensor([0, 0.6, 0.3, 0.1]))
+    # temperature before top-p: at T = 0.5 the probs are p^2 / sum(p^2) = [.685, .247, .062, .007], so top-p 0.6
+    # keeps the first id only (on the T = 1 probs it would keep two); at T = 2, p^0.5 normalised, 0.8 keeps three
+    torch.testing.assert_close(process_logits(logits, temperature=0.5, top_p=0.6).exp()[0],
+                               torch.tensor([1.0, 0, 0, 0]))
+    q = p.sqrt()[:3]
+    torch.testing.assert_close(process_logits(logits, temperature=2.0, top_p=0.8).exp()[0],
+                               torch.cat([q / q.sum(), torch.zeros(1)]))
     lp = logprobs_from_logits(logits[None].expand(1, 3, 4), torch.tensor([[1, 0, 2]]), top_p=0.8)
     torch.testing.assert_close(lp, torch.tensor([[math.log(0.375), math.log(0.625), -math.inf]]))
 
@@ -656,6 +663,19 @@ def test_rms_norm_has_hf_rounding(dtype):
     ref = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
     with torch.no_grad():
         assert torch.equal(norm(x), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_table_equals_hf_rotary_embedding(dtype):
+    """cos/sin as HF's Qwen2RotaryEmbedding makes them (bit-exact): angles in fp32, rounded to the model dtype once
+    at the end; our sin has its first half negated (RoPE as x * cos + roll(x, hd/2) * sin)."""
+    hd = TINY["hidden_size"] // TINY["num_attention_heads"]
+    cos, sin = ours().rope_table(64, dtype, torch.device("cpu"))                 # [64, 1, hd]
+    rotary = transformers.models.qwen2.modeling_qwen2.Qwen2RotaryEmbedding(transformers.Qwen2Config(**TINY))
+    ref_cos, ref_sin = rotary(torch.zeros(1, dtype=dtype), torch.arange(64)[None])   # [1, 64, hd]
+    assert cos.dtype == sin.dtype == dtype
+    assert torch.equal(cos[:, 0], ref_cos[0])
+    assert torch.equal(sin[:, 0], torch.cat((-ref_sin[0, :, :hd // 2], ref_sin[0, :, hd // 2:]), -1))
 
 
 NATIVE_BF16 = [pytest.param(False, id="bf16-in-fp32"),
