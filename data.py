@@ -160,12 +160,17 @@ def train_tokenizer(texts, vocab_size: int) -> Tokenizer:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` atomically: a temp file in the same folder (created if missing), then os.replace,
     so a reader never sees a half-written file. The one place the project writes text files."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, content: bytes) -> None:
+    """write_text_atomic for bytes (the demo's PNG plots)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)           # the mode open() would give (mkstemp makes it 0600)

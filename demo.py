@@ -30,11 +30,10 @@ faster on an idle 2-core machine but gives (slightly) different numbers.
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -329,20 +328,11 @@ def findings(res: dict) -> list[str]:
 
 
 def save_png(fig, path: Path) -> None:
-    """fig as a PNG at path, atomically as data.write_text_atomic writes results.json: a temp file in the same
-    folder, then os.replace, so an interrupted demo never leaves a truncated plot in place of the earlier one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)           # the mode open() would give (mkstemp makes it 0600)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """fig as a PNG at path, atomically (data.write_bytes_atomic): an interrupted demo never leaves a truncated
+    plot in place of the earlier one."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    data.write_bytes_atomic(path, buf.getvalue())
 
 
 def plot(res: dict, out: Path) -> list[str]:
