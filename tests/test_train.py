@@ -743,6 +743,32 @@ def test_sft_step_count_is_exact_for_the_decimal_written(workspace, tmp_path):
     assert nr.sft_steps(2000, 4.03, 2) == 4030 and nr.sft_steps(2000, 6.0, 2) == 6000   # the demo prints this one
 
 
+def test_sft_clips_the_global_gradient_norm(workspace, tmp_path, monkeypatch):
+    """The SFT warm-up clips the global gradient norm at grad_clip too: with the optimizer swapped for SGD at lr 1,
+    one SFT step moves the parameters by g * min(1, grad_clip / |g|), a step of norm grad_clip when |g| exceeds it
+    and |g| itself with grad_clip 0 (off); the logged grad_norm is |g|, before clipping, in both runs."""
+    def sgd(model, cfg, lr, total_steps):
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    monkeypatch.setattr(nr, "make_optimizer", sgd)
+    examples = load_dataset("gsm8k", workspace / "data", "train")[:4]
+    steps = {}
+    for clip in (0.0, 0.05):
+        cfg = tiny_config(workspace, tmp_path / "run", sft_batch_size=4, sft_micro_batch=2, grad_clip=clip)
+        model, tok = nr.load_model(cfg, torch.device("cpu"))
+        before = [p.detach().clone() for p in model.parameters()]
+        rows = []
+        nr.sft(model, tok, examples, cfg, torch.device("cpu"), torch.float32, rows.append)
+        assert len(rows) == 1
+        moved = torch.cat([(p0 - p.detach()).flatten() for p, p0 in zip(model.parameters(), before)])
+        steps[clip] = (moved, rows[0]["grad_norm"])
+    (free, g_norm), (clipped, g_norm_c) = steps[0.0], steps[0.05]
+    assert g_norm == pytest.approx(g_norm_c, rel=1e-5) and g_norm > 0.5            # the same |g|, well above 0.05
+    assert free.norm().item() == pytest.approx(g_norm, rel=1e-4)
+    assert clipped.norm().item() == pytest.approx(0.05, rel=1e-4)
+    assert torch.nn.functional.cosine_similarity(clipped, free, 0) > 1 - 1e-6           # the same direction
+
+
 def test_sft_folder_with_a_model_always_has_its_tokenizer(workspace, tmp_path, monkeypatch):
     """sft/ is written tokenizer first, then the model's atomic folder swap takes it in: a run killed in between
     leaves no sft/ with a model but without a tokenizer (eval.py --model <run>/sft needs both)."""
