@@ -233,6 +233,8 @@ def test_eval_skip_mask():
     (["--batch-size", "0"], "--batch-size 0"),
     (["--top-p", "0"], "--top-p 0.0"),
     (["--temperature", "-1"], "--temperature -1.0"),
+    (["--temperature", "inf"], "--temperature inf"),
+    (["--skip-ratio", "1"], "--skip-ratio 1.0"),
     (["--limit", "0"], "--limit 0"),
     (["--benchmarks", "aime,foo"], "unknown benchmark 'foo'"),
     (["--data", "/nonexistent/data"], "--data /nonexistent/data"),
@@ -443,3 +445,84 @@ def test_default_out_path_names_the_run():
     assert E.default_out_path("runs/run2/sft/", t) == out("run2-sft")
     assert E.default_out_path("ckpt/Qwen2.5-Math-1.5B", t) == out("Qwen2.5-Math-1.5B")
     assert "runs/eval-RUN-checkpoint-<time>.jsonl" in " ".join(E.build_parser().format_help().split())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mutation-testing round: behaviour no test above pinned (each test fails on the mutant named in its docstring)
+
+
+def test_run_benchmarks_keeps_the_order_the_benchmarks_are_given_in(tmp_path, capsys):
+    """Results, table rows and prediction lines follow the order of `names` ("minerva,aime"), not the alphabet (the
+    test above asks for names already in alphabetical order: a run_benchmarks that sorted them passed it)."""
+    tok = ByteTokenizer()
+    data_dir = write_suite(tmp_path / "data")
+    out = tmp_path / "eval.jsonl"
+    res = E.run_benchmarks(FakeModel(tok, COMPLETIONS), tok, data_dir, "minerva,aime", out, batch_size=4,
+                           max_new_tokens=64)
+    assert list(res["benchmarks"]) == ["minerva", "aime"]
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table if line.startswith(("minerva ", "aime "))] == ["minerva", "aime"]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["benchmark"], r["index"]) for r in rows] == [("minerva", 0), ("minerva", 1), ("aime", 0), ("aime", 1)]
+
+
+def test_format_table_of_no_benchmark_is_the_header_alone():
+    """No results: the header and no macro line (a macro average over zero benchmarks divided by zero)."""
+    assert E.format_table({}) == "benchmark        n   pass@1"
+
+
+def test_eval_skip_mask_is_drawn_from_a_generator_seeded_with_the_seed():
+    """The nested model of `--seed s` is nested_reft.draw_skip_mask from a CPU generator seeded with s, as the docstring
+    says (seeds 3 and 4 give different masks here, so a generator seeded with s + 1 fails)."""
+    import nested_reft
+    for seed in (3, 4):
+        want = nested_reft.draw_skip_mask(28, 0.1, 1, torch.Generator().manual_seed(seed))
+        assert E.draw_eval_skip_mask(28, 0.1, 1, seed) == want
+    assert E.draw_eval_skip_mask(28, 0.1, 1, 3) != E.draw_eval_skip_mask(28, 0.1, 1, 4)
+
+
+def test_cli_passes_every_option_to_the_evaluation(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """Each evaluation flag reaches run_benchmarks, at its smallest legal value where it has one (--limit 1,
+    --batch-size 1, --max-new-tokens 1, --skip-border 0): the limit, the generation settings, the nested model of
+    --seed 5 (N = 4, r = 0.25, e = 0: k = 1 of layers 0..3; seed 0 and seed 6 would skip another layer) and a
+    sampling generator seeded with --seed (temperature > 0). A file given as --data is refused."""
+    seen = {}
+
+    def fake_run_benchmarks(model, tokenizer, data_dir, names, out, **kw):
+        seen.update(model=model, data_dir=data_dir, names=names, out=out, **kw)
+    monkeypatch.setattr(E, "run_benchmarks", fake_run_benchmarks)
+    out = tmp_path / "p.jsonl"
+    argv = ["--model", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "data"), "--benchmarks",
+            "minerva,aime", "--limit", "1", "--batch-size", "1", "--max-new-tokens", "1", "--temperature", "0.5",
+            "--top-p", "0.8", "--skip-ratio", "0.25", "--skip-border", "0", "--seed", "5", "--out", str(out),
+            "--device", "cpu"]
+    assert E.main(argv) == 0, capsys.readouterr().err
+    assert (seen["names"], seen["out"], seen["data_dir"]) == (["minerva", "aime"], str(out), str(tiny_checkpoint / "data"))
+    assert (seen["limit"], seen["batch_size"], seen["max_new_tokens"], seen["temperature"], seen["top_p"]) == \
+        (1, 1, 1, 0.5, 0.8)
+    assert seen["skip_mask"] == [False, False, False, True]
+    assert "nested model: skipping layers [3] of 4" in capsys.readouterr().out
+    assert torch.equal(seen["generator"].get_state(), torch.Generator().manual_seed(5).get_state())
+    assert next(seen["model"].parameters()).dtype == torch.float32          # --dtype auto on the CPU
+    # greedy (the default temperature 0) needs no generator; no --skip-ratio: the full model
+    assert E.main(argv[:argv.index("--temperature")] + ["--device", "cpu"]) == 0
+    assert seen["generator"] is None and seen["skip_mask"] is None and seen["temperature"] == 0.0
+    err = one_line_error(capsys, ["--model", str(tiny_checkpoint / "model"),
+                                  "--data", str(tiny_checkpoint / "model" / "config.json")])
+    assert "config.json: datasets folder not found" in err, err
+
+
+def test_cli_permission_error_is_one_line(tiny_checkpoint, monkeypatch, capsys):
+    """The predictions file cannot be written (no permission): one line naming it, exit status 2, no traceback."""
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied", "runs/eval.jsonl")
+    monkeypatch.setattr(E, "run_benchmarks", denied)
+    err = one_line_error(capsys, ["--model", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "data"),
+                                  "--device", "cpu"])
+    assert "Permission denied: 'runs/eval.jsonl'" in err, err
+
+
+def test_default_out_path_of_the_root_folder():
+    """A model folder without a name (the filesystem root) is called 'model' in the file name."""
+    t = time.mktime((2026, 12, 2, 16, 5, 9, 0, 0, -1))
+    assert E.default_out_path("/", t) == os.path.join("runs", "eval-model-20261202-160509.jsonl")
