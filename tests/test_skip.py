@@ -138,3 +138,14 @@ def test_errors_name_the_value():
         SkipSampler(28, 0.5, 8, seed=0)
     with pytest.raises(ValueError, match="CPU torch.Generator"):
         draw_skip_mask(28, 0.1, 1, generator=None)
+
+
+def test_sampler_state_of_other_skip_settings_is_refused():
+    """A checkpoint's sampler state drawn for another N or border e is refused, naming the setting (its masks would
+    not be this run's); the same settings load whatever the seed."""
+    state = SkipSampler(28, 0.1, 1, seed=3).state_dict()
+    with pytest.raises(ValueError, match="border=1 but this run has border=2"):
+        SkipSampler(28, 0.1, 2, seed=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="n_layers=28 but this run has n_layers=24"):
+        SkipSampler(24, 0.1, 1, seed=3).load_state_dict(state)
+    SkipSampler(28, 0.1, 1, seed=4).load_state_dict(state)

@@ -1,11 +1,12 @@
 """The training loop (nested_reft.py): config handling, a tiny SFT + ReFT run, exact resume."""
 import json
 import math
+import re
 import shutil
 import subprocess
 import zlib
 import sys
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,16 @@ def test_cli_os_error_is_one_line(monkeypatch, capsys):
     assert err.count("\n") == 1 and "No space left on device: 'runs/x/metrics.jsonl'" in err
 
 
+def test_cli_value_error_is_one_line(tmp_path, monkeypatch, capsys):
+    """A value found wrong only once the model is read (k = round(0.9 * 12) = 11 > |V| = 10 on the tiny model): a
+    one-line error, exit status 2, before any training."""
+    monkeypatch.delenv("NESTED_REFT_DEBUG", raising=False)
+    assert nr.main(["--config=tiny", "--skip_ratio=0.9", f"--out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: skip ratio r=0.9 gives k=round(r*N)=11"), err
+    assert not (tmp_path / "run").exists()
+
+
 def test_data_order_reshuffles_each_epoch_and_resumes():
     a = nr.DataOrder(5, seed=3)
     first, second = a.take(5), a.take(5)
@@ -258,6 +269,7 @@ def test_token_speed_is_total_tokens_over_runtime(workspace, tmp_path, coin_rewa
     assert summary["tokens"] == 2 * 208 and summary["rollout_tokens"] == 2 * 48
     assert summary["runtime"] == rows[-1]["runtime"] == pytest.approx(sum(r["step_s"] for r in rows), rel=1e-12)
     assert summary["tok_s"] == pytest.approx(2 * 208 / summary["runtime"], rel=1e-12)
+    assert summary["rollout_tok_s"] == pytest.approx(2 * 48 / sum(r["rollout_s"] for r in rows), rel=1e-12)
 
 
 def test_a_ratio_that_skips_no_layer_is_announced(workspace, tmp_path, capsys):
@@ -312,11 +324,14 @@ def test_eval_every_logs_held_out_accuracy_along_the_run(workspace, tmp_path, mo
 
 def test_resume_reproduces_an_uninterrupted_run(workspace, tmp_path, coin_reward):
     full, part = tmp_path / "full", tmp_path / "part"
-    sa = nr.train(tiny_config(workspace, full), quiet=True)["sft"]
+    summary_a = nr.train(tiny_config(workspace, full), quiet=True)
     nr.train(tiny_config(workspace, part), quiet=True, stop_after=2)
     assert len(read_metrics(part)) == 2
     cfg, resume = nr.parse_args(["--resume", str(part)])
-    sb = nr.train(cfg, resume=resume, quiet=True)["sft"]                     # the warm-up ran before the stop
+    summary_b = nr.train(cfg, resume=resume, quiet=True)
+    sa, sb = summary_a["sft"], summary_b["sft"]                              # the warm-up ran before the stop
+    for key in ("steps", "tokens", "rollout_tokens"):                       # the token totals go on from the stop
+        assert summary_b[key] == summary_a[key], key
     assert (sb["steps"], sb["loss_first"], sb["loss_last"]) == (sa["steps"], sa["loss_first"], sa["loss_last"])
     a, b = read_metrics(full), read_metrics(part)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
@@ -334,13 +349,20 @@ def test_resume_reproduces_an_uninterrupted_run(workspace, tmp_path, coin_reward
 def test_resume_with_more_steps_decays_over_the_new_total(workspace, tmp_path, coin_reward):
     """README: --steps given with --resume goes further and a linear schedule then decays over the new total, and
     the other optimizer keys given with it apply too, from the first resumed step on (it ran at the saved
-    schedule's next rate, 0 after a finished run, and with the saved lr / betas)."""
+    schedule's next rate, 0 after a finished run, and with the saved lr / betas). The reft and eval rows an earlier,
+    killed attempt logged after the checkpoint are dropped; run_config.json records the overrides."""
     run = tmp_path / "run"
     nr.train(tiny_config(workspace, run, sft_epochs=0, steps=2), quiet=True)            # lr 1e-3
+    with open(run / "metrics.jsonl", "a") as f:    # an earlier --steps=4 resume, killed after logging step 3 (its
+        for stage in ("reft", "eval"):             # reft row and an eval_every row) but before any checkpoint of it
+            f.write(json.dumps({"stage": stage, "step": 3, "steps": 4, "lr": 1.0, "macro": 0.0}) + "\n")
     cfg, resume = nr.parse_args(["--resume", str(run), "--steps=4", "--lr=2e-3", "--adam_betas=0.5,0.6"])
     nr.train(cfg, resume=resume, quiet=True)
     lrs = [r["lr"] for r in read_metrics(run)]
     assert lrs == pytest.approx([1e-3, 0.5e-3, 2e-3 * 2 / 4, 2e-3 * 1 / 4])            # (T - s) / T, T = 2 then 4
+    assert read_metrics(run, "eval") == []                  # the killed attempt's rows after the checkpoint: dropped
+    saved = json.loads((run / "run_config.json").read_text())   # a later plain --resume goes on with the overrides
+    assert (saved["steps"], saved["lr"], saved["adam_betas"]) == (4, 2e-3, "0.5,0.6")
     assert all(r["grad_norm"] > 0 for r in read_metrics(run))
     groups = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["optimizer"]["param_groups"]
     assert all(tuple(g["betas"]) == (0.5, 0.6) for g in groups)
@@ -788,3 +810,363 @@ def test_sft_folder_with_a_model_always_has_its_tokenizer(workspace, tmp_path, m
 def test_seed_out_of_range_is_a_config_error(seed):
     with pytest.raises(nr.UserError, match="config key 'seed'"):
         nr.load_config("tiny", {"seed": str(seed)})
+
+
+# ---------------------------------------------------------------------------------------------------------- config,
+# mutation-testing round: every validation rule at its border, the coercion of each JSON / command-line type
+
+# key: (values refused, values accepted at the border); a rule loosened or dropped accepts a refused value, one
+# tightened refuses an accepted one
+RANGES = {
+    **{k: (["0"], ["1"]) for k in ("prompts_per_step", "micro_batch", "rollout_batch", "max_new_tokens",
+                                   "max_prompt_len", "sft_batch_size", "sft_micro_batch", "max_seq_len", "log_every",
+                                   "eval_max_new_tokens", "eval_batch_size")},
+    "group_size": (["1"], ["2"]),
+    **{k: (["-1"], ["0"]) for k in ("steps", "warmup_steps", "save_every", "skip_border", "eval_limit", "eval_every")},
+    **{k: (["0", "inf", "nan", "-1e-9"], ["1e-12"]) for k in ("lr", "sft_lr", "temperature")},
+    **{k: (["-1e-9", "inf", "nan"], ["0"]) for k in ("sft_epochs", "weight_decay", "grad_clip", "beta")},
+    "top_p": (["0", "1.0000001", "nan"], ["1", "1e-9"]),
+    "seed": (["-1", str(2**62)], ["0", str(2**62 - 1)]),
+    "sft_skip_prob": (["-0.1", "1.1", "nan"], ["0", "1"]),
+    "skip_ratio": (["1", "-0.1", "nan"], ["0", "0.99"]),
+    "clip_eps": (["1", "-0.1", "nan"], ["0", "0.5"]),
+    "lam": (["0", "1.5", "nan"], ["1", "0.01"]),
+    "adam_betas": (["0.9", "0.9,0.99,0.5", "0.9,1", "-0.1,0.9", "a,b", ""], ["0,0", "0.999999,0.5"]),
+    "variant": (["vtrace", ""], ["base", "practical", "retrace"]),
+    "weight_grad": (["through"], ["detached", "surrogate"]),
+    "aggregation": (["mean"], ["token_mean", "seq_mean", "dr_grpo"]),
+    "lr_schedule": (["cosine"], ["linear", "constant"]),
+    "dtype": (["float16", "bf16"], ["auto", "float32", "bfloat16"]),
+    "parallel": (["none", "tp"], ["ddp", "fsdp"]),
+    "dataset": (["aime", "math500"], ["gsm8k", "svamp", "math12k", "synthetic"]),
+}
+
+
+@pytest.mark.parametrize("key", sorted(RANGES))
+def test_every_config_rule_at_its_border(key):
+    """Each range / choice rule of validate(): every refused value is a UserError naming the key (at load time, before
+    any work), every accepted one loads. The accepted values are the borders (1 for counts, 0 for counts that may be
+    0, the smallest positive rate, top_p = 1, a sure LayerDrop sft_skip_prob = 1, ...)."""
+    bad, good = RANGES[key]
+    for value in bad:
+        with pytest.raises(nr.UserError, match=f"config key '{key}' = "):
+            nr.load_config("gsm8k_1p5b", {key: value})
+    for value in good:
+        nr.load_config("gsm8k_1p5b", {key: value})
+
+
+def test_a_run_needs_a_model_or_a_model_config():
+    with pytest.raises(nr.UserError, match="set 'model' \\(a checkpoint dir\\) or 'model_config'"):
+        nr.load_config("gsm8k_1p5b", {"model": ""})
+    assert nr.load_config("gsm8k_1p5b", {"model": "", "model_config": "configs/tiny_model.json"}).model == ""
+
+
+def test_config_values_are_coerced_to_the_field_type(tmp_path):
+    """The command line gives strings: booleans are true/false, 1/0, yes/no in any case; a JSON file gives typed
+    values: an int key refuses 2.5 (not truncated to 2) and true (a bool is not a number), a float key takes an int;
+    a file that is not one JSON object is named."""
+    for text, want in (("yes", True), ("No", False), ("1", True), ("0", False), ("TRUE", True), ("false", False)):
+        assert nr.load_config("gsm8k_1p5b", {"fixed_length": text}).fixed_length is want, text
+    with pytest.raises(nr.UserError, match="key 'fixed_length' expects bool, got '2'"):
+        nr.load_config("gsm8k_1p5b", {"fixed_length": "2"})
+    f = tmp_path / "c.json"
+    for raw, words in (('{"steps": 2.5}', "key 'steps' expects int, got 2.5"),
+                       ('{"steps": true}', "key 'steps' expects int, got True"),
+                       ('{"lr": true}', "key 'lr' expects float, got True"),
+                       ('{"fixed_length": 1}', "key 'fixed_length' expects bool, got 1"),
+                       ('{"dataset": 3}', "key 'dataset' expects str, got 3"),
+                       ('[{"steps": 2}]', "expected a JSON object of config keys")):
+        f.write_text(raw)
+        with pytest.raises(nr.UserError, match=re.escape(f"{f}: ") + ".*" + re.escape(words)):
+            nr.load_config(str(f), {"model": "m"})
+    f.write_text('{"model": "m", "lr": 1, "steps": 3, "_note": "ignored"}')
+    cfg = nr.load_config(str(f))
+    assert (cfg.lr, cfg.steps) == (1.0, 3) and type(cfg.lr) is float
+
+
+def test_command_line_shapes(tmp_path):
+    """--key value at the very end without its value is named; --resume continues the run's own folder, where it lies
+    now (a run folder that was moved since), and takes neither --config nor --out_dir."""
+    with pytest.raises(nr.UserError, match="--steps needs a value"):
+        nr.parse_args(["--config=gsm8k_1p5b", "--steps"])
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    nr.write_json_atomic(moved / "run_config.json", {**asdict(nr.load_config("gsm8k_1p5b")),
+                                                     "out_dir": str(tmp_path / "where_it_ran")})
+    cfg, resume = nr.parse_args(["--resume", str(moved), "--steps", "7"])
+    assert (cfg.out_dir, resume, cfg.steps, cfg.dataset) == (str(moved), str(moved), 7, "gsm8k")
+    for extra in (["--config", "svamp_1p5b"], ["--out_dir", str(tmp_path)]):
+        with pytest.raises(nr.UserError, match="drop --out_dir / --config"):
+            nr.parse_args(["--resume", str(moved)] + extra)
+
+
+def test_check_context_borders():
+    """A rollout of max_prompt_len + max_new_tokens tokens may fill the context exactly (768 of 768), not one more;
+    max_seq_len is the SFT's, unchecked when there is no SFT warm-up."""
+    cfg = replace(nr.Config(), max_prompt_len=512, max_new_tokens=256, max_seq_len=768)
+    nr.check_context(cfg, 768)
+    with pytest.raises(nr.UserError, match="max_prompt_len \\+ max_new_tokens = 768 exceeds the model's "
+                                           "max_position_embeddings = 767"):
+        nr.check_context(cfg, 767)
+    nr.check_context(replace(cfg, max_prompt_len=100, max_seq_len=40000, sft_epochs=0), 768)
+    with pytest.raises(nr.UserError, match="max_seq_len = 40000"):
+        nr.check_context(replace(cfg, max_prompt_len=100, max_seq_len=40000, sft_epochs=0.5), 768)
+
+
+def test_data_folder_is_needed_except_for_the_synthetic_task(monkeypatch, tmp_path):
+    monkeypatch.delenv("NESTED_REFT_DATA", raising=False)
+    with pytest.raises(nr.UserError, match="no data folder: set --data_dir=DIR or \\$NESTED_REFT_DATA"):
+        nr.resolve_data_dir(nr.Config(dataset="gsm8k"))
+    assert nr.resolve_data_dir(nr.Config(dataset="synthetic")) == Path("")       # the demo task is generated
+    monkeypatch.setenv("NESTED_REFT_DATA", str(tmp_path))
+    assert nr.resolve_data_dir(nr.Config(dataset="gsm8k")) == tmp_path
+    assert nr.resolve_data_dir(nr.Config(dataset="gsm8k", data_dir="elsewhere")) == Path("elsewhere")
+
+
+# ---------------------------------------------------------------------------------------------------------- setup,
+# mutation-testing round: the random model's seed, the optimizer's settings, the data order, the SFT's LayerDrop
+
+def test_random_model_is_seeded_by_the_config(tmp_path):
+    """With no checkpoint, load_model builds `model_config` from torch.manual_seed(cfg.seed): the same weights whatever
+    the global RNG did before, other weights for another seed; grad_checkpointing is set on the model it returns."""
+    cfg = nr.load_config("tiny", {"grad_checkpointing": "true"})
+    torch.manual_seed(123)
+    a, _ = nr.load_model(cfg, torch.device("cpu"))
+    torch.rand(1000)
+    b, _ = nr.load_model(cfg, torch.device("cpu"))
+    c, _ = nr.load_model(replace(cfg, seed=1), torch.device("cpu"))
+    wa, wb, wc = (m.state_dict()["model.layers.0.mlp.up_proj.weight"] for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    assert a.grad_checkpointing is True and c.grad_checkpointing is True
+    assert nr.load_model(replace(cfg, grad_checkpointing=False), torch.device("cpu"))[0].grad_checkpointing is False
+
+
+def test_tokenizer_defaults_to_the_model_folder(workspace, tmp_path):
+    """tokenizer = '' reads the tokenizer saved in the checkpoint folder (README: 'empty: same as model')."""
+    model = shutil.copytree(workspace / "model", tmp_path / "model")
+    Tokenizer.load(workspace / "tok").save(model)
+    cfg = tiny_config(workspace, tmp_path / "run", model=str(model), tokenizer="")
+    _, tok = nr.load_model(cfg, torch.device("cpu"))
+    assert tok.encode("What is 2 plus 3?") == Tokenizer.load(workspace / "tok").encode("What is 2 plus 3?")
+
+
+def test_optimizer_and_resumed_optimizer_take_the_configs_settings():
+    """make_optimizer: AdamW with the config's betas and weight decay at the stage's rate. resume_optimizer: the saved
+    moments come back, the param groups take the (possibly overridden) config's lr, betas and weight decay, and the
+    schedule goes on at step s = 1 of 4: factor (4 - 1) / 4."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    cfg = replace(nr.Config(), adam_betas="0.5,0.6", weight_decay=0.1)
+    opt, sched = nr.make_optimizer(model, cfg, 2.0, 4)
+    g = opt.param_groups[0]
+    assert (g["lr"], g["betas"], g["weight_decay"]) == (2.0, (0.5, 0.6), 0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    sched.step()
+    saved = opt.state_dict()
+    new = replace(cfg, adam_betas="0.7,0.8", weight_decay=0.2)
+    opt2, _ = nr.make_optimizer(model, cfg, 2.0, 4)
+    sched2 = nr.resume_optimizer(model, opt2, saved, new, 3.0, 4, step=1)
+    g = opt2.param_groups[0]
+    assert (g["initial_lr"], g["betas"], g["weight_decay"]) == (3.0, (0.7, 0.8), 0.2)
+    assert sched2.get_last_lr()[0] == pytest.approx(3.0 * 3 / 4) and g["lr"] == pytest.approx(3.0 * 3 / 4)
+    for p in model.parameters():
+        assert torch.equal(opt2.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+def test_lr_schedule_with_warmup_as_long_as_the_run():
+    """warmup_steps >= steps is legal: every step is a warm-up step ((s + 1) / (w + 1)) and stepping the scheduler
+    past the last step does not divide by T - w = 0."""
+    for total, warmup in ((2, 2), (2, 5)):
+        opt, sched = nr.make_optimizer(torch.nn.Linear(1, 1), replace(nr.Config(), warmup_steps=warmup), 1.0, total)
+        lrs = []
+        for _ in range(total):
+            lrs.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        assert lrs == pytest.approx([(s + 1) / (warmup + 1) for s in range(total)])
+
+
+def test_data_order_pass_e_is_randperm_seeded_with_seed_plus_e():
+    """DataOrder's contract (its docstring): pass e over the n items is torch.randperm(n) from a generator seeded with
+    seed + e, and a batch runs across the end of a pass into the next one."""
+    perm = lambda seed: torch.randperm(5, generator=torch.Generator().manual_seed(seed)).tolist()
+    order = nr.DataOrder(5, seed=3)
+    assert order.take(3) + order.take(9) == perm(3) + perm(4) + perm(5)[:2]
+    assert order.state_dict() == {"epoch": 2, "pos": 2}
+
+
+def sft_rows(ws, tmp_path, **kw):
+    cfg = tiny_config(ws, tmp_path / "run", sft_batch_size=4, sft_micro_batch=4, **kw)
+    model, tok = nr.load_model(cfg, torch.device("cpu"))
+    examples = load_dataset("gsm8k", ws / "data", "train")
+    rows = []
+    nr.sft(model, tok, examples, cfg, torch.device("cpu"), torch.float32, rows.append)
+    return rows
+
+
+def test_sft_layerdrop_trains_the_logged_nested_model(workspace, tmp_path):
+    """sft_skip_prob = 1: every SFT step trains the nested model of a fresh mask (k = round(0.25 * 4) = 1 of layers
+    1..2), logged in the row's skip; step 1's loss is the nested model's SFT loss on its batch, recomputed here one
+    sequence at a time with that mask (the full model's loss differs). sft_skip_prob = 0.5: a seeded coin per step,
+    the same steps skipped whatever the global RNG does; some steps skip, some do not."""
+    rows = sft_rows(workspace, tmp_path, sft_skip_prob=1)
+    assert len(rows) == 6 and all(len(r["skip"]) == 1 and r["skip"][0] in (1, 2) for r in rows)
+    cfg = tiny_config(workspace, tmp_path / "run", sft_skip_prob=1)
+    model, tok = nr.load_model(cfg, torch.device("cpu"))                   # the weights step 1 ran with
+    examples = load_dataset("gsm8k", workspace / "data", "train")
+    losses = {}
+    for name, skip in (("nested", [i in rows[0]["skip"] for i in range(4)]), ("full", None)):
+        num = den = 0.0
+        with torch.no_grad():
+            for i in nr.DataOrder(len(examples), cfg.seed).take(4):        # step 1's batch
+                ids, m = sft_example(tok, examples[i], max_len=cfg.max_seq_len)
+                ids, m = torch.tensor(ids), torch.tensor(m[1:], dtype=torch.bool)
+                logp = torch.log_softmax(model(ids[None, :-1], skip_mask=skip)[0].double(), -1)
+                logp = logp.gather(1, ids[1:, None])[:, 0]
+                num, den = num + logp[m].sum().item(), den + m.sum().item()
+        losses[name] = -num / den
+    assert rows[0]["loss"] == pytest.approx(losses["nested"], rel=1e-5)
+    assert abs(losses["full"] - losses["nested"]) > 1e-3
+    half = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        half.append([r["skip"] for r in sft_rows(workspace, tmp_path, sft_skip_prob=0.5)])
+    assert half[0] == half[1] and {len(s) for s in half[0]} == {0, 1}
+
+
+# ---------------------------------------------------------------------------------------------------------- runs,
+# mutation-testing round: checkpoint folder swap, resume bookkeeping, the metrics log, the rollout streams
+
+def test_metrics_log_prints_every_log_every_and_the_last_step(tmp_path, capsys):
+    """log_every = 3 over 4 steps: lines for steps 3 and 4 (the last step always shows), every row in the file; the
+    ETA is the mean step time so far times the steps left (10 s for 2 steps -> 5 s per step, 2 left: 10 s)."""
+    log = nr.MetricsLog(tmp_path / "metrics.jsonl", log_every=3)
+    for step in range(1, 5):
+        log({"stage": "sft", "step": step, "steps": 4, "loss": 0.5, "runtime": 5.0 * step})
+    assert capsys.readouterr().out.splitlines() == ["[sft] step 3/4  loss +0.5000  15s  ETA 5s",
+                                                    "[sft] step 4/4  loss +0.5000  20s  ETA 0s"]
+    assert [r["step"] for r in log.rows()] == [1, 2, 3, 4]
+    assert nr.progress_line({"stage": "sft", "step": 2, "steps": 4, "loss": -1.25, "runtime": 10.0}) == \
+        "[sft] step 2/4  loss -1.2500  10s  ETA 10s"
+
+
+def test_recover_checkpoint_takes_the_newer_folder(tmp_path):
+    """Killed between save_checkpoint's renames: checkpoint.old (the previous save) and checkpoint.tmp (the new one,
+    complete) -> checkpoint/ is the new one and the old one is deleted; with checkpoint/ present nothing moves."""
+    for name, step in (("checkpoint.old", 1), ("checkpoint.tmp", 2)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "step").write_text(str(step))
+    nr.recover_checkpoint(tmp_path)
+    assert (tmp_path / "checkpoint" / "step").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    (tmp_path / "checkpoint.old").mkdir()                       # killed while deleting checkpoint.old: left alone
+    nr.recover_checkpoint(tmp_path)
+    assert (tmp_path / "checkpoint" / "step").read_text() == "2" and (tmp_path / "checkpoint.old").is_dir()
+
+
+@pytest.mark.parametrize("kill_at", [1, 2])
+def test_a_save_killed_at_any_rename_leaves_a_checkpoint(workspace, tmp_path, monkeypatch, kill_at):
+    """save_checkpoint over an existing checkpoint, killed at its first or second rename: after recover_checkpoint
+    (what --resume does first) checkpoint/ holds a whole checkpoint, the previous (step 1) or the new (step 2) one.
+    A save that deleted the old checkpoint before moving the new one into place would leave none."""
+    model = Qwen2.from_pretrained(workspace / "model")
+    tok = Tokenizer.load(workspace / "tok")
+    opt, sched = nr.make_optimizer(model, nr.Config(), 1e-3, 4)
+    nr.save_checkpoint(tmp_path, model, tok, opt, sched, {"step": 1})
+    renames, rename = [], Path.rename
+
+    def killed(self, target):
+        renames.append(Path(target).name)
+        if len(renames) == kill_at:
+            raise KeyboardInterrupt
+        return rename(self, target)
+    monkeypatch.setattr(Path, "rename", killed)
+    with pytest.raises(KeyboardInterrupt):
+        nr.save_checkpoint(tmp_path, model, tok, opt, sched, {"step": 2})
+    monkeypatch.undo()
+    nr.recover_checkpoint(tmp_path)
+    state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == (1 if kill_at == 1 else 2)
+    assert Qwen2.from_pretrained(tmp_path / "checkpoint").config.num_hidden_layers == 4
+
+
+def test_checkpoints_every_save_every_steps_and_at_the_end(workspace, tmp_path, monkeypatch):
+    """save_every = 2 over 3 steps: checkpoints after steps 2 and 3 (the end), each with its own step."""
+    saved, save = [], nr.save_checkpoint
+    monkeypatch.setattr(nr, "save_checkpoint", lambda run, model, tok, opt, sched, state:
+                        saved.append(state["step"]) or save(run, model, tok, opt, sched, state))
+    nr.train(tiny_config(workspace, tmp_path / "run", sft_epochs=0, steps=3, save_every=2), quiet=True)
+    assert saved == [2, 3]
+
+
+def test_resume_of_an_evaluated_run_evaluates_once_per_step(workspace, tmp_path, monkeypatch):
+    """eval_every = 1 over 1 step: the last step is evaluated once (by the final evaluation, not by eval_every as
+    well). A run whose summary.json is missing (killed after its final evaluation's metrics row) evaluates again on
+    --resume: metrics.jsonl keeps one eval row for the last step, the new one. With summary.json in place a resume of
+    the finished run evaluates nothing."""
+    calls = []
+
+    def fake_eval(model, tok, data_dir, cfg, device, dtype, out_path, print_fn):
+        calls.append(1)
+        return {"benchmarks": {"gsm8k": {"n": 4, "accuracy": 0.25 * len(calls), "seconds": 0.0}},
+                "macro": 0.25 * len(calls)}
+    monkeypatch.setattr(nr, "run_eval", fake_eval)
+    data = tmp_path / "data"
+    shutil.copytree(workspace / "data", data)
+    (data / "gsm8k" / "test.jsonl").write_text((data / "gsm8k" / "train.jsonl").read_text())
+    run = tmp_path / "run"
+    cfg = tiny_config(workspace, run, data_dir=str(data), sft_epochs=0, steps=1, eval_benchmarks="gsm8k",
+                      eval_every=1)
+    nr.train(cfg, quiet=True)
+    assert len(calls) == 1
+    nr.train(cfg, resume=str(run), quiet=True)
+    assert len(calls) == 1                                      # summary.json stands: nothing evaluated again
+    (run / "summary.json").unlink()
+    assert nr.train(cfg, resume=str(run), quiet=True)["eval"]["macro"] == 0.5
+    assert [(r["step"], r["macro"]) for r in read_metrics(run, "eval")] == [(1, 0.5)]
+
+
+def test_resume_from_a_folder_whose_sft_has_only_the_tokenizer(workspace, tmp_path):
+    """Killed while writing sft/ (its tokenizer goes first, the model after): nothing to continue from, a UserError,
+    not a failed model load."""
+    run = tmp_path / "run"
+    (run / "sft").mkdir(parents=True)
+    Tokenizer.load(workspace / "tok").save(run / "sft")
+    with pytest.raises(nr.UserError, match="no checkpoint/trainer_state.pt and no finished sft/ in it"):
+        nr.train(tiny_config(workspace, run), resume=str(run), quiet=True)
+
+
+def test_kl_reference_on_resume_is_the_sft_model(workspace, tmp_path):
+    """On resume the KL reference is the model ReFT started from: the run's sft/ when it had a warm-up (not the
+    `model` it was warmed up from), else `model`."""
+    run = tmp_path / "run"
+    torch.manual_seed(1)
+    sft = Qwen2(Qwen2.from_pretrained(workspace / "model").config)
+    sft.save_pretrained(run / "sft")
+    cfg = tiny_config(workspace, run, beta=0.1)
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(nr.load_reference(cfg, run, torch.device("cpu")).state_dict()[key], sft.state_dict()[key])
+    base = Qwen2.from_pretrained(workspace / "model").state_dict()[key]
+    assert torch.equal(nr.load_reference(cfg, tmp_path / "no_sft", torch.device("cpu")).state_dict()[key], base)
+
+
+def test_reft_rollouts_follow_the_data_order_the_mask_and_the_sampling_seed(workspace, tmp_path, monkeypatch):
+    """ReFT step 1 (no warm-up, so the weights are `model`'s): its prompts are the first prompts_per_step items of the
+    data order of `seed` (pass 0: randperm seeded with seed), G rows each, sampled from the nested model of the
+    skip sampler's first mask with the sampling generator seeded with seed + 1 (README: seed + 1 + rank); step 2
+    takes the next items of the order. Recomputed here with model.generate."""
+    seen = []
+    monkeypatch.setattr(nr, "reward", lambda text, gold: seen.append((text, gold)) or 0.0)
+    cfg = tiny_config(workspace, tmp_path / "run", sft_epochs=0, steps=2, seed=5)
+    nr.train(cfg, quiet=True)
+    examples = load_dataset("gsm8k", workspace / "data", "train")
+    idx = torch.randperm(len(examples), generator=torch.Generator().manual_seed(5)).tolist()[:4]
+    assert [g for _, g in seen] == [examples[i].answer for i in idx for _ in range(4)]
+    model, tok = nr.load_model(cfg, torch.device("cpu"))
+    mask = nr.draw_skip_mask(4, 0.25, 1, torch.Generator().manual_seed(5))
+    prompts = [tok.encode(chat_prompt(examples[i].question)) for i in idx[:2] for _ in range(4)]
+    out = model.generate(prompts[:5], max_new_tokens=6, skip_mask=mask, pad_token_id=tok.pad_token_id,
+                         generator=torch.Generator().manual_seed(6), **nr.sampling_kwargs(cfg, tok))
+    texts = [tok.decode(t[m].tolist()) for t, m in zip(out.tokens, out.mask)]
+    assert [t for t, _ in seen[:5]] == texts
