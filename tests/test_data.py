@@ -26,6 +26,7 @@ SAMPLE = [
     "Natalia sold 48/2 = 24 clips in May.\nThe answer is \\boxed{72}.<|im_end|><|endoftext|>",
     "<|im_start|><|im_end|>x<|im_start|>assistant\n<think>\n</think><tool_call><|fim_prefix|>",
     "<|im_end |> <im_end> <|im_end|",  # near-misses are plain text
+    "O'Sullivan, O'Malley and O'Doyle; D'Tre IT'S",  # (?i:'s|'t|'re|'ve|'m|'ll|'d): 'D of O'Doyle is split off
     "",
 ]
 
@@ -56,6 +57,7 @@ def test_qwen2_special_ids(tok):
     assert (tok.endoftext_id, tok.im_start_id, tok.im_end_id) == (151643, 151644, 151645)
     assert tok.eos_token_ids == (151645, 151643) and tok.pad_token_id == 151643
     assert tok.token_to_id("<|file_sep|>") == 151664
+    assert tok.token_to_id("!") == 0 and tok.encode("!") == [0]      # id 0 is a token like any other
     assert tok.encode("<think>") != [151667]                 # Qwen3's added token is plain text here
     assert tok.encode("48") == [19, 23]  # digits are split one per token
     with pytest.raises(ValueError, match="not in the vocabulary"):
@@ -79,6 +81,16 @@ def test_qwen2_added_token_ids_and_special_flags(tok):
     for i, (content, special) in QWEN25_ADDED.items():
         assert tok.token_to_id(content) == i and tok.encode(content) == [i], content
         assert tok.decode([i]) == ("" if special else content), content      # skip_special_tokens drops specials
+
+
+def test_added_tokens_are_matched_in_the_raw_text(tok, ref):
+    """Qwen2's added tokens are normalized=False: matched in the text as written, not after NFC. A combining
+    long solidus (U+0338) after '>' composes with it under NFC ('>' + U+0338 = U+226F), which would hide the
+    closing '>' of <|im_end|>; the token must still be one id, as in transformers."""
+    assert unicodedata.normalize("NFC", ">\u0338") == "\u226f"
+    text = "<|im_end|>\u0338 and <|endoftext|>\u0338"
+    ids = tok.encode(text)
+    assert ids[0] == 151645 and 151643 in ids and ids == ref.encode(text, add_special_tokens=False)
 
 
 def test_ids_match_transformers(tok, ref):
@@ -134,7 +146,9 @@ def test_hf_tokenizer_files_travel_with_the_tokenizer(tmp_path):
     files = {"tokenizer_config.json": json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
                                                   "chat_template": template}),
              "generation_config.json": json.dumps({"eos_token_id": [tok.im_end_id, tok.endoftext_id]}),
-             "special_tokens_map.json": json.dumps({"eos_token": "<|im_end|>"})}
+             "special_tokens_map.json": json.dumps({"eos_token": "<|im_end|>"}),
+             "added_tokens.json": json.dumps({"<|endoftext|>": tok.endoftext_id, "<|im_start|>": tok.im_start_id,
+                                              "<|im_end|>": tok.im_end_id})}
     for name, text in files.items():
         (src / name).write_text(text)
     (src / "README.md").write_text("not a tokenizer file")
@@ -162,6 +176,51 @@ def test_save_and_load_tokenizer_json(tok, tmp_path, data_dir):
                                                                         tok.pad_token_id)
     for t in SAMPLE:
         assert tok2.encode(t) == tok.encode(t)
+
+
+def test_tokenizer_json_wins_over_vocab_and_merges(demo_tok, data_dir, tmp_path):
+    """A folder with tokenizer.json AND vocab.json + merges.txt (a transformers save_pretrained of a slow+fast
+    tokenizer) is read from tokenizer.json, the complete description: here the small demo tokenizer, not the
+    151,665-id Qwen2 BPE that vocab.json + merges.txt alone would give."""
+    demo_tok.save(tmp_path)
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / name).write_bytes((data_dir / "qwen2_tokenizer" / name).read_bytes())
+    t = Tokenizer.load(tmp_path)
+    assert t.vocab_size == demo_tok.vocab_size < 500 and t.im_end_id == demo_tok.im_end_id
+    assert t.encode(CORPUS[7]) == demo_tok.encode(CORPUS[7])
+
+
+def test_a_tokenizer_without_the_chat_tokens_is_refused(tmp_path):
+    """<|endoftext|>, <|im_start|> and <|im_end|> are resolved by name: a tokenizer lacking one is a one-line
+    ValueError naming the file and the missing tokens (not a KeyError from the constructor)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import WordLevel
+    HFTokenizer(WordLevel({"a": 0, "<|endoftext|>": 1, "<|im_start|>": 2}, unk_token="a")).save(
+        str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'tokenizer.json'}: tokenizer lacks the special "
+                                                   "tokens ['<|im_end|>']")):
+        Tokenizer.load(tmp_path)
+
+
+def test_a_tokenizer_file_that_is_not_utf8_is_a_value_error(demo_tok, tmp_path):
+    demo_tok.save(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_bytes(b'{"eos_token": "\xff"}')
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: a tokenizer file is not UTF-8 text")):
+        Tokenizer.load(tmp_path)
+
+
+def test_encode_never_adds_special_tokens(demo_tok):
+    """A tokenizer.json whose post-processor adds a BOS-like token (as many models' do) still encodes the text
+    alone: the prompt ids are exactly those of chat_prompt, in encode and encode_batch."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.processors import TemplateProcessing
+    tk = HFTokenizer.from_str(demo_tok.tk.to_str())
+    tk.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[
+        ("<|endoftext|>", demo_tok.endoftext_id)])
+    assert tk.encode("2 + 3").ids[0] == demo_tok.endoftext_id                 # the post-processor is active
+    t = Tokenizer(tk)
+    assert t.encode("2 + 3") == demo_tok.encode("2 + 3") == t.encode_batch(["2 + 3"])[0]
+    assert demo_tok.endoftext_id not in t.encode("2 + 3")
 
 
 def test_missing_tokenizer_files(tmp_path):
@@ -209,8 +268,20 @@ def test_train_tokenizer(demo_tok, tmp_path):
     t.save(tmp_path)
     assert Tokenizer.load(tmp_path).encode(text) == ids
     assert train_demo().encode(text) == ids  # deterministic
+    assert t.decode(ids) == text.replace("<|im_start|>", "").replace("<|im_end|>", "")  # specials are special
     with pytest.raises(ValueError, match="vocab_size"):
         data.train_tokenizer(CORPUS, vocab_size=100)
+
+
+def test_train_tokenizer_vocabulary_budget():
+    """vocab_size counts the 3 special tokens: with more merges available than the budget, the ids are exactly
+    0..vocab_size-1 (vocab_size - 3 learned + 3 special); 259 = 256 bytes + 3 is the smallest size, 258 fails."""
+    t = data.train_tokenizer(CORPUS, vocab_size=300)
+    assert t.vocab_size == 300 and t.im_end_id == 299
+    smallest = data.train_tokenizer(CORPUS[:3], vocab_size=259)
+    assert smallest.vocab_size == 259 and len(smallest.encode("apples")) == 6         # bytes only, no merge
+    with pytest.raises(ValueError, match="vocab_size=258: must be at least 259"):
+        data.train_tokenizer(CORPUS, vocab_size=258)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -247,6 +318,13 @@ def test_gsm8k_fixture(tmp_path):
     assert b == Example("Q2?", "It drops by 10.\nThe answer is \\boxed{-10}.", "-10")
     # two annotations on one line each go; the gold follows the last "####"
     assert c == Example("Q3?", "2*3 = 6 and 6+1 = 7 (not #### 6).\nThe answer is \\boxed{7}.", "7")
+    # an annotation never spans lines: a '<<' here and a '>>' on a later line are text, kept
+    write(tmp_path, "gsm8k", "test", [{"question": "Q4?", "answer": "1 << 3 = 8\nand 8 >> 1 = 4.\n#### 4"}])
+    (d,) = load_dataset("gsm8k", tmp_path, "test")
+    assert d.solution == "1 << 3 = 8\nand 8 >> 1 = 4.\nThe answer is \\boxed{4}."
+    p = write(tmp_path, "gsm8k", "test", [{"question": "Q5?", "answer": "No number.\n####  \n"}])
+    with pytest.raises(ValueError, match=re.escape(f"{p}: line 1: empty answer after '####'")):
+        load_dataset("gsm8k", tmp_path, "test")
 
 
 def test_svamp_fixture(tmp_path):
@@ -263,6 +341,13 @@ def test_svamp_fixture(tmp_path):
     assert a == Example("q a", "10 / 3 = 3.33\n\nTherefore, the answer is \\boxed{3.33}.", "3.3333333333333335")
     assert b == Example("q b", "Therefore, the answer is \\boxed{14}.", "14")
     assert c == Example("q c", "Already answered.\nThe answer is \\boxed{5}.", "5")
+    write(tmp_path, "svamp", "train", [     # trailing whitespace of the CoT goes, with or without an answer tag
+        {"question": "q e", "answer_cot": "Therefore, the answer is <14>.\n", "answer_value": "14"},
+        {"question": "q f", "answer_cot": "Already answered.\n\n", "answer_value": " 2.5 "},
+    ])
+    e, f = load_dataset("svamp", tmp_path, "train")
+    assert e == Example("q e", "Therefore, the answer is \\boxed{14}.", "14")
+    assert f == Example("q f", "Already answered.\nThe answer is \\boxed{2.5}.", "2.5")
     write(tmp_path, "svamp", "test", [
         {"ID": "chal-1", "Body": "Each pack costs 76 dollars. ", "Question": "How much for 2?", "Answer": 152.0},
         {"ID": "chal-2", "Body": "B", "Question": "Q", "Answer": 0.5},
@@ -270,6 +355,25 @@ def test_svamp_fixture(tmp_path):
     a, b = load_dataset("svamp", tmp_path, "test")
     assert a == Example("Each pack costs 76 dollars. How much for 2?", None, "152")
     assert b == Example("B Q", None, "0.5")
+    write(tmp_path, "svamp", "test", [{"Body": "B", "Question": "Q", "Answer": 152}])    # a JSON integer
+    assert load_dataset("svamp", tmp_path, "test") == [Example("B Q", None, "152")]
+    p = write(tmp_path, "svamp", "test", [{"Body": "B", "Question": "Q", "Answer": True}])
+    with pytest.raises(ValueError, match=re.escape(f"{p}: record 0: field 'Answer' has type bool, expected int or "
+                                                   "float or str")):   # bool is an int in Python, not a number here
+        load_dataset("svamp", tmp_path, "test")
+
+
+def test_gold_numbers_are_cleaned_without_losing_digits(tmp_path):
+    """_clean_number drops a float's '.0' only where that is exact: below 1e15 (int(float(x)) of a 20-digit
+    string would change its last digits), never for inf / nan (int() of them raises); otherwise the gold stays
+    as written, whitespace stripped."""
+    values = ["12345678901234567890", "1e20", "999999999999999.0", " 7.0\n", "-0.25", "inf"]
+    write(tmp_path, "svamp", "train", [{"question": "q", "answer_cot": "c", "answer_value": v} for v in values])
+    assert [e.answer for e in load_dataset("svamp", tmp_path, "train")] == [
+        "12345678901234567890", "1e20", "999999999999999", "7", "-0.25", "inf"]
+    write(tmp_path, "amc", "test", '{"problem": "p", "answer": Infinity}\n{"problem": "q", "answer": 1e20}\n'
+                                   '{"problem": "r", "answer": 142}\n')        # JSON numbers: float, float, int
+    assert [e.answer for e in load_dataset("amc", tmp_path, "test")] == ["inf", "1e+20", "142"]
 
 
 def test_math_and_eval_suite_fixtures(tmp_path):
@@ -310,8 +414,8 @@ def test_jsonl_splits_at_newlines_only(tmp_path):
     odd = "a\u2028b\u2029c\u0085d\x0be\x0cf\x1cg"
     good = json.dumps({"question": odd, "answer": "#### 1"}, ensure_ascii=False)
     assert "\u2028" in good and len(good.splitlines()) > 1          # str.splitlines() would cut this record
-    p = write(tmp_path, "gsm8k", "test", good + "\r\n\r\n" + good + "\n")
-    assert [e.question for e in load_dataset("gsm8k", tmp_path, "test")] == [odd, odd]
+    p = write(tmp_path, "gsm8k", "test", good + "\r\n\r\n" + good + "\n \t\r\n" + good + "\n")   # blank: space/tab too
+    assert [e.question for e in load_dataset("gsm8k", tmp_path, "test")] == [odd, odd, odd]
     write(tmp_path, "gsm8k", "test", good + "\r\n" + good + "\n\n" + '{"question": \n')
     with pytest.raises(ValueError, match=re.escape(f"{p}: line 4: bad JSON")):
         load_dataset("gsm8k", tmp_path, "test")
@@ -350,9 +454,14 @@ def test_malformed_json_list_and_values(tmp_path):
     write(tmp_path, "math12k", "train", [{"problem": "P", "solution": "s", "answer": ""}])   # all dropped
     with pytest.raises(ValueError, match="math12k_train.jsonl: no records"):
         load_dataset("math12k", tmp_path, "train")
-    p = write(tmp_path, "minerva", "test", [{"problem": "p", "answer": []}])
-    with pytest.raises(ValueError, match=re.escape(f"{p}: line 1: ") + ".*non-empty list"):
-        load_dataset("minerva", tmp_path, "test")
+    for answer in ([], ["9.6", 2]):
+        p = write(tmp_path, "minerva", "test", [{"problem": "p", "answer": answer}])
+        with pytest.raises(ValueError, match=re.escape(f"{p}: line 1: field 'answer' must be a non-empty list of "
+                                                       "strings")):
+            load_dataset("minerva", tmp_path, "test")
+    p = write(tmp_path, "svamp", "test", '{"Body": "a", "Question": "b", "Answer": 1.0}')   # one record, no list
+    with pytest.raises(ValueError, match=re.escape(f"{p}: expected a JSON list of records, got dict")):
+        load_dataset("svamp", tmp_path, "test")
 
 
 def test_missing_file_and_bad_names(tmp_path):
@@ -450,6 +559,7 @@ def check_sft(t, ex):
     assert t.decode(ids[: len(prompt)], skip_special_tokens=False) == chat_prompt(ex.question)
     ids8, mask8 = sft_example(t, ex, max_len=len(prompt) + 2)
     assert (ids8, mask8) == (ids[: len(prompt) + 2], mask[: len(prompt) + 2]) and sum(mask8) == 2
+    assert sft_example(t, ex, max_len=0) == ([], [])
 
 
 def test_sft_example_demo(demo_tok):
@@ -464,6 +574,18 @@ def test_sft_example_qwen2(tok, real):
     check_sft(tok, real["math12k", "train"][0])
 
 
+def test_sft_example_tokenizes_prompt_and_completion_separately(tok):
+    """A solution starting with newlines: tokenized together with the prompt, 'assistant\\n' + '\\n\\n' would merge
+    into one '\\n\\n\\n' token (Qwen2 id 1406) and change the prompt's last id; separately, the prompt ids are
+    exactly chat_prompt's (what the sampler is given) and the completion starts with '\\n\\n' (id 271)."""
+    ex = Example("Q?", "\n\nStep 1: 5.", "5")
+    prompt = tok.encode(chat_prompt(ex.question))
+    assert prompt[-2:] == [77091, 198] and tok.encode(chat_prompt(ex.question) + "\n\n")[-2:] == [77091, 1406]
+    ids, mask = sft_example(tok, ex)
+    assert ids[len(prompt) - 2:len(prompt) + 1] == [77091, 198, 271] and ids[-1] == tok.im_end_id
+    check_sft(tok, ex)
+
+
 def test_collate():
     b = collate_sft([([5, 6, 7], [0, 1, 1]), ([8], [1])], pad_token_id=9)
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 9, 9]] and b["input_ids"].dtype == torch.long
@@ -472,6 +594,11 @@ def test_collate():
     ids, att = collate_prompts([[1, 2, 3], [4], []], pad_token_id=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4], [0, 0, 0]]
     assert att.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+    # tolist() compares True == 1 and 1.0 == 1: the dtypes are checked apart
+    assert b["attention_mask"].dtype == ids.dtype == att.dtype == torch.long
+    ids, att = collate_prompts([], pad_token_id=0)                       # an empty batch: [0, 0], no error
+    assert ids.shape == att.shape == (0, 0) and ids.dtype == att.dtype == torch.long
+    assert all(v.shape == (0, 0) for v in collate_sft([], pad_token_id=9).values())
 
 
 def test_write_text_atomic_never_leaves_a_half_written_file(tmp_path):
@@ -481,3 +608,36 @@ def test_write_text_atomic_never_leaves_a_half_written_file(tmp_path):
     with pytest.raises(UnicodeEncodeError):                       # fails inside the write (a lone surrogate)
         data.write_text_atomic(p, "second \ud800\n")
     assert p.read_text() == "first\n" and os.listdir(p.parent) == ["f.txt"]   # old content, no temp file left
+
+
+def test_write_bytes_atomic_cleans_up_after_a_failure_inside_the_write(tmp_path, monkeypatch):
+    """A failure after the temp file exists (write_text_atomic's encoding error above happens before it) leaves
+    the old file and no temp file, for an exception (TypeError from the write) and for Ctrl-C alike; the temp
+    file is in the target's folder, so the rename never crosses file systems."""
+    p = tmp_path / "f.bin"
+    data.write_bytes_atomic(p, b"old")
+    with pytest.raises(TypeError):
+        data.write_bytes_atomic(p, "text, not bytes")                   # mkstemp done, f.write raises
+    assert p.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+    renames = []
+
+    def interrupted(src, dst):
+        renames.append((os.path.dirname(src), os.path.dirname(dst)))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.write_text_atomic(p, "new")
+    assert p.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+    assert renames == [(str(tmp_path), str(tmp_path))]
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
+    """0o666 minus the umask, like open(): checked under a umask other than the usual 022."""
+    old = os.umask(0o027)
+    try:
+        data.write_text_atomic(tmp_path / "atomic.txt", "x")
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o640

@@ -77,6 +77,7 @@ def test_synthetic_task_templates_numbers_and_pronouns():
             assert pronouns == {PRONOUNS[m.group(1)]}, ex.question
             n = [int(x) for x in m.groups() if x.isdigit()]
             assert all(1 <= x <= 9 for x in n), ex.question
+            assert 1 <= int(ex.answer) <= 16, ex                # a count: nobody ends with nothing
             if template in ("add", "two"):
                 assert n[0] + n[1] <= 9, ex.question
             if template == "mul":
@@ -115,8 +116,12 @@ def test_synthetic_task_is_deterministic_and_checks_arguments():
     assert all(ex.solution.endswith(f"{{{ex.answer}}}.") for ex in clean)
     with pytest.raises(ValueError, match="no split 'dev'"):
         data.load_dataset("synthetic", "", "dev")
-    with pytest.raises(ValueError, match="flaw_rate"):
-        data.synthetic_dataset("train", 5, flaw_rate=1.5)
+    for bad in (1.5, -0.1, True, "0.5"):
+        with pytest.raises(ValueError, match="flaw_rate"):
+            data.synthetic_dataset("train", 5, flaw_rate=bad)
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="size n=.*expected a positive integer"):
+            data.synthetic_dataset("train", bad)
     with pytest.raises(ValueError, match="unknown dataset 'nope'.*synthetic"):
         data.load_dataset("nope", "", "train")
 
@@ -137,6 +142,22 @@ def test_synthetic_task_too_large_fails_instead_of_hanging():
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_synthetic_redraw_budget_is_per_new_question(monkeypatch):
+    """SYNTHETIC_MAX_REDRAWS counts repeats IN A ROW: the 2000 train problems meet at most 13 repeats in a row
+    but 623 in all, so with a budget of 100 they still load, the same as with the default budget."""
+    want = data.synthetic_dataset("train")
+    monkeypatch.setattr(data, "SYNTHETIC_MAX_REDRAWS", 100)
+    assert data.synthetic_dataset("train") == want
+
+
+def test_synthetic_corpus_is_every_problem_as_the_model_sees_it():
+    corpus = data.synthetic_corpus()
+    train, test = data.synthetic_dataset("train"), data.synthetic_dataset("test")
+    assert len(corpus) == 2200
+    assert corpus[0] == data.chat_prompt(train[0].question) + train[0].solution
+    assert corpus[-1] == data.chat_prompt(test[-1].question) + test[-1].solution
 
 
 def test_demo_tokenizer_fits_the_tiny_model():
