@@ -311,6 +311,48 @@ def test_single_process_helpers_are_identities():
     assert distributed.gather_rows(x) is x and distributed.all_reduce_sum(5) == 5
     assert distributed.shard([1, 2]) == [1, 2] and distributed.all_gather("a") == ["a"]
     assert distributed.init(torch.device("cpu")) == torch.device("cpu") and distributed.world_size() == 1
+    distributed.barrier()                                     # no process group: nothing to wait for, no error
+    net = torch.nn.Linear(3, 2)
+    for parallel in ("ddp", "fsdp"):                          # either engine: the model itself
+        assert distributed.wrap(net, parallel, torch.device("cpu"), torch.float32) is net
+    assert distributed.unwrap(net) is net and distributed.full_model(net) is net
+    with distributed.gathered(net), distributed.grad_sync(net, last=False):
+        pass
+
+
+def test_frozen_copy_is_a_detached_snapshot():
+    """The KL reference in one process / DDP: a deep copy of the current weights that takes no gradient and does
+    not follow later updates of the trained model (which keeps its own requires_grad)."""
+    net = torch.nn.Linear(3, 2)
+    ref = distributed.frozen_copy(net, torch.device("cpu"), torch.float32)
+    assert ref is not net and torch.equal(ref.weight, net.weight) and torch.equal(ref.bias, net.bias)
+    assert not any(p.requires_grad for p in ref.parameters()) and all(p.requires_grad for p in net.parameters())
+    before = ref.weight.clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    assert torch.equal(ref.weight, before)
+
+
+def test_init_joins_the_group_torchrun_describes(monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1): on GPUs the device is cuda:LOCAL_RANK (RANK is global: rank 3 of a
+    2-node job is GPU 1 of its node), made current BEFORE an nccl group bound to it is created; on CPU a gloo
+    group; a group that exists already is joined once only. The collectives are recorded, not run."""
+    calls, initialized = [], [False]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: initialized[0])
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    gpu1 = torch.device("cuda", 1)
+    assert distributed.init(torch.device("cuda")) == gpu1
+    assert calls == [("set_device", gpu1), ("nccl", {"device_id": gpu1})]
+    calls.clear()
+    assert distributed.init(torch.device("cpu")) == torch.device("cpu")
+    assert calls == [("gloo", {"device_id": None})]
+    calls.clear()
+    initialized[0] = True
+    assert distributed.init(torch.device("cpu")) == torch.device("cpu") and calls == []
 
 
 # ------------------------------------------------------------------------------------------------ 2 ranks, simulated
@@ -362,6 +404,16 @@ def test_reductions_on_a_simulated_rank(rank_of_two, monkeypatch):
     assert type(total) is float and total == 2 / 3
     total = distributed.all_reduce_sum(2 ** 40 + 1)            # token counts: exact integers
     assert type(total) is int and total == 2 ** 41 + 2
+    assert distributed.all_reduce_sum(2 ** 60 + 1) == 2 ** 61 + 2     # summed in int64, not float64 (53 bits)
+
+
+def test_comm_device_follows_the_backend(monkeypatch):
+    """all_reduce_sum's tensor lives where the backend can reduce it: the current GPU for nccl, else the CPU."""
+    monkeypatch.setattr(distributed.torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: "nccl")
+    assert distributed._comm_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: "gloo")
+    assert distributed._comm_device() == torch.device("cpu")
 
 
 def test_grad_sync_defers_the_ddp_all_reduce_to_the_last_micro_batch():
@@ -373,6 +425,22 @@ def test_grad_sync_defers_the_ddp_all_reduce_to_the_last_micro_batch():
     assert ddp.require_backward_grad_sync
     with distributed.grad_sync(ddp, last=True):
         assert ddp.require_backward_grad_sync
+
+
+@pytest.mark.parametrize("device", [torch.device("cuda", 1), torch.device("cpu")])
+def test_ddp_wrap_arguments(rank_of_two, monkeypatch, device):
+    """DDP on this rank's GPU (device_ids=[index]; None on CPU), gradients as views of the all-reduce buckets
+    (no second copy of the grads), and unused parameters expected only when some backward skips layers
+    (find_unused_parameters costs a graph traversal per backward). The constructor is recorded, not run."""
+    rank_of_two(1)
+    made = []
+    monkeypatch.setattr(distributed, "DistributedDataParallel", lambda m, **kw: made.append((m, kw)) or "ddp")
+    net = torch.nn.Linear(3, 2)
+    for skips in (False, True):
+        assert distributed.wrap(net, "ddp", device, torch.bfloat16, skips_layers=skips) == "ddp"
+    want_ids = [1] if device.type == "cuda" else None
+    assert made == [(net, {"device_ids": want_ids, "gradient_as_bucket_view": True, "find_unused_parameters": s})
+                    for s in (False, True)]
 
 
 def test_fsdp_wrap_units_and_precision(workspace, rank_of_two, monkeypatch):  # noqa: F811
@@ -455,7 +523,8 @@ def test_train_checks_the_world_size(workspace, rank_of_two, monkeypatch, tmp_pa
 def test_optimizer_state_moves_between_ddp_and_fsdp(workspace, tmp_path):  # noqa: F811
     """--resume with `parallel` switched (same number of processes): an AdamW state saved under DDP (opt.state_dict(),
     keyed by parameter index) loads into the FSDP model by parameter name (was KeyError 'state.0.step'), and one saved
-    under FSDP (keyed by name) loads under DDP; the same moments on every parameter. FSDP2 on a one-process group."""
+    under FSDP (keyed by name) loads under DDP; the same moments on every parameter. FSDP2 on a one-process group,
+    which also checks full_model (rank 0 only) and that gathered() unshards up front."""
     plain = Qwen2.from_pretrained(workspace / "model")
     opt = torch.optim.AdamW(plain.parameters(), lr=1e-2)
     with one_thread():
@@ -473,8 +542,19 @@ def test_optimizer_state_moves_between_ddp_and_fsdp(workspace, tmp_path):  # noq
         fsdp_opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         distributed.load_optimizer_state_dict(model, fsdp_opt, saved)
         by_name = distributed.optimizer_state_dict(model, fsdp_opt)   # what an FSDP run's trainer_state.pt holds
+        full = distributed.full_model(model)                          # rank 0: all the weights, on the CPU
+        assert full.lm_head.weight is full.model.embed_tokens.weight  # tie_word_embeddings, as loaded
+        got, want = full.state_dict(), Qwen2.from_pretrained(workspace / "model").state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        with pytest.MonkeyPatch.context() as m:                       # any other rank builds no second model
+            m.setattr(distributed, "rank", lambda: 1)
+            assert distributed.full_model(model) is None
+        with distributed.gathered(model):       # all-gathered on entry, before any forward: no collective inside
+            assert not any(isinstance(p, DTensor) for p in model.parameters())
+        assert all(isinstance(p, DTensor) for p in model.parameters())
     finally:
         distributed.cleanup()
+    assert not torch.distributed.is_initialized()                     # the group is gone: no leak into later tests
     back = torch.optim.AdamW(plain.parameters(), lr=1e-2)
     distributed.load_optimizer_state_dict(plain, back, by_name)
     for i, name in enumerate(names):
