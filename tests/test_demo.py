@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from contextlib import nullcontext
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -337,3 +338,36 @@ def test_quick_demo_reft_moves_accuracy_the_right_way(quick_demo):
         assert runs[name]["accuracy"] >= res["sft"]["accuracy"] + 0.05, (name, runs[name]["accuracy_curve"])
     rew, third = runs["baseline"]["reward"], len(runs["baseline"]["reward"]) // 3
     assert sum(rew[-third:]) / third > sum(rew[:third]) / third
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the stages and the report without training: fake models, runs and clocks (each check below was added because a
+# hand-made mutant of demo.py passed every fast test and was caught, if at all, only by the minutes-long quick demo)
+
+
+def test_findings_report_the_targets_with_the_boundaries_included():
+    """gain = baseline - SFT in points (>= 10 meets), speed = rollout tok/s over the baseline's (not total tok/s),
+    Retrace's |gap| <= 3 is within, on both sides. Accuracies are counts over 200 problems: 0.85 -> 0.95 is
+    exactly +10.0 points and 0.99 -> 0.96 exactly -3.0 (in floats 9.999999999999998 and -3.0000000000000027: the
+    verdicts were 'MISSES' and 'NOT within' beside a printed +10.0 and -3.0)."""
+    def run(name, acc, roll, tok, pred=1.2):
+        return {"name": name, "label": name.upper(), "accuracy": acc, "rollout_tok_s": roll, "tok_s": tok,
+                "predicted_speedup": pred}
+    res = {"sft": {"accuracy": 0.85}, "runs": [run("baseline", 0.95, 2000.0, 3000.0, 1.0),
+                                               run("nested-base", 0.96, 2400.0, 3100.0),
+                                               run("nested-retrace", 0.92, 2300.0, 3200.0, 1.196)]}
+    assert demo.findings(res) == [
+        "ReFT over the SFT warm-up: +10.0 points of held-out accuracy (meets the >= 10 target)",
+        "NESTED-BASE: rollouts 1.20x the baseline's tok/s (FLOP prediction 1.20x), accuracy +1.0 points vs the "
+        "baseline",
+        "NESTED-RETRACE: rollouts 1.15x the baseline's tok/s (FLOP prediction 1.20x), accuracy -3.0 points vs the "
+        "baseline (within 3)"]
+    res["sft"]["accuracy"], res["runs"][0]["accuracy"], res["runs"][2]["accuracy"] = 0.86, 0.99, 0.96
+    out = demo.findings(res)
+    assert out[0] == "ReFT over the SFT warm-up: +13.0 points of held-out accuracy (meets the >= 10 target)"
+    assert out[2].endswith("accuracy -3.0 points vs the baseline (within 3)"), out
+    res["runs"][0]["accuracy"], res["runs"][2]["accuracy"] = 0.955, 0.99             # +9.5; +3.5: outside
+    out = demo.findings(res)
+    assert "+9.5 points of held-out accuracy (MISSES the >= 10 target)" in out[0]
+    assert out[2].endswith("accuracy +3.5 points vs the baseline (NOT within 3)"), out
+
