@@ -370,4 +370,254 @@ def test_findings_report_the_targets_with_the_boundaries_included():
     out = demo.findings(res)
     assert "+9.5 points of held-out accuracy (MISSES the >= 10 target)" in out[0]
     assert out[2].endswith("accuracy +3.5 points vs the baseline (NOT within 3)"), out
+    res["runs"][0]["accuracy"], res["runs"][2]["accuracy"] = 0.99, 0.955              # -3.5: outside too
+    assert demo.findings(res)[2].endswith("accuracy -3.5 points vs the baseline (NOT within 3)")
 
+
+def test_fmt_templates_and_f_names():
+    assert demo.fmt_templates({"add": 1.0, "two": 0.6, "mul": 0.25}) == "add 100% two 60% mul 25%"
+    assert [demo.f_name(v, r) for v, r in (("base", 0.0), ("base", 0.15), ("practical", 0.0), ("retrace", 0.15))] \
+        == ["ρ (= 1 at r = 0)", "ρ", "1", "λ·min(1,ρ)"]
+
+
+def test_evaluate_dir_per_template_accuracy(monkeypatch):
+    """Per-template accuracy is the share correct WITHIN each template (not over all problems)."""
+    import eval as eval_mod
+    test = data.synthetic_dataset("test", 10)                    # templates add two sub two mul, twice
+    correct = [True, False, True, True, False, True, True, True, True, True]
+    records = [{"question": ex.question, "correct": c, "completion": f"c{i}"}
+               for i, (ex, c) in enumerate(zip(test, correct))]
+    seen = {}
+    monkeypatch.setattr(demo.Qwen2, "from_pretrained", lambda d: SimpleNamespace(eval=lambda: "model"))
+    monkeypatch.setattr(eval_mod, "evaluate", lambda model, tok, ex, **kw: (seen.update(kw) or 0.8, records))
+    ev = demo.evaluate_dir(Path("ignored"), None, test, 48)
+    assert ev["accuracy"] == 0.8 and seen == {"batch_size": 10, "max_new_tokens": 48}
+    assert ev["per_template"] == {"add": 1.0, "mul": 0.5, "sub": 1.0, "two": 0.75}
+
+
+def test_build_task_and_model_checks_the_vocab_and_the_reload(tmp_path, monkeypatch):
+    """The tokenizer must fit the model's vocab (equal fits, one id more does not), and a reloaded checkpoint
+    that differs from the saved model is an error."""
+    import torch
+    cfg = Qwen2Config.from_json(demo.MODEL_CONFIG)
+    tok = SimpleNamespace(vocab_size=cfg.vocab_size + 1, save=lambda d: None)
+    monkeypatch.setattr(demo.data, "synthetic_tokenizer", lambda: tok)
+    with pytest.raises(ValueError, match=f"vocab_size={cfg.vocab_size} is smaller than the demo tokenizer's "
+                                         f"{cfg.vocab_size + 1} ids"):
+        demo.build_task_and_model(tmp_path, 0)
+    tok.vocab_size = cfg.vocab_size
+    load = demo.Qwen2.from_pretrained
+
+    def corrupted(d):
+        m = load(d)
+        with torch.no_grad():
+            m.model.norm.weight[0] += 1
+        return m
+    monkeypatch.setattr(demo.Qwen2, "from_pretrained", corrupted)
+    with pytest.raises(RuntimeError, match="the reloaded checkpoint differs from the saved model"):
+        demo.build_task_and_model(tmp_path, 0)
+    monkeypatch.setattr(demo.Qwen2, "from_pretrained", load)
+    assert demo.build_task_and_model(tmp_path, 0) == (tok, tmp_path / "init")
+
+
+def test_reft_runs_start_from_the_warm_up_with_k_of_the_12_layers(tmp_path):
+    """Each run: the warm-up checkpoint as its model, no SFT of its own, its (r, e, f) and k = round(12 r)."""
+    runs = [demo.ReftRun(name, label, kw, tmp_path, tmp_path / "init", tmp_path / "sft", 4, 0.8, {"seed": 3})
+            for name, label, kw in demo.RUNS]
+    assert [r.describe() for r in runs] == [
+        "ReFT baseline: r = 0, e = 0 (k = 0 layers skipped per step), f(ρ) = ρ (= 1 at r = 0)",
+        "Nested-ReFT Base: r = 0.15, e = 1 (k = 2 layers skipped per step), f(ρ) = ρ",
+        "Nested-ReFT Practical: r = 0.15, e = 1 (k = 2 layers skipped per step), f(ρ) = 1",
+        "Nested-ReFT Retrace-λ: r = 0.15, e = 1 (k = 2 layers skipped per step), f(ρ) = λ·min(1,ρ)"]
+    for r, (name, _, _) in zip(runs, demo.RUNS):
+        assert (r.cfg.model, r.cfg.sft_epochs, r.cfg.steps, r.cfg.seed) == (str(tmp_path / "sft"), 0.0, 4, 3)
+        assert r.dir == tmp_path / name and r.curve == [{"step": 0, "accuracy": 0.8}]
+
+
+def _fake_run(tmp_path, steps=10):
+    """A ReftRun without __init__'s config loading: its fields as __init__ and advance() set them."""
+    r = demo.ReftRun.__new__(demo.ReftRun)
+    r.name, r.label, r.dir, r.k, r.step = "nested-base", "Nested-ReFT Base", tmp_path, 2, 0
+    r.cfg = SimpleNamespace(skip_ratio=0.15, skip_border=1, variant="base", steps=steps, max_new_tokens=48)
+    r.curve, r.summary, r.last_eval = [{"step": 0, "accuracy": 0.8}], {}, {}
+    return r
+
+
+def test_reft_run_result_reads_the_reft_rows_of_its_metrics(tmp_path):
+    r = _fake_run(tmp_path)
+    rows = [{"stage": "sft", "step": 1, "reward_mean": 9.0, "skip": [], "completion_len": 99.0},
+            {"stage": "reft", "step": 1, "reward_mean": 0.5, "skip": [3, 7], "completion_len": 18.0},
+            {"stage": "reft", "step": 2, "reward_mean": 0.75, "skip": [2, 9], "completion_len": 21.0},
+            {"stage": "reft", "step": 3, "reward_mean": 0.625, "skip": [1, 4], "completion_len": 24.0}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in rows) + "\n\n")
+    r.curve += [{"step": 5, "accuracy": 0.95}, {"step": 10, "accuracy": 0.9}]      # the last, not the best
+    r.last_eval = {"per_template": {"add": 1.0}}
+    r.summary = {"rollout_tok_s": 2300.0, "tok_s": 3100.0, "runtime": 120.5, "rollout_s": 60.0}
+    res = r.result()
+    assert res["accuracy"] == 0.9 and res["accuracy_curve"] == r.curve
+    assert res["reward"] == [0.5, 0.75, 0.625] and res["skips"] == [[3, 7], [2, 9], [1, 4]]
+    assert res["completion_len"] == 21.0                                          # (18 + 21 + 24) / 3
+    assert (res["rollout_tok_s"], res["tok_s"], res["runtime"], res["rollout_s"]) == (2300.0, 3100.0, 120.5, 60.0)
+    assert (res["skip_ratio"], res["skip_border"], res["k"], res["variant"]) == (0.15, 1, 2, "base")
+
+
+def test_reft_run_advance_resumes_and_keeps_the_totals_of_the_last_chunk(tmp_path, monkeypatch):
+    """The first chunk starts fresh, later ones resume from the run's folder; only the last runs to the end
+    (stop_after None) and its result (the run's totals) is the summary; every chunk's checkpoint is evaluated."""
+    calls, evals = [], []
+    monkeypatch.setattr(demo.nested_reft, "train",
+                        lambda cfg, resume="", stop_after=None: calls.append((resume, stop_after)) or {"n": len(calls)})
+    monkeypatch.setattr(demo, "evaluate_dir", lambda d, tok, test, n: evals.append((d, n)) or
+                        {"accuracy": 0.1 * len(evals), "per_template": {}})
+    r = _fake_run(tmp_path)
+    for stop in (4, 8, 10):
+        r.advance(stop, None, [])
+        assert r.summary == ({"n": 3} if stop == 10 else {})
+    assert calls == [("", 4), (str(tmp_path), 8), (str(tmp_path), None)]
+    assert evals == [(tmp_path / "checkpoint", 48)] * 3
+    assert r.curve == [{"step": 0, "accuracy": 0.8}, {"step": 4, "accuracy": 0.1}, {"step": 8, "accuracy": 0.2},
+                       {"step": 10, "accuracy": pytest.approx(0.3)}] and r.step == 10
+
+
+def test_run_all_reft_interleaves_chunks_up_to_the_last_step(monkeypatch):
+    """steps 10, eval_every 4: every run advances to 4, then 8, then 10 (a last short chunk, never past 10)."""
+    log = []
+
+    class Fake:
+        def __init__(self, name, label, kw, out, init, sft_dir, steps, sft_acc, cfg_kw):
+            self.name, self.cfg = name, SimpleNamespace(steps=steps, prompts_per_step=2, group_size=4, lr=1e-6)
+            log.append(("init", name, cfg_kw))
+
+        def describe(self):
+            return self.name
+
+        def advance(self, stop, tok, test):
+            log.append((self.name, stop))
+
+        def result(self):
+            return self.name
+    monkeypatch.setattr(demo, "ReftRun", Fake)
+    s = {"steps": 10, "eval_every": 4, "reft_overrides": {"warmup_steps": 0}}
+    assert demo.run_all_reft(None, None, None, s, None, [], 0.8, {"seed": 3}) == [n for n, _, _ in demo.RUNS]
+    names = [n for n, _, _ in demo.RUNS]
+    assert log[:4] == [("init", n, {"seed": 3, "warmup_steps": 0}) for n in names]
+    assert log[4:] == [(n, stop) for stop in (4, 8, 10) for n in names]
+
+
+class _FakeSweepModel:
+    """generate() of a fake warm-up model: 4 rows with 2 + 3 + 3 + 4 = 12 real new tokens (mean 3) at any ratio."""
+    config = Qwen2Config.from_json(ROOT / "configs" / "tiny_model.json")
+    calls = []
+
+    def eval(self):
+        return self
+
+    def generate(self, prompts, skip_mask=None, **kw):
+        import torch
+        self.calls.append(sum(skip_mask))
+        mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+        return SimpleNamespace(mask=mask)
+
+
+def test_speed_sweep_keeps_the_best_rep_and_predicts_at_the_mean_lengths(monkeypatch):
+    """tok/s = real new tokens / seconds, the BEST of the reps per ratio; the prediction at the mean prompt length
+    (chat-prompt tokens of the first rollout_batch = 4 test problems: 2, 4, 4, 6 -> 4, not the padded 6) and the
+    mean real new tokens per row (12 / 4 = 3, not the padded 4). predicted_speedup(k = 2, Tp = 4, T = 3) by hand:
+      positions 4 + 3 - 1 = 6; keys 4*5/2 + 2*4 + 3*2/2 = 10 + 8 + 3 = 21
+      per layer 6 * 73728 + 256 * 21 = 442368 + 5376 = 447744;  LM head 3 * 57344 = 172032
+      F(12) = 5372928 + 172032 = 5544960;  F(10) = 4477440 + 172032 = 4649472 -> 1.192600..."""
+    test = data.synthetic_dataset("test", 6)
+    lens = {data.chat_prompt(ex.question): n for ex, n in zip(test, (2, 4, 4, 6, 8, 8))}
+    tok = SimpleNamespace(encode=lambda s: [0] * lens[s], eos_token_ids=[1], pad_token_id=0, vocab_size=400)
+    _FakeSweepModel.calls = []
+    monkeypatch.setattr(demo.Qwen2, "from_pretrained", lambda d: _FakeSweepModel())
+    ticks = iter([0.0, 0.1, 1.0, 1.2,          # rep 0: r = 0 in 0.1 s, r = 0.15 in 0.2 s
+                  2.0, 2.3, 3.0, 3.05])        # rep 1: 0.3 s, 0.05 s
+    monkeypatch.setattr(demo, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    draw = demo.nested_reft.draw_skip_mask
+    borders = []
+    monkeypatch.setattr(demo.nested_reft, "draw_skip_mask", lambda n, r, e, g: borders.append(e) or draw(n, r, e, g))
+    cfg = SimpleNamespace(rollout_batch=4, max_new_tokens=4, temperature=1.0)
+    out = demo.speed_sweep(Path("ignored"), tok, test, (0.0, 0.15), 2, cfg)
+    assert _FakeSweepModel.calls == [0, 2, 0, 2]                        # k = round(12 * 0.15) = 2
+    assert borders == [0, 1, 0, 1]                                      # e = 1 where layers are skipped
+    assert [(p["skip_ratio"], p["k"]) for p in out] == [(0.0, 0), (0.15, 2)]
+    assert [p["tok_s"] for p in out] == pytest.approx([12 / 0.1, 12 / 0.05])
+    assert out[0]["predicted_speedup"] == 1.0
+    assert out[1]["predicted_speedup"] == pytest.approx(5544960 / 4649472)
+
+
+def test_main_reports_what_its_stages_measured(tmp_path, monkeypatch, capsys):
+    """main() with its stages faked: each run's FLOP prediction at the mean chat-prompt length (every prompt 49
+    tokens here) and that run's mean completion length (30), results.json and table.md (the table and the
+    findings) written atomically, the sweep's measured ratios over r = 0. Prediction for k = 2, Tp = 49, T = 30:
+      positions 78; keys 49*50/2 + 29*49 + 30*29/2 = 1225 + 1421 + 435 = 3081
+      per layer 78 * 73728 + 256 * 3081 = 5750784 + 788736 = 6539520;  LM head 30 * 57344 = 1720320
+      F(12) = 80194560, F(10) = 67115520 -> 1.194874 (1.196 at the 20 new tokens of another run length)"""
+    tok = SimpleNamespace(encode=lambda s: [0] * 49)
+    monkeypatch.setattr(demo.torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(demo, "build_task_and_model", lambda out, seed: (tok, out / "init"))
+    monkeypatch.setattr(demo, "run_sft", lambda *a: (tmp_path / "sft", {"accuracy": 0.845, "runtime": 192.0}))
+    monkeypatch.setattr(demo, "run_config", lambda *a, **k: None)
+    monkeypatch.setattr(demo, "plot", lambda res, out: [])
+
+    def run(name, label, kw):
+        k = 2 if kw["skip_ratio"] else 0
+        return {"name": name, "label": label, "k": k, "completion_len": 30.0, "accuracy": 0.995 if k else 0.99,
+                "rollout_tok_s": 2400.0 if k else 2000.0, "tok_s": 3000.0, "runtime": 100.0, **kw}
+    monkeypatch.setattr(demo, "run_all_reft", lambda *a: [run(*x) for x in demo.RUNS])
+    monkeypatch.setattr(demo, "speed_sweep", lambda *a: [
+        {"skip_ratio": 0.0, "k": 0, "tok_s": 2000.0, "predicted_speedup": 1.0},
+        {"skip_ratio": 0.15, "k": 2, "tok_s": 2500.0, "predicted_speedup": 1.196}])
+    atomic = []
+    write = data.write_text_atomic
+    monkeypatch.setattr(demo.data, "write_text_atomic", lambda p, t: atomic.append(Path(p).name) or write(p, t))
+    with pytest.raises(SystemExit):
+        demo.main(["--quick", "--out", str(tmp_path), "--threads", "0"])         # a usage error, before any stage
+    assert "--threads 0: expected an integer >= 1" in capsys.readouterr().err
+    assert demo.main(["--quick", "--out", str(tmp_path)]) == 0
+    stdout = capsys.readouterr().out
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [r["prompt_len"] for r in res["runs"]] == [49.0] * 4
+    assert [r["predicted_speedup"] for r in res["runs"]] == pytest.approx([1.0] + [80194560 / 67115520] * 3)
+    assert res["findings"][0] == "ReFT over the SFT warm-up: +14.5 points of held-out accuracy (meets the >= 10 target)"
+    assert res["findings"][1].startswith(
+        "Nested-ReFT Base: rollouts 1.20x the baseline's tok/s (FLOP prediction 1.19x)")
+    assert sorted(atomic) == ["results.json", "table.md"]
+    assert (tmp_path / "table.md").read_text() == (demo.make_table(res) + "\n\n"
+                                                   + "".join(f"- {f}\n" for f in res["findings"]))
+    assert "[demo]   r = 0.15 (k = 2): 2500 tok/s, 1.25x measured, 1.20x FLOP-predicted" in stdout
+    assert "| Nested-ReFT Base | 0.15 | 1 | ρ | 99.5% | +0.5 | +0.5% | 2400 | 1.20x (1.19x) | 3000 | 100.0 |" in stdout
+
+
+def test_plots_show_the_smoothed_reward_and_the_scaled_prediction(tmp_path, monkeypatch):
+    """reward_accuracy: the 5-step moving average (over the steps so far at the start) beside the raw reward;
+    speed_vs_skip: the FLOP prediction scaled to the measured r = 0 tok/s (100 * 1.2 = 120 at r = 0.15)."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    lines = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: lines.update(
+        {(ax.get_title(), ln.get_label()): list(ln.get_ydata()) for ax in fig.axes for ln in ax.get_lines()}))
+    run = {"label": "ReFT baseline", "skip_ratio": 0.0, "reward": [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+           "rollout_tok_s": 100.0, "accuracy_curve": [{"step": 0, "accuracy": 0.5}, {"step": 7, "accuracy": 0.6}]}
+    res = {"settings": {"speed_reps": 3}, "runs": [run], "sft": {"accuracy": 0.5},
+           "speed_sweep": [{"skip_ratio": 0.0, "tok_s": 100.0, "predicted_speedup": 1.0},
+                           {"skip_ratio": 0.15, "tok_s": 90.0, "predicted_speedup": 1.2}]}
+    (tmp_path / "speed_vs_skip.png").write_bytes(b"the earlier plot")
+    earlier = (tmp_path / "speed_vs_skip.png").stat().st_ino
+    demo.plot(res, tmp_path)
+    # replaced by a rename (a new file), not rewritten in place: a reader never sees a half-written plot
+    assert (tmp_path / "speed_vs_skip.png").stat().st_ino != earlier
+    smooth = lines["Training reward (5-step average; raw faint)", "ReFT baseline"]
+    assert smooth == pytest.approx([0.0, 0.5, 2 / 3, 0.75, 0.8, 1.0, 0.8])
+    assert lines["Held-out accuracy", "ReFT baseline"] == pytest.approx([50.0, 60.0])
+    assert lines["Rollout speed against the skip ratio", "FLOP prediction (scaled to r = 0)"] == pytest.approx(
+        [100.0, 120.0])
+
+
+def test_fresh_empties_an_earlier_run_folder(tmp_path):
+    (tmp_path / "baseline" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "baseline" / "metrics.jsonl").write_text('{"stage": "stale"}\n')
+    assert demo.fresh(tmp_path / "baseline") == tmp_path / "baseline"
+    assert not (tmp_path / "baseline").exists()
+    assert demo.fresh(tmp_path / "new") == tmp_path / "new"                   # nothing there: nothing to do
