@@ -4,6 +4,7 @@ FLOPs, Amdahl step speed-up) and demo.py (rollout FLOPs, the table's Δ / δ, th
 Each is pinned against numbers derived by hand in the comments, for the Qwen2.5-0.5B shape and the benches' own
 shapes, so that a wrong count (k/v with H heads instead of Hkv, the embedding counted as read, a skipped layer
 counted, attention without its context) fails. No timing, no generate(): models are built on the meta device."""
+import json
 import sys
 from types import SimpleNamespace
 from unittest import mock
@@ -369,3 +370,279 @@ def test_train_step_bad_config_value_is_a_one_line_error(capsys):
                      "--intermediate", "32", "--vocab", "512"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: config key 'variant' = 'nope': expected one of base, practical, retrace", err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what the benches print beside their predictions (each check below was added because a hand-made mutant of the
+# bench passed every test before it)
+
+
+def test_section_b_prints_the_speedup_prediction_and_kv_bytes_by_hand(monkeypatch, capsys):
+    """tiny shape (N = 8, D 128, I 512, H 4 of 32, Hkv 2, V 1024), prompt 4, 40 new tokens: the mean context
+    ctx = 4 + 40 / 2 = 24 key columns.
+      layer 2 * (128*128 + 2 * 128*64 + 128*128 + 3 * 128*512) + 4 * 24 * 128 = 491520 + 12288 = 503808
+      head 2 * 128 * 1024 = 262144;  F(8) = 4292608, F(7) = 3788800, F(6) = 3284992
+    r = 0.0625: k = 1 (0.5 rounds up, not to even), 1.132973;  r = 0.2: k = round(1.6) = 2, 1.306733 (at the
+    prompt's 4 columns alone it would be 1.306218).
+    A fake clock times each decode step 12 ms (r = 0), 12.5 ms (r = 0.0625), 10 ms (r = 0.2): speed-ups 0.960
+    and 1.200 (first step left out); 0.96 / 1.132973 = 0.847 of the prediction, a realised gain -0.04 / 0.132973 =
+    -30 %; 1.2 / 1.306733 = 0.918, 0.2 / 0.306733 = 65 %. KV cache, fp32, B = 1, S = 44: 2 * 8 * 2 * 44 * 32 * 4 B
+    = 180224 B (0.17 MiB); 7 of 8 layers: 157696 B (0.15 MiB, 0.875), 6 of 8: 135168 B (0.13 MiB, 0.750)."""
+    dur = {0: 0.012, 1: 0.0125, 2: 0.010}
+    state = {"t": 0.0, "n": 0}
+
+    def clock():                                        # called twice per timed step, the variants in turn
+        if state["n"] % 2:                              # (the first step, 100 ms for all, is not counted)
+            state["t"] += dur[(state["n"] // 2) % 3] if state["n"] > 6 else 0.1
+        state["n"] += 1
+        return state["t"]
+    monkeypatch.setattr(bs, "clock", clock)
+    args = SimpleNamespace(nested_shape="tiny", nested_dtype="float32", big_batch=1, prompt_len=4, new_tokens=40,
+                           ratios=[0.0625, 0.2])
+    bs.section_bc(args)
+    out = capsys.readouterr().out
+    assert "  r=0.00 k=0: decode    12.0 ms/step  speedup 1.000x  FLOP-predicted 1.000x\n" in out
+    assert ("  r=0.06 k=1: decode    12.5 ms/step  speedup 0.960x  FLOP-predicted 1.133x  measured/predicted 0.847; "
+            "realised gain -30% of predicted (target >= 95%)\n") in out
+    assert ("  r=0.20 k=2: decode    10.0 ms/step  speedup 1.200x  FLOP-predicted 1.307x  measured/predicted 0.918; "
+            "realised gain 65% of predicted (target >= 95%)\n") in out
+    assert "  r=0.00:     0.17 MiB  = 1.000 of full  (active layers 8/8 = 1.000)" in out
+    assert "  r=0.06:     0.15 MiB  = 0.875 of full  (active layers 7/8 = 0.875)" in out
+    assert "  r=0.20:     0.13 MiB  = 0.750 of full  (active layers 6/8 = 0.750)" in out
+
+
+def test_best_of_keeps_the_fastest_interleaved_rep_after_a_warm_up(monkeypatch):
+    calls, ticks = [], iter([0.0, 3.0, 3.0, 4.0, 4.0, 5.0, 5.0, 7.0])
+    monkeypatch.setattr(bs, "clock", lambda: next(ticks))
+    t = bs.best_of({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2)
+    assert calls == ["a", "b", "a", "b", "a", "b"]                        # warm-up, then a b a b
+    assert t == {"a": 1.0, "b": 1.0}                                      # a: 3, 1;  b: 1, 2
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--threads", "2"], "--clock cpu needs --threads 1"),
+    (["--sections", "a,x"], "--sections 'a,x': expected a comma list of a, b, c, k"),
+    (["--tiny-new", "1"], "--tiny-new and --big-new must be >= 2"),
+])
+def test_sampler_more_bad_option_values(monkeypatch, capsys, argv, words):
+    test_sampler_bad_option_values_are_usage_errors(monkeypatch, capsys, argv, words)
+
+
+def test_sampler_accepts_r_0_and_the_largest_k(monkeypatch):
+    """r = 0 (the baseline row) and k = N - 2 (tiny: round(0.75 * 8) = 6, layers 1..6) pass the checks."""
+    class Reached(Exception):
+        pass
+
+    def measured(*a, **k):
+        raise Reached
+    monkeypatch.setattr(sys, "argv", ["bench/bench_sampler.py", "--nested-shape", "tiny", "--ratios", "0", "0.75"])
+    monkeypatch.setattr(bs, "read_bandwidth", measured)
+    monkeypatch.setattr(bs, "cpu_description", lambda: "cpu")
+    monkeypatch.setattr(bs, "clock", bs.clock)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    with pytest.raises(Reached):
+        bs.main()
+
+
+def test_fit_line_by_hand():
+    # x 0, 1, 2 and y 1, 3, 2: means 1 and 2, slope (1 + 0 + 0) / 2 = 0.5, intercept 2 - 0.5 = 1.5;
+    # residuals -0.5, 1, -0.5: ss_res 1.5, ss_tot 2 -> R^2 = 0.25
+    assert bts.fit_line([0, 1, 2], [1, 3, 2]) == pytest.approx((0.5, 1.5, 0.25))
+
+
+def _made_up_variants():
+    """3 reps of the baseline and of k = 1 and k = 3 (4 rows, Tp = 37, Tn = 128: the FLOP ratios of the README
+    run, 1.035638 and 1.115119). Baseline: steps 2.0 / 2.2 / 2.0 s, generate 1.0 / 1.1 / 1.2 s (shares 0.5 / 0.5 /
+    0.6: median s = 0.5), whole rollouts 1.2 / 1.3 / 1.4 s (shares 0.6 / 0.59 / 0.7: not s)."""
+    def v(r, k, step, gen, tokens, **kw):
+        return {"r": r, "k": k, "tokens": tokens, "reward": [0.25, 0.5, 0.75],
+                "t": {"cpu": {"step": step, "rollout": [g + 0.2 for g in gen], "generate": gen}}, **kw}
+    return [v(0.0, 0, [2.0, 2.2, 2.0], [1.0, 1.1, 1.2], [660, 680, 700], Tp=37, Tn=128),
+            v(0.05, 1, [2.0, 2.1, 1.9], [1.0, 1.0, 1.1], [660, 680, 700]),
+            v(0.1, 3, [1.9, 2.0, 1.6], [0.8, 1.0, 0.8], [640, 700, 680])]
+
+
+def test_train_step_summarise_on_made_up_timings():
+    """k = 3: paired step speed-ups 2.0/1.9, 2.2/2.0, 2.0/1.6 = 1.0526, 1.1, 1.25 (median 1.1, gains +5.3..+25 %);
+    generate 1.25, 1.1, 1.5 (median 1.25); fastest reps 1.0 / 0.8 = 1.25 (generate) and 2.0 / 1.6 = 1.25 (step);
+    Amdahl 1 / (0.5 + 0.5 / 1.115119) = 1.054426; tok/s = median tokens 680 / median step 1.9 s.
+    k = 1: paired 1.0, 1.047619, 1.052632 (median 1.047619), Amdahl 1 / (0.5 + 0.5 / 1.035638) = 1.017507.
+    Pooled gain ratio: sum g p / sum p^2 over the two (g = measured - 1, p = Amdahl - 1), per rep from that rep's
+    paired gains."""
+    cfg = Qwen2Config(**TRAIN_CFG)
+    out = bts.summarise(SimpleNamespace(prompts=1, group=4), cfg, _made_up_variants(), "cpu")
+    assert out["share_generate"] == 0.5 and out["share_rollout"] == pytest.approx(0.6)
+    base, r1, r3 = out["rows"]
+    p1, p3 = 1 / (0.5 + 0.5 * 7174486016 / 7430168576), 1 / (0.5 + 0.5 * 6663120896 / 7430168576)
+    assert (p1, p3) == pytest.approx((1.017507, 1.054426), abs=1e-6)
+    assert r3["step_speedup_pred"] == pytest.approx(p3) and r1["step_speedup_pred"] == pytest.approx(p1)
+    assert r3["step_speedup"] == pytest.approx(1.1) and r1["step_speedup"] == pytest.approx(2.2 / 2.1)
+    assert r3["speedup_ratio"] == pytest.approx(1.1 / p3)
+    assert r3["step_gain_min_max"] == pytest.approx([2.0 / 1.9 - 1, 0.25])
+    assert r3["rollout_speedup"] == pytest.approx(1.25)
+    assert r3["rollout_gain_ratio"] == pytest.approx(0.25 / (7430168576 / 6663120896 - 1))
+    assert r3["rollout_speedup_min"] == pytest.approx(1.25) and r3["step_speedup_min"] == pytest.approx(1.25)
+    assert r3["tokens"] == 680 and r3["tok_s"] == pytest.approx(680 / 1.9) and r3["step_s"] == pytest.approx(1.9)
+    assert base["rollout_gain_ratio"] is None and base["gain_ratio"] is None and base["step_speedup"] == 1.0
+    assert r3["reward_mean"] == pytest.approx(0.5)
+    pp = (p1 - 1) ** 2 + (p3 - 1) ** 2
+    assert out["pooled_gain_ratio"] == pytest.approx(((2.2 / 2.1 - 1) * (p1 - 1) + 0.1 * (p3 - 1)) / pp)
+    assert out["pooled_gain_ratio_min"] == pytest.approx(((2.0 / 1.9 - 1) * (p1 - 1) + 0.25 * (p3 - 1)) / pp)
+    assert out["pooled_gain_ratio_per_rep"] == pytest.approx([
+        (0.0 * (p1 - 1) + (2.0 / 1.9 - 1) * (p3 - 1)) / pp, ((2.2 / 2.1 - 1) * (p1 - 1) + 0.1 * (p3 - 1)) / pp,
+        ((2.0 / 1.9 - 1) * (p1 - 1) + 0.25 * (p3 - 1)) / pp])
+    lo, hi = out["pooled_gain_ratio_ci95"]                   # resampled reps: inside the per-rep range, not a point
+    assert min(out["pooled_gain_ratio_per_rep"]) <= lo < hi <= max(out["pooled_gain_ratio_per_rep"])
+    # least squares over r = 0, 0.05, 0.1 of the gains (speed-up - 1), the baseline's gain 0
+    for key, col in (("fit_step_measured", "step_speedup"), ("fit_step_predicted", "step_speedup_pred"),
+                     ("fit_rollout_measured", "rollout_speedup")):
+        assert out[key] == pytest.approx(bts.fit_line([0.0, 0.05, 0.1], [0.0, r1[col] - 1, r3[col] - 1]))
+    assert out["fit_step_predicted"][1] == pytest.approx(0.0, abs=0.01)      # gains ~ r: the line through ~0
+
+
+@pytest.mark.parametrize("per_rep, ci, verdict", [
+    ([0.9, 1.0], (0.95, 1.1), "INCONCLUSIVE (only 2 rep(s); need >= 3 for a median against noise)"),
+    ([0.9, 1.0, 1.1], (0.95, 1.1), "MET"),
+    ([0.9, 1.0, 1.1], (0.9, 1.1), "MET"),
+    ([0.5, 0.6, 0.7], (0.5, 0.8), "NOT MET"),
+    ([0.5, 0.6, 0.7], (0.8, 0.9), "INCONCLUSIVE (90 % lies inside the 95 % interval 80..90%"),
+])
+def test_train_step_report_verdict(capsys, per_rep, ci, verdict):
+    out = bts.summarise(SimpleNamespace(prompts=1, group=4), Qwen2Config(**TRAIN_CFG), _made_up_variants(), "cpu")
+    out["pooled_gain_ratio_per_rep"], out["pooled_gain_ratio_ci95"] = per_rep, list(ci)
+    bts.report_clock(out, "cpu")
+    text = capsys.readouterr().out
+    assert f"  target (pooled gain ratio >= 90 %): {verdict}" in text, text
+    assert "  least squares over r = 0 + 2 ratios, step gain, measured   : gain = " in text
+
+
+def test_train_step_report_figures(capsys):
+    """The printed row of k = 3 and the fastest-rep line: step x 1.1 / Amdahl 1.054426 = 104.3 %, gain
+    0.1 / 0.054426 = 183.7 %, rep gains +5.3..+25.0 %; fastest reps 1.25 -> 0.25 / 0.054426 = 459 %."""
+    out = bts.summarise(SimpleNamespace(prompts=1, group=4), Qwen2Config(**TRAIN_CFG), _made_up_variants(), "cpu")
+    bts.report_clock(out, "cpu")
+    text = capsys.readouterr().out
+    assert (" 0.10  3   1.900   357.9  0.800  50.0 |  1.250  1.115  217.2 |  1.100  1.054  104.3  183.7 |"
+            "     +5.3.. +25.0 %") in text, text
+    assert "r=0.10: roll x 1.250, step x 1.250 = 459%" in text
+    # the per-rep pooled ratios 88 / 192 / 444 % (the docstring of the test above): for 3 values the quartiles
+    # (exclusive method) are the lowest and the highest
+    assert "per rep: quartiles 88..444%, min..max 88..444%" in text
+    assert "gain ratio per r: r=0.05: 272%, r=0.10: 184%" in text
+
+
+@pytest.mark.parametrize("threads, load, warns", [(1, 5.0, False), (2, 1.4, False), (2, 1.6, True)])
+def test_load_warning_only_with_several_threads_on_a_loaded_machine(monkeypatch, threads, load, warns):
+    monkeypatch.setattr(bts.os, "getloadavg", lambda: (load, 0.0, 0.0))
+    monkeypatch.setattr(bts.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert bool(bts.load_warning()) is warns
+
+
+def test_train_step_preset_explicit_flags_win():
+    args = bts.parse_args(["--preset", "qwen1p5b-shape", "--reps", "2", "--new-tokens=64"])
+    assert (args.reps, args.new_tokens) == (2, 64)
+    assert (args.layers, args.hidden, args.vocab, args.device, args.dtype, args.prompts) == (
+        28, 1536, 151936, "cuda", "bfloat16", 8)
+
+
+def test_train_step_run_rotates_the_variants_and_counts_prompt_and_new_tokens(monkeypatch, capsys):
+    """run() with the model, rollout and update faked: each rep runs every variant once in a rotated order (A B,
+    then B A, ...), a step's tokens are its real new tokens plus its real prompt tokens (as train() counts them),
+    and the timed part stops starting reps after --max-minutes of wall time (a fake clock: 1 s a reading)."""
+    import torch as t
+    args = bts.parse_args(["--layers", "4", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--intermediate",
+                           "32", "--vocab", "512", "--prompts", "1", "--group", "2", "--new-tokens", "3", "--reps",
+                           "40", "--ratios", "0.25", "--max-minutes", "1"])
+    model = SimpleNamespace(config=bts.model_config(args), generate=lambda *a, **k: None)
+    examples = bts.arithmetic_examples(8, 0)
+    cfg = SimpleNamespace(lr=1e-6, skip_border=1)
+    monkeypatch.setattr(bts, "build", lambda a, d: (cfg, model, None, t.device("cpu"), t.float32, examples))
+    monkeypatch.setattr(bts.nr, "make_optimizer", lambda *a: (None, None))
+    monkeypatch.setattr(bts.nr, "reft_step", lambda *a: None)
+    order = []
+
+    def rollout(model_, tok, batch, skip, cfg, gen, device, dtype):
+        order.append(sum(skip))
+        model_.generate()                                                       # the timed sampling
+        return SimpleNamespace(mask=t.tensor([[1, 1, 0], [1, 1, 1]]),
+                               prompt_mask=t.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), prompt_tokens=t.zeros(2, 4),
+                               tokens=t.zeros(2, 3), rewards=t.tensor([0.0, 1.0]))
+    monkeypatch.setattr(bts.nr, "rollout", rollout)
+    clock = {"t": 0.0}
+
+    def tick():
+        clock["t"] += 1.0
+        return clock["t"]
+    monkeypatch.setattr(bts, "time", SimpleNamespace(perf_counter=tick, process_time=tick))
+    out = bts.run(args)
+    assert 2 < out["reps"] < 40 and "time budget --max-minutes=1.0 reached" in capsys.readouterr().out
+    assert order[:2] == [0, 1]                                                  # the untimed warm-up
+    assert order[2:] == [0, 1, 1, 0] * (out["reps"] // 2) + [0, 1] * (out["reps"] % 2)
+    assert (out["Tp"], out["Tn"]) == (4, 3)
+    assert [row["tokens"] for row in out["wall"]["rows"]] == [12, 12]         # 5 new + 7 prompt tokens
+    assert [row["reward_mean"] for row in out["wall"]["rows"]] == [0.5, 0.5]
+
+
+def test_random_prompts_have_unequal_lengths_for_left_padding():
+    # lengths length - 3 * (i % 3), at least 1: 10, 7, 4, 10, 7 and 2, 1, 1; token ids below the vocab, seeded
+    p = bs.random_prompts(5, 10, 100)
+    assert [len(x) for x in p] == [10, 7, 4, 10, 7] and all(0 <= t < 100 for x in p for t in x)
+    assert p == bs.random_prompts(5, 10, 100) != bs.random_prompts(5, 10, 100, seed=1)
+    assert [len(x) for x in bs.random_prompts(3, 2, 50)] == [2, 1, 1]
+
+
+def test_train_step_json_is_written_atomically(tmp_path, monkeypatch, capsys):
+    """--json: the arguments and the results, replacing an earlier file by a rename (never rewritten in place)."""
+    monkeypatch.setattr(bts, "run", lambda args: {"reps": 3, "wall": {"rows": []}})
+    monkeypatch.setattr(bts, "report", lambda args, out: None)
+    monkeypatch.setattr(bts, "load_warning", lambda: "")
+    path = tmp_path / "out.json"
+    path.write_text("{}")
+    earlier = path.stat().st_ino
+    assert bts.main(["--json", str(path), "--layers", "4", "--ratios", "0.25"]) == 0
+    got = json.loads(path.read_text())
+    assert got["reps"] == 3 and got["args"]["layers"] == 4 and got["args"]["ratios"] == [0.25]
+    assert path.stat().st_ino != earlier
+
+
+def test_section_a_prints_ratios_of_the_times_it_measured(monkeypatch, capsys):
+    """Section a's figures from its timings (faked: best_of and decode_steps) on the tiny shape, B = 2, 16 new
+    tokens (generate() packs the decode weights from 16 on): fp32 ours 0.01 s, transformers 0.03 s per call ->
+    2 * 16 / 0.01 = 3200.0 and 1066.7 tok/s, ratio 3.00x; with a fresh packing (4 ms) 0.03 / 0.014 = 2.14x;
+    decode 2.0 ms/step against the fp32 weights 4 * 2101376 = 8405504 B / 1 GB/s = 8.4 ms (420 %). bf16: ours
+    0.005 s, transformers 0.02 s -> 4.00x; bf16 over fp32 end to end 0.01 / 0.005 = 2.00x."""
+    pytest.importorskip("transformers")
+    times = iter([{"ours": 0.01, "hf": 0.03}, {"ours": 0.005, "hf": 0.02}])
+    monkeypatch.setattr(bs, "best_of", lambda fns, reps: next(times))
+    monkeypatch.setattr(bs, "decode_steps", lambda m, prompts, new: (0.002, 0.004))
+    args = SimpleNamespace(shapes="tiny", tiny_batch=2, tiny_new=16, prompt_len=4, tiny_bf16=True, tiny_reps=1,
+                           reps=1, big_batch=1, big_new=2)
+    bs.section_a(args, 1e9)
+    out = capsys.readouterr().out
+    assert ("  tiny  float32  B=2 Tp<=4 new=16:  ours   3200.0 tok/s  transformers   1066.7 tok/s  ratio 3.00x "
+            "(target >= 2x)") in out, out
+    assert "        ratio 2.14x counting a fresh packing of the decode weights in every call" in out
+    assert "        decode 2.0 ms/step (packing the decode weights: 4 ms per call); weights 8 MB" in out
+    assert "weights 8 MB / 1.0 GB/s = 8.4 ms  -> 420% of the bandwidth limit (target >= 60%)" in out
+    assert "ours   6400.0 tok/s  transformers   1600.0 tok/s  ratio 4.00x (target >= 2x)" in out
+    assert "  tiny  bf16 gain over fp32 (ours, end to end): 2.00x" in out
+
+
+def test_pooled_gain_ratio_interval_is_the_central_95_percent_of_the_bootstrap():
+    """20 reps, one nested variant whose per-rep step gains are 0.00, 0.01, ..., 0.19 (median 0.095). Resampling
+    the reps, the median of 20 draws falls below the j-th smallest gain with probability P(Binomial(20, (j + 1) /
+    20) >= 10)-ish: its 2.5 % / 97.5 % quantiles are about the 6th / 14th smallest gains (0.05..0.14), while the
+    extremes of the 2000 resamples reach out to about the 3rd / 17th (0.03 / 0.16). In gains (pooled ratio * the
+    predicted gain p, one variant): the interval must be the central one."""
+    n = 20
+    base = {"r": 0.0, "k": 0, "tokens": [1] * n, "reward": [0.0] * n, "Tp": 37, "Tn": 128,
+            "t": {"cpu": {"step": [2.0] * n, "rollout": [1.0] * n, "generate": [1.0] * n}}}
+    var = {"r": 0.1, "k": 3, "tokens": [1] * n, "reward": [0.0] * n,
+           "t": {"cpu": {"step": [2.0 / (1 + 0.01 * i) for i in range(n)], "rollout": [0.9] * n,
+                         "generate": [0.9] * n}}}
+    out = bts.summarise(SimpleNamespace(prompts=1, group=4), Qwen2Config(**TRAIN_CFG), [base, var], "cpu")
+    p = out["rows"][1]["step_speedup_pred"] - 1
+    assert out["pooled_gain_ratio"] * p == pytest.approx(0.095)
+    lo, hi = (x * p for x in out["pooled_gain_ratio_ci95"])
+    assert 0.045 <= lo <= 0.065 and 0.125 <= hi <= 0.145, (lo, hi)
