@@ -307,20 +307,24 @@ def _rel(m: float, m_base: float) -> str:
     return f"{100 * (m - m_base) / m_base:+.1f}%" if m_base else "–"
 
 
+def _points(acc: float, acc_base: float) -> float:
+    """acc - acc_base in points of accuracy. Accuracies are counts over the test problems: the float noise is
+    rounded off, so that a figure printed as +10.0 meets a >= 10 target (100 * (0.95 - 0.85) is 9.999999999999998)."""
+    return round(100 * (acc - acc_base), 9)
+
+
 def findings(res: dict) -> list[str]:
     """What the run shows, against issue 5's targets (reported, not enforced)."""
     runs = {r["name"]: r for r in res["runs"]}
     base, sft = runs["baseline"], res["sft"]
-    # accuracies are counts over the test problems: round off the float noise before comparing with a target
-    # (0.95 - 0.85 is 0.0999...98: +10.0 points printed, the >= 10 target "missed")
-    gain = round(100 * (base["accuracy"] - sft["accuracy"]), 9)
+    gain = _points(base["accuracy"], sft["accuracy"])
     out = [f"ReFT over the SFT warm-up: {gain:+.1f} points of held-out accuracy "
            f"({'meets' if gain >= TARGET_REFT_GAIN else 'MISSES'} the >= {TARGET_REFT_GAIN:g} target)"]
     for name in ("nested-base", "nested-practical", "nested-retrace"):
         if name not in runs:
             continue
         r = runs[name]
-        speed, gap = r["rollout_tok_s"] / base["rollout_tok_s"], round(100 * (r["accuracy"] - base["accuracy"]), 9)
+        speed, gap = r["rollout_tok_s"] / base["rollout_tok_s"], _points(r["accuracy"], base["accuracy"])
         line = (f"{r['label']}: rollouts {speed:.2f}x the baseline's tok/s (FLOP prediction "
                 f"{r['predicted_speedup']:.2f}x), accuracy {gap:+.1f} points vs the baseline")
         if name == "nested-retrace":
