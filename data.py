@@ -158,13 +158,13 @@ def train_tokenizer(texts, vocab_size: int) -> Tokenizer:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` atomically: a temp file in the same folder (created if missing), then os.replace,
-    so a reader never sees a half-written file. The one place the project writes text files."""
+    """Write `text` to `path` atomically, as UTF-8 (write_bytes_atomic). The one place the project writes text files."""
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_bytes_atomic(path: str | os.PathLike, content: bytes) -> None:
-    """write_text_atomic for bytes (the demo's PNG plots)."""
+    """Write `content` to `path` atomically: a temp file in the same folder (created if missing), then os.replace,
+    so a reader never sees a half-written file (text files through write_text_atomic; the demo's PNG plots)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
