@@ -905,6 +905,9 @@ def test_reference_solutions_grade_correct(data_dir, name):
 def _golds(data_dir, name):
     if name.startswith("gsm8k"):
         return [r["answer"].split("####")[-1].strip().replace(",", "") for r in _jsonl(data_dir / name)]
+    if name.startswith("svamp"):       # one JSON array; the gold is a float: 'Answer' (test), 'answer_value' (train)
+        rows = json.loads((data_dir / name).read_text(encoding="utf-8"))
+        return [str(r["Answer"] if "Answer" in r else r["answer_value"]).strip() for r in rows]
     golds = []
     for r in _jsonl(data_dir / name):
         a = r["answer"]
@@ -912,7 +915,8 @@ def _golds(data_dir, name):
     return golds
 
 
-@pytest.mark.parametrize("name", ["gsm8k/train.jsonl", "gsm8k/test.jsonl", "math/math500_test.jsonl",
+@pytest.mark.parametrize("name", ["gsm8k/train.jsonl", "gsm8k/test.jsonl", "svamp/reft/svamp_nl.json",
+                                  "svamp/SVAMP.json", "math/math500_test.jsonl",
                                   "math/math12k_train.jsonl",
                                   "eval_suite/understand-r1-zero_jsonl/aime.jsonl",
                                   "eval_suite/understand-r1-zero_jsonl/amc.jsonl",
