@@ -220,7 +220,7 @@ TRAIN_SETS = tuple(name for name, splits in DATA_FILES.items() if "train" in spl
 DATA_SOURCES = {
     "gsm8k": "github.com/openai/grade-school-math grade_school_math/data/{train,test}.jsonl",
     "svamp": "train: github.com/lqtrung1998/mwp_ReFT data/svamp_nl.json; test: github.com/arkilpatel/SVAMP SVAMP.json",
-    "math12k": "MATH train+test minus MATH500 with solutions, built as in the data README (hiyouga/math12k + MATH)",
+    "math12k": "MATH train+test minus MATH500 with solutions: hiyouga/math12k joined with the MATH json files",
     "math500": "github.com/openai/prm800k prm800k/math_splits/test.jsonl",
     **{n: "github.com/sail-sg/understand-r1-zero datasets/evaluation_suite, converted to JSON lines"
        for n in ("aime", "amc", "minerva", "olympiad")},
