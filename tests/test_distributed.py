@@ -159,8 +159,9 @@ def test_two_ranks_take_the_step_of_one_process(workspace, one_process, two_rank
         assert len(two[stage]) == len(one_process[stage]) == 3
         for a, b in zip(one_process[stage], two[stage]):
             for key, va in a.items():
-                if key != "runtime":
-                    assert b[key] == pytest.approx(va, rel=1e-5, abs=1e-6), (stage, key)
+                if key != "runtime":          # 'stage' is a string: pytest >= 9.2's approx refuses one
+                    expect = va if isinstance(va, str) else pytest.approx(va, rel=1e-5, abs=1e-6)
+                    assert b[key] == expect, (stage, key)
     assert any(r["grad_norm"] > 0 for r in two["reft"]) and len({r["ratio_max"] for r in two["reft"]}) > 1
     pa, pb = one_process["params"], two["params"]
     assert pa.keys() == pb.keys()
