@@ -168,9 +168,11 @@ class Qwen2Config:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config file not found")
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}), expected a JSON config") from None
         return cls.from_dict(d, source=str(path))
 
     def to_dict(self) -> dict:
@@ -769,9 +771,11 @@ class Qwen2(nn.Module):
             files = [path / "model.safetensors"]
         elif index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{index}: expected JSON with a 'weight_map' object") from None
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise TypeError
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                raise ValueError(f"{index}: expected JSON with a 'weight_map' object (tensor name -> shard file)") from None
             files = [path / f for f in sorted(set(weight_map.values()))]
             for f in files:
                 if not f.is_file():

@@ -130,6 +130,14 @@ def test_config_missing_file(tmp_path):
         Qwen2Config.from_json(tmp_path / "nope.json")
 
 
+def test_config_not_utf8_names_the_file(tmp_path):
+    """A binary / mis-encoded config.json is a one-line ValueError naming the file, not a bare UnicodeDecodeError."""
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(ValueError) as e:
+        Qwen2Config.from_json(tmp_path / "config.json")
+    assert type(e.value) is ValueError and str(e.value).startswith(f"{tmp_path / 'config.json'}: not UTF-8 text")
+
+
 # ---------------------------------------------------------------------------------------------- parity
 
 
@@ -335,6 +343,19 @@ def test_missing_shard_is_an_error(tmp_path):
     next(tmp_path.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(FileNotFoundError, match="model-00002"):
         Qwen2.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("index", [b'{"weight_map": ["model.norm.weight"]}', b'{"weight_map": {"model.norm.weight": 1}}',
+                                   b'\xff\xfe{"weight_map": {}}', b'[]', b'{"metadata": {}}'])
+def test_bad_shard_index_is_a_value_error_naming_it(tmp_path, index):
+    """A shard index that is not {"weight_map": {tensor: shard file}} (a list, a non-string file, not UTF-8) is
+    a one-line ValueError naming it, not an AttributeError / TypeError / UnicodeDecodeError."""
+    ours().save_pretrained(tmp_path, max_shard_size_bytes=40_000)
+    (tmp_path / "model.safetensors.index.json").write_bytes(index)
+    with pytest.raises(ValueError) as e:
+        Qwen2.from_pretrained(tmp_path)
+    assert type(e.value) is ValueError
+    assert str(e.value).startswith(f"{tmp_path / 'model.safetensors.index.json'}: expected JSON with a 'weight_map'")
 
 
 @pytest.mark.parametrize("shard", [False, True])
