@@ -105,8 +105,8 @@ class Qwen2Config:
                              f"num_key_value_heads={self.num_key_value_heads}")
         for k in ("rms_norm_eps", "rope_theta"):
             v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"{source}: {k}={v!r}, expected a positive number")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:   # NaN, inf fail
+                raise ValueError(f"{source}: {k}={v!r}, expected a positive finite number")
         for k in ("bos_token_id", "eos_token_id"):
             v = getattr(self, k)
             ids = v if isinstance(v, list) and v and k == "eos_token_id" else [v]

@@ -107,6 +107,8 @@ def test_config_from_hf_config_json(tmp_path):
     ({"hidden_size": 66}, ["hidden_size=66", "num_attention_heads"]),
     ({"rope_theta": 0}, ["rope_theta"]),
     ({"rms_norm_eps": -1e-6}, ["rms_norm_eps"]),
+    ({"rope_theta": float("inf")}, ["rope_theta=inf"]),                     # JSON Infinity: RoPE would not rotate
+    ({"rms_norm_eps": float("nan")}, ["rms_norm_eps=nan"]),
     ({"tie_word_embeddings": "false"}, ["tie_word_embeddings"]),             # a truthy string
     ({"num_hidden_layers": True}, ["num_hidden_layers"]),
     ({"torch_dtype": "int8"}, ["torch_dtype='int8'", "bfloat16"]),
