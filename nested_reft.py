@@ -290,9 +290,11 @@ def load_config(name: str = "", overrides: dict | None = None) -> Config:
             avail = ", ".join(config_names())
             raise UserError(f"config '{name}': {path} not found (available: {avail})")
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}), expected a JSON config") from None
         if not isinstance(raw, dict):
             raise UserError(f"{path}: expected a JSON object of config keys")
         for k, v in raw.items():
@@ -728,13 +730,18 @@ class MetricsLog:
         if not self.path.exists():
             return []
         rows = []
-        for n, line in enumerate(self.path.read_text().splitlines(), 1):
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{self.path}: not UTF-8 text ({e.reason} at byte {e.start}), expected JSON lines") from None
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{self.path}: line {n}: bad JSON ({e.msg}), expected one JSON object a line") from None
+            rows.append(row)
         return rows
 
     def truncate(self, stages: tuple[str, ...], step: int) -> None:
@@ -929,9 +936,10 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
             print(f"{run_dir}: already at step {step} of steps={cfg.steps}; its summary.json stands (raise --steps "
                   f"to go on)")
         try:
-            return json.loads((run_dir / "summary.json").read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{run_dir / 'summary.json'}: bad JSON ({e.msg}): delete it and --resume again to "
+            return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            why = e.msg if isinstance(e, json.JSONDecodeError) else f"not UTF-8: {e.reason} at byte {e.start}"
+            raise UserError(f"{run_dir / 'summary.json'}: bad JSON ({why}): delete it and --resume again to "
                             f"write it anew") from None
 
     while step < cfg.steps:

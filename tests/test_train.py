@@ -127,6 +127,9 @@ def test_config_file_errors(tmp_path):
     bad.write_text('{"model": "m",\n "steps": }')
     with pytest.raises(nr.UserError, match=r"bad.json: invalid JSON at line 2"):
         nr.load_config(str(bad))
+    bad.write_bytes(b'\xff\xfe{"steps": 1}')                          # not UTF-8 (e.g. saved as UTF-16): named
+    with pytest.raises(nr.UserError, match=r"bad.json: not UTF-8 text \(.*\), expected a JSON config"):
+        nr.load_config(str(bad))
     with pytest.raises(nr.UserError, match="config 'nope'.*not found"):
         nr.load_config("nope")
 
@@ -437,6 +440,9 @@ def test_run_folder_errors(workspace, tmp_path):
     (done / "summary.json").write_text("{")
     with pytest.raises(nr.UserError, match=f"{done / 'summary.json'}: bad JSON .*: delete it and --resume again"):
         nr.train(tiny_config(workspace, done, steps=1), resume=str(done), quiet=True)
+    (done / "summary.json").write_bytes(b"\xff")
+    with pytest.raises(nr.UserError, match=f"{done / 'summary.json'}: bad JSON \\(not UTF-8: .*: delete it and --resume"):
+        nr.train(tiny_config(workspace, done, steps=1), resume=str(done), quiet=True)
     (done / "summary.json").unlink()                           # ... which writes it anew
     assert nr.train(tiny_config(workspace, done, steps=1), resume=str(done), quiet=True)["steps"] == 1
     state = torch.load(done / "checkpoint" / "trainer_state.pt", weights_only=False)
@@ -540,6 +546,9 @@ def test_metrics_log_rows_skip_blank_lines_and_name_a_bad_one(tmp_path):
     assert log.rows() == [{"step": 1}, {"step": 2}]
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n\n{"step": 2\n')
     with pytest.raises(nr.UserError, match=r"metrics.jsonl: line 3: bad JSON \(.*\), expected one JSON object a line"):
+        log.rows()
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1}\n\xff\n')
+    with pytest.raises(nr.UserError, match=r"metrics.jsonl: not UTF-8 text"):
         log.rows()
 
 
