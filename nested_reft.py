@@ -741,6 +741,9 @@ class MetricsLog:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{self.path}: line {n}: bad JSON ({e.msg}), expected one JSON object a line") from None
+            if not isinstance(row, dict) or type(row.get("step")) is not int:       # a list, a hand-edited row
+                raise UserError(f"{self.path}: line {n}: expected a JSON object with an integer 'step', "
+                                f"got {line.strip()[:60]}")
             rows.append(row)
         return rows
 

@@ -547,6 +547,10 @@ def test_metrics_log_rows_skip_blank_lines_and_name_a_bad_one(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n\n{"step": 2\n')
     with pytest.raises(nr.UserError, match=r"metrics.jsonl: line 3: bad JSON \(.*\), expected one JSON object a line"):
         log.rows()
+    for bad in ('[1, 2]', '{"stage": "reft"}', '{"stage": "reft", "step": "3"}'):  # JSON, but not a row: named
+        (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n' + bad + '\n')
+        with pytest.raises(nr.UserError, match=r"metrics.jsonl: line 2: expected a JSON object with an integer 'step'"):
+            log.rows()
     (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1}\n\xff\n')
     with pytest.raises(nr.UserError, match=r"metrics.jsonl: not UTF-8 text"):
         log.rows()
