@@ -1464,8 +1464,8 @@ def main(argv=None) -> int:
                        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                        skip_mask=skip_mask, generator=generator,
                        progress=lambda d, n: print(f"  {d}/{n}", file=sys.stderr, flush=True))
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:           # OSError: no such file, no permission, a full disk, a read-only
+        print(f"error: {e}", file=sys.stderr)     # filesystem, a file name too long, ...
         return 2
     return 0
 

@@ -1,5 +1,6 @@
 """eval.py evaluation: evaluate() / run_benchmarks() with a fake model, the CLI's user errors, and one
 end-to-end run of `python eval.py` on a tiny random Qwen2 with a tiny trained tokenizer."""
+import errno
 import json
 import os
 import re
@@ -520,6 +521,19 @@ def test_cli_permission_error_is_one_line(tiny_checkpoint, monkeypatch, capsys):
     err = one_line_error(capsys, ["--model", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "data"),
                                   "--device", "cpu"])
     assert "Permission denied: 'runs/eval.jsonl'" in err, err
+
+
+@pytest.mark.parametrize("err", [OSError(errno.EROFS, "Read-only file system", "runs/eval.jsonl"),
+                                 OSError(errno.ENOSPC, "No space left on device", "runs/eval.jsonl")])
+def test_cli_any_os_error_is_one_line(tiny_checkpoint, monkeypatch, capsys, err):
+    """An OSError that is none of FileNotFoundError / PermissionError / ... (a read-only filesystem, a full disk, a
+    name too long) is one line too, as in nested_reft.main."""
+    def fails(*a, **k):
+        raise err
+    monkeypatch.setattr(E, "run_benchmarks", fails)
+    out = one_line_error(capsys, ["--model", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "data"),
+                                  "--device", "cpu"])
+    assert f"{err.strerror}: 'runs/eval.jsonl'" in out, out
 
 
 def test_default_out_path_of_the_root_folder():
