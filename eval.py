@@ -1369,6 +1369,8 @@ def _check_args(a) -> None:
         raise ValueError(f"--temperature {a.temperature}: expected a number >= 0")
     if not 0 < a.top_p <= 1:
         raise ValueError(f"--top-p {a.top_p}: expected a number in (0, 1]")
+    if not -2**63 <= a.seed < 2**64:                 # what torch.Generator.manual_seed takes
+        raise ValueError(f"--seed {a.seed}: expected an integer in [-2^63, 2^64)")
     _check_dir("--model", a.model, "a checkpoint directory (config.json + safetensors)", ("config.json",))
     if a.tokenizer is not None:
         _check_dir("--tokenizer", a.tokenizer, "a tokenizer directory (tokenizer.json)",

@@ -237,6 +237,7 @@ def test_eval_skip_mask():
     (["--temperature", "inf"], "--temperature inf"),
     (["--skip-ratio", "1"], "--skip-ratio 1.0"),
     (["--limit", "0"], "--limit 0"),
+    (["--seed", str(2**64)], f"--seed {2**64}: expected an integer in [-2^63, 2^64)"),   # not torch's bare overflow
     (["--benchmarks", "aime,foo"], "unknown benchmark 'foo'"),
     (["--data", "/nonexistent/data"], "--data /nonexistent/data"),
     (["--device", "tpu"], "--device = 'tpu'"),
