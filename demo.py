@@ -400,6 +400,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads < 1:
         ap.error(f"--threads {args.threads}: expected an integer >= 1")
+    if not 0 <= args.seed < 2**62:                  # the run configs' range (nested_reft.validate), checked here
+        ap.error(f"--seed {args.seed}: expected an integer in [0, 2^62)")   # before the model init and out/ exist
     mode = "quick" if args.quick else "full"
     s = SETTINGS[mode]
     out = Path(args.out or ("runs/demo_quick" if args.quick else "runs/demo"))

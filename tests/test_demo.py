@@ -277,6 +277,18 @@ def test_out_that_is_or_is_under_a_file_is_a_usage_error(tmp_path, capsys):
         assert f"error: --out {out}: {words}" in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("seed", [-1, 2**62, 10**23])
+def test_seed_out_of_range_is_a_usage_error_before_any_file(tmp_path, capsys, seed):
+    """A seed the run configs refuse is named before out/ is created and out/init written (a huge one was a
+    torch overflow traceback, a negative one a config error after the initial model was saved)."""
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--quick", "--out", str(tmp_path / "out"), "--seed", str(seed)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --seed {seed}: expected an integer in [0, 2^62)" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the shortened demo
 
