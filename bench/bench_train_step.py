@@ -99,9 +99,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError:
         p.error(f"--ratios {args.ratios!r}: expected a comma list of numbers, e.g. 0.05,0.10,0.15")
     for name, low in (("reps", 1), ("threads", 0), ("max_minutes", 0)):
-        if getattr(args, name) < low:
+        if not getattr(args, name) >= low:                              # NaN fails too
             what = f"an integer >= {low}" if name != "max_minutes" else ">= 0 (0 = no limit)"
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected {what}")
+    if not 0 <= args.seed < 2**62:                                      # the run config's range (nested_reft)
+        p.error(f"--seed {args.seed}: expected an integer in [0, 2^62)")
+    if args.json:                                   # checked now, not once the minutes of measuring are over
+        parent = Path(os.path.abspath(args.json)).parent
+        while not parent.exists():
+            parent = parent.parent
+        if os.path.isdir(args.json):
+            p.error(f"--json {args.json}: is a directory, expected a file path")
+        if not parent.is_dir():
+            p.error(f"--json {args.json}: {parent} is a file, expected a directory")
     try:
         model_config(args)
     except ValueError as e:

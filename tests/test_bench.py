@@ -349,6 +349,10 @@ def test_sampler_bad_option_values_are_usage_errors(monkeypatch, capsys, argv, w
     (["--reps", "0"], "--reps 0: expected an integer >= 1"),
     (["--threads", "-1"], "--threads -1: expected an integer >= 0"),
     (["--max-minutes", "-1"], "--max-minutes -1.0: expected >= 0"),
+    (["--max-minutes", "nan"], "--max-minutes nan: expected >= 0"),            # was: no time limit at all
+    (["--seed", str(10**23)], f"--seed {10**23}: expected an integer in [0, 2^62)"),   # was a torch overflow
+    (["--json", "/"], "--json /: is a directory, expected a file path"),   # was an error after the measurements
+    (["--json", __file__ + "/out.json"], f"--json {__file__}/out.json: {__file__} is a file, expected a directory"),
     (["--ratios", "0.1,x"], "--ratios '0.1,x': expected a comma list of numbers"),
     (["--ratios", ""], "--ratios '': no ratio skips a layer (k = round(r * 28) = 0 for all), nothing to compare"),
     (["--ratios", "0"], "--ratios '0': no ratio skips a layer"),
