@@ -11,6 +11,7 @@ default system prompt is the spec's qwen_math one). Prints the mismatch counts (
 
     NESTED_REFT_DATA=../shared/data python bench/tokenizer_sweep.py
 """
+import argparse
 import csv
 import json
 import os
@@ -140,8 +141,13 @@ def raw_texts(root: Path):
                 yield str(p.relative_to(root)), s
 
 
-def main():
-    root = Path(os.environ["NESTED_REFT_DATA"])
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.parse_args(argv)                          # no options: --help, and a stray argument is a usage error
+    data_dir = os.environ.get("NESTED_REFT_DATA", "")
+    if not data_dir or not Path(data_dir, "qwen2_tokenizer").is_dir():
+        p.error(f"$NESTED_REFT_DATA={data_dir!r}: expected the datasets folder, with qwen2_tokenizer/ (README 'Data')")
+    root = Path(data_dir)
     import transformers
     from tokenizers import AddedToken
     ours = data.Tokenizer.load(root / "qwen2_tokenizer")

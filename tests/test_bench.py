@@ -650,3 +650,19 @@ def test_pooled_gain_ratio_interval_is_the_central_95_percent_of_the_bootstrap()
     assert out["pooled_gain_ratio"] * p == pytest.approx(0.095)
     lo, hi = (x * p for x in out["pooled_gain_ratio_ci95"])
     assert 0.045 <= lo <= 0.065 and 0.125 <= hi <= 0.145, (lo, hi)
+
+
+def test_tokenizer_sweep_help_and_missing_data_are_usage_errors(monkeypatch, capsys):
+    """bench/tokenizer_sweep.py --help prints its usage and stops (it used to run the whole ~4-minute sweep); an
+    unset or wrong $NESTED_REFT_DATA is a usage error naming it (was a KeyError traceback), before any work."""
+    ts = pytest.importorskip("bench.tokenizer_sweep")          # needs `regex` (a transformers dependency)
+    with pytest.raises(SystemExit) as e:
+        ts.main(["--help"])
+    assert e.value.code == 0 and "Tokenizer parity sweep" in capsys.readouterr().out
+    for env in ("", "/nonexistent/data"):
+        monkeypatch.setenv("NESTED_REFT_DATA", env)
+        with pytest.raises(SystemExit) as e:
+            ts.main([])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"error: $NESTED_REFT_DATA={env!r}: expected the datasets folder" in err and "Traceback" not in err
