@@ -109,10 +109,12 @@ class Tokenizer:
                 _add_tokens(tk, QWEN2_ADDED_TOKENS)
         except Exception as e:  # tokenizers raises plain Exceptions on malformed files
             raise ValueError(f"{d}: could not read the tokenizer files: {e}") from None
-        try:
-            hf_files = {n: (d / n).read_text(encoding="utf-8") for n in HF_TOKENIZER_FILES if (d / n).is_file()}
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{d}: a tokenizer file is not UTF-8 text ({e})") from None
+        hf_files = {}
+        for name in (n for n in HF_TOKENIZER_FILES if (d / n).is_file()):
+            try:
+                hf_files[name] = (d / name).read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{d / name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         return cls(tk, str(tj if tj.is_file() else d), hf_files)
 
     def encode(self, text: str) -> list[int]:

@@ -205,8 +205,8 @@ def test_a_tokenizer_without_the_chat_tokens_is_refused(tmp_path):
 def test_a_tokenizer_file_that_is_not_utf8_is_a_value_error(demo_tok, tmp_path):
     demo_tok.save(tmp_path)
     (tmp_path / "tokenizer_config.json").write_bytes(b'{"eos_token": "\xff"}')
-    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: a tokenizer file is not UTF-8 text")):
-        Tokenizer.load(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'tokenizer_config.json'}: not UTF-8 text (")):
+        Tokenizer.load(tmp_path)                                            # names the file, not only the folder
 
 
 def test_encode_never_adds_special_tokens(demo_tok):
