@@ -289,8 +289,15 @@ def load_config(name: str = "", overrides: dict | None = None) -> Config:
         if not path.is_file():
             avail = ", ".join(config_names())
             raise UserError(f"config '{name}': {path} not found (available: {avail})")
+        def once(pairs):                          # json.loads keeps the last of a repeated key, silently
+            keys = [k for k, _ in pairs if not k.startswith("_")]
+            for k in keys:
+                if keys.count(k) > 1:
+                    raise UserError(f"{path}: key '{k}' is given {keys.count(k)} times, expected once")
+            return dict(pairs)
+
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=once)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
         except UnicodeDecodeError as e:

@@ -127,6 +127,9 @@ def test_config_file_errors(tmp_path):
     bad.write_text('{"model": "m",\n "steps": }')
     with pytest.raises(nr.UserError, match=r"bad.json: invalid JSON at line 2"):
         nr.load_config(str(bad))
+    bad.write_text('{"model": "m", "steps": 10, "_c": 1, "lr": 1e-6, "steps": 20, "_c": 2}')   # not the last silently
+    with pytest.raises(nr.UserError, match=r"bad.json: key 'steps' is given 2 times, expected once"):
+        nr.load_config(str(bad))
     bad.write_bytes(b'\xff\xfe{"steps": 1}')                          # not UTF-8 (e.g. saved as UTF-16): named
     with pytest.raises(nr.UserError, match=r"bad.json: not UTF-8 text \(.*\), expected a JSON config"):
         nr.load_config(str(bad))
