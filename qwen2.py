@@ -799,7 +799,11 @@ class Qwen2(nn.Module):
                         shape = tuple(st.get_slice(name).get_shape())
                         if shape != expected[name]:
                             raise ValueError(f"{f}: tensor {name!r} has shape {shape}, expected {expected[name]}")
-                        sd[name] = st.get_tensor(name).to(device=device, dtype=dtype)
+                        t = st.get_tensor(name)
+                        if t.is_floating_point() and not torch.isfinite(t).all():   # would sample garbage or fail
+                            raise ValueError(f"{f}: tensor {name!r} has NaN or infinite values (a diverged run's "
+                                             f"or a damaged checkpoint)")
+                        sd[name] = t.to(device=device, dtype=dtype)
             except SafetensorError as err:
                 raise ValueError(f"{f}: not a readable safetensors file ({err})") from None
         missing = [k for k in expected if k not in sd]

@@ -347,6 +347,19 @@ def test_missing_shard_is_an_error(tmp_path):
         Qwen2.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_a_value_error_naming_the_tensor(tmp_path, bad):
+    """A checkpoint with a NaN / inf weight (a diverged run's) is refused at load, naming file and tensor: it made
+    eval.py grade garbage with exit status 0 and training fail with a sampler traceback."""
+    m = ours()
+    with torch.no_grad():
+        m.model.norm.weight[3] = bad
+    m.save_pretrained(tmp_path)
+    with pytest.raises(ValueError) as e:
+        Qwen2.from_pretrained(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / 'model.safetensors'}: tensor 'model.norm.weight' has NaN or infinite")
+
+
 @pytest.mark.parametrize("index", [b'{"weight_map": ["model.norm.weight"]}', b'{"weight_map": {"model.norm.weight": 1}}',
                                    b'\xff\xfe{"weight_map": {}}', b'[]', b'{"metadata": {}}'])
 def test_bad_shard_index_is_a_value_error_naming_it(tmp_path, index):
