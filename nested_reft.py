@@ -286,6 +286,8 @@ def load_config(name: str = "", overrides: dict | None = None) -> Config:
     values, known = {}, _field_types()
     if name:
         path = Path(name) if name.endswith(".json") else CONFIG_DIR / f"{name}.json"
+        if path.is_dir():
+            raise UserError(f"config '{name}': {path} is a folder, expected a JSON config file")
         if not path.is_file():
             avail = ", ".join(config_names())
             raise UserError(f"config '{name}': {path} not found (available: {avail})")

@@ -135,6 +135,9 @@ def test_config_file_errors(tmp_path):
         nr.load_config(str(bad))
     with pytest.raises(nr.UserError, match="config 'nope'.*not found"):
         nr.load_config("nope")
+    (tmp_path / "dir.json").mkdir()                                   # said "not found" of a folder that is there
+    with pytest.raises(nr.UserError, match=f"config '{tmp_path / 'dir.json'}': .* is a folder, expected a JSON config"):
+        nr.load_config(str(tmp_path / "dir.json"))
 
 
 def test_help_lists_every_field():
