@@ -742,7 +742,8 @@ class MetricsLog:
         try:
             text = self.path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise UserError(f"{self.path}: not UTF-8 text ({e.reason} at byte {e.start}), expected JSON lines") from None
+            raise UserError(f"{self.path}: not UTF-8 text ({e.reason} at byte {e.start}), "
+                            f"expected JSON lines") from None
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue

@@ -775,7 +775,8 @@ class Qwen2(nn.Module):
                 if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
                     raise TypeError
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-                raise ValueError(f"{index}: expected JSON with a 'weight_map' object (tensor name -> shard file)") from None
+                raise ValueError(f"{index}: expected JSON with a 'weight_map' object "
+                                 f"(tensor name -> shard file)") from None
             files = [path / f for f in sorted(set(weight_map.values()))]
             for f in files:
                 if not f.is_file():

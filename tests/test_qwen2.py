@@ -360,7 +360,8 @@ def test_non_finite_weights_are_a_value_error_naming_the_tensor(tmp_path, bad):
     assert str(e.value).startswith(f"{tmp_path / 'model.safetensors'}: tensor 'model.norm.weight' has NaN or infinite")
 
 
-@pytest.mark.parametrize("index", [b'{"weight_map": ["model.norm.weight"]}', b'{"weight_map": {"model.norm.weight": 1}}',
+@pytest.mark.parametrize("index", [b'{"weight_map": ["model.norm.weight"]}',
+                                   b'{"weight_map": {"model.norm.weight": 1}}',
                                    b'\xff\xfe{"weight_map": {}}', b'[]', b'{"metadata": {}}'])
 def test_bad_shard_index_is_a_value_error_naming_it(tmp_path, index):
     """A shard index that is not {"weight_map": {tensor: shard file}} (a list, a non-string file, not UTF-8) is
