@@ -752,8 +752,8 @@ class Qwen2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "Qwen2":
-        """Load an HF-layout checkpoint directory strictly: every missing, unexpected or mis-shaped tensor is
-        an error naming it. dtype: torch dtype or name (default float32); device: default cpu.
+        """Load an HF-layout checkpoint directory strictly: every missing, unexpected, mis-shaped or non-finite
+        (NaN / inf) tensor is an error naming it. dtype: torch dtype or name (default float32); device: default cpu.
         A tied checkpoint (tie_word_embeddings) has no lm_head.weight; if one is present it is ignored."""
         from safetensors import safe_open
         try:
