@@ -544,13 +544,20 @@ def resume_optimizer(model, opt, state: dict, cfg: Config, lr: float, total_step
     return torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, total_steps), last_epoch=step - 1)
 
 
-def optimizer_step(model, opt, sched, grad_clip: float) -> float:
-    """Clip the global gradient norm (0 = no clipping), step, zero the gradients. Returns the pre-clip norm."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+def optimizer_step(model, opt, sched, grad_clip: float, stage: str = "") -> float:
+    """Clip the global gradient norm (0 = no clipping), step, zero the gradients. Returns the pre-clip norm.
+    A NaN / inf norm (a NaN or inf loss or gradient: the run diverged) stops the run before the update: the weights,
+    the optimizer state and the last checkpoint stay as they were. The norm is global, so every rank stops."""
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf")))
+    if not math.isfinite(norm):
+        opt.zero_grad(set_to_none=True)
+        raise UserError(f"{stage} step {sched.last_epoch + 1}: the gradient norm is {norm} (a NaN or inf loss or "
+                        f"gradient: the run diverged); no update was made. Lower the learning rate, or look at the "
+                        f"step's data")
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -592,7 +599,7 @@ def sft(model: Qwen2, tok: Tokenizer, examples: list[Example], cfg: Config, devi
                 distributed.backward(loss)
             loss_sum += loss.item()
         lr = sched.get_last_lr()[0]
-        grad_norm = optimizer_step(model, opt, sched, cfg.grad_clip)
+        grad_norm = optimizer_step(model, opt, sched, cfg.grad_clip, "SFT")
         loss_sum = distributed.all_reduce_sum(loss_sum)      # the whole batch's loss (all ranks)
         log({"stage": "sft", "step": step, "steps": steps, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr,
              "skip": skipped_layers(skip) if skip else [], "runtime": time.perf_counter() - t0})
@@ -701,7 +708,7 @@ def reft_step(model: Qwen2, opt, sched, r: Rollouts, cfg: Config, tok: Tokenizer
         entropy[rows] = token_entropy(logits, **kw).cpu()                              # H of pi_theta as scored
         del logits, logp, loss
     lr = sched.get_last_lr()[0]
-    grad_norm = optimizer_step(model, opt, sched, cfg.grad_clip)                         # step 9
+    grad_norm = optimizer_step(model, opt, sched, cfg.grad_clip, "ReFT")                 # step 9
     # statistics of the whole batch (torchrun: every rank's rows, gathered)
     logp_all, logp_mu, mask, adv, entropy = map(distributed.gather_rows, (logp_all, r.logp_mu, r.mask, adv, entropy))
     ref_all = None if ref_all is None else distributed.gather_rows(ref_all)

@@ -592,6 +592,43 @@ def test_optimizer_step_clips_the_global_norm():
         assert torch.allclose(p.detach(), -torch.tensor(step)), clip
 
 
+@pytest.mark.parametrize("bad, clip", [(float("nan"), 1.0), (float("inf"), 1.0), (float("nan"), 0.0)])
+def test_optimizer_step_stops_a_diverged_run_before_the_update(bad, clip):
+    """A NaN / inf gradient: a UserError naming the stage and the step about to be taken (the second here), and
+    no update: the weights, AdamW's state and the schedule stay as after step 1; the gradients are dropped."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    p.grad = torch.tensor([1.0, 2.0])
+    assert nr.optimizer_step(torch.nn.ParameterList([p]), opt, sched, clip, "ReFT") == pytest.approx(5 ** 0.5)
+    before, exp_avg = p.detach().clone(), opt.state[p]["exp_avg"].clone()
+    p.grad = torch.tensor([bad, 1.0])
+    with pytest.raises(nr.UserError, match=rf"^ReFT step 2: the gradient norm is {bad} \(a NaN or inf loss"):
+        nr.optimizer_step(torch.nn.ParameterList([p]), opt, sched, clip, "ReFT")
+    assert torch.equal(p.detach(), before) and not torch.equal(before, torch.ones(2)) and p.grad is None
+    assert int(opt.state[p]["step"]) == 1 and torch.equal(opt.state[p]["exp_avg"], exp_avg) and sched.last_epoch == 1
+
+
+def test_a_diverged_run_stops_and_keeps_its_last_checkpoint(workspace, tmp_path, monkeypatch):
+    """The loss turns NaN in ReFT step 2 (3 micro-batches a step: the 4th policy_loss call on): the run stops there
+    with the one-line error, and checkpoint/ still holds step 1's finite weights, which --resume can go on from."""
+    calls, real = [], nr.policy_loss
+
+    def nan_from_step_2(*a, **kw):
+        calls.append(1)
+        loss, stats = real(*a, **kw)
+        return (loss * float("nan") if len(calls) > 3 else loss), stats
+    monkeypatch.setattr(nr, "policy_loss", nan_from_step_2)
+    run = tmp_path / "run"
+    cfg = tiny_config(workspace, run, sft_epochs=0, save_every=1)
+    with pytest.raises(nr.UserError, match=r"^ReFT step 2: the gradient norm is nan"):
+        nr.train(cfg, quiet=True)
+    assert len(calls) == 6 and [r["step"] for r in read_metrics(run)] == [1]
+    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 1
+    model = Qwen2.from_pretrained(run / "checkpoint")                   # refuses NaN / inf weights
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_sft_loss_is_the_mean_over_completion_tokens(workspace, tmp_path):
     """Step 1's logged SFT loss = -(1 / #completion targets) * sum of log pi over the completion targets of its batch
     (prompt tokens excluded, target t predicted from tokens < t), computed here one unpadded sequence at a time.
