@@ -221,7 +221,7 @@ _SQRT_RE = re.compile(r"\\sqrt\s*([0-9a-zA-Z])")                              # 
 _MIXED_RE = re.compile(r"(?<![\w.}^_{\\])(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}")  # 137 \frac{1}{2} -> (137+..)
 _LEADING_DOT_RE = re.compile(r"(?<!\d)\.(?=\d)")                              # .5 -> 0.5
 _SPACES_RE = re.compile(r"(\\[a-zA-Z]+)?\s+(?=(.?))", re.S)
-_BRACED_SCRIPT_RE = re.compile(r"([_^])\{(\w)\}")                            # x^{2} -> x^2
+_BRACED_SCRIPT_RE = re.compile(r"([_^])\{(\w)\}(?![\d.])")                     # x^{2} -> x^2; not x^{2}3 (x^23)
 _IN_PREFIX_RE = re.compile(r"^[a-zA-Z]\\in(?![a-zA-Z])")                    # x \in [1,2] -> [1,2]
 _CHOICE_RE = re.compile(r"^\(([A-E])\)$")                                    # (C) -> C
 _AND_RE = re.compile(r"(?:\s*,)?\s+(?:and|or)\s+")                      # with a serial comma: "2, 3, and 4"
@@ -248,7 +248,8 @@ def normalize(s: str) -> str:
     - \\frac12, \\frac1{2}, \\frac{270}7 -> \\frac{1}{2}, ...; \\sqrt2 -> \\sqrt{2}; mixed numbers
       "137 \\frac{1}{2}" -> "(137+\\frac{1}{2})"; a leading-dot decimal .5 -> 0.5
     - all whitespace removed, except one space between a command and a following letter ("\\cot x")
-    - single-character scripts unbraced: x^{2} -> x^2, 4210_{5} -> 4210_5
+    - single-character scripts unbraced: x^{2} -> x^2, 4210_{5} -> 4210_5; not before a digit or ".", where the
+      braces end the script (x^{2}3 is 3x^2, not x^23)
     - "x \\in" prefix removed; \\approx read as "=" (a leading one dropped); trailing "." and "," removed;
       a choice "(C)" -> "C"; "\\{\\}" -> \\emptyset; a "+" before \\infty dropped, leading or after ( [ { ,
       ("(2,+\\infty)" -> "(2,\\infty)": the parser never sees \\infty, so only the text compares)

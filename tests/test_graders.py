@@ -603,6 +603,12 @@ REVIEW_CASES = [
     ("2, 3, 5", "2, 3, \\text{ and } 4", False),
     ("E", "\\text{(E)},", True),
     ("D", "\\text{(E)},", False),
+    # 14. braces that end a script before a digit stay: x^{2}3 is 3x^2, not x^{23}
+    ("x^{2}3", "x^{23}", False),
+    ("2^{3}4", "2^{34}", False),
+    ("x^{2}3", "3x^2", True),
+    ("2^{3}4", "32", True),
+    ("a_{1}2", "2a_1", True),
 ]
 
 
