@@ -223,6 +223,8 @@ _LEADING_DOT_RE = re.compile(r"(?<!\d)\.(?=\d)")                              # 
 _SPACES_RE = re.compile(r"(\\[a-zA-Z]+)?\s+(?=(.?))", re.S)
 _BRACED_SCRIPT_RE = re.compile(r"([_^])\{(\w)\}(?![\d.])")                     # x^{2} -> x^2; not x^{2}3 (x^23)
 _IN_PREFIX_RE = re.compile(r"^[a-zA-Z]\\in(?![a-zA-Z])")                    # x \in [1,2] -> [1,2]
+_VAR = r"(?:[a-zA-Z]|\\[a-zA-Z]+)"
+_TUPLE_LHS_RE = re.compile(r"^\(" + _VAR + r"(?:," + _VAR + r")+\)=(?=[(\[])")  # (x,y)=(1,2) -> (1,2)
 _CHOICE_RE = re.compile(r"^\(([A-E])\)$")                                    # (C) -> C
 _AND_RE = re.compile(r"(?:\s*,)?\s+(?:and|or)\s+")                      # with a serial comma: "2, 3, and 4"
 _PLUS_INFTY_RE = re.compile(r"(?<=[(\[{,])\+(?=\\infty(?![a-zA-Z]))")   # (2,+\infty) -> (2,\infty)
@@ -250,7 +252,8 @@ def normalize(s: str) -> str:
     - all whitespace removed, except one space between a command and a following letter ("\\cot x")
     - single-character scripts unbraced: x^{2} -> x^2, 4210_{5} -> 4210_5; not before a digit or ".", where the
       braces end the script (x^{2}3 is 3x^2, not x^23)
-    - "x \\in" prefix removed; \\approx read as "=" (a leading one dropped); trailing "." and "," removed;
+    - "x \\in" prefix and a tuple of variables on the left of a tuple removed ("(x, y) = (1, 2)" -> "(1,2)",
+      "(r, \\theta) = (3, \\pi)"); \\approx read as "=" (a leading one dropped); trailing "." and "," removed;
       a choice "(C)" -> "C"; "\\{\\}" -> \\emptyset; a "+" before \\infty dropped, leading or after ( [ { ,
       ("(2,+\\infty)" -> "(2,\\infty)": the parser never sees \\infty, so only the text compares)
     """
@@ -288,6 +291,7 @@ def normalize(s: str) -> str:
     s = _BRACED_SCRIPT_RE.sub(r"\1\2", s)
     s = _PLUS_INFTY_RE.sub("", s)
     s = _IN_PREFIX_RE.sub("", s)
+    s = _TUPLE_LHS_RE.sub("", s)
     s = s.replace("\\approx", "=").lstrip("=")      # "x \approx 1.6" -> "x=1.6";  "\approx 1.6" -> "1.6"
     while len(s) > 1 and s[0] == "{" and s[-1] == "}" and _spans(s):   # {5} -> 5
         s = s[1:-1]

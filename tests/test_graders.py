@@ -609,6 +609,12 @@ REVIEW_CASES = [
     ("x^{2}3", "3x^2", True),
     ("2^{3}4", "32", True),
     ("a_{1}2", "2a_1", True),
+    # 15. a tuple of variables named on the left of a tuple answer: "(x, y) = (1, 2)" is the point (1, 2)
+    ("(x, y) = (1, 2)", "(1,2)", True),
+    ("(r, \\theta) = \\left(3, \\frac{\\pi}{2}\\right)", "\\left( 3, \\frac{\\pi}{2} \\right)", True),
+    ("(x, y, z) = (1, 2, 3)", "(1,2,3)", True),
+    ("(x, y) = (2, 1)", "(1,2)", False),
+    ("(x+1, y) = (1, 2)", "(1,2)", False),
 ]
 
 
