@@ -51,6 +51,9 @@ How grade() decides (each rule is documented where it is implemented):
        d. A gold with decimals inside an expression (2.5\\pi): relative 1e-4.
      Floating-point comparisons also allow round-off: relative 1e-9 of the larger value, and an absolute 1e-12
      only where the gold's value is exactly 0 (\\sin\\pi == 0, but 0 != \\sqrt2 \\times 10^{-13}).
+     A known limit: a prediction with a root or a function in it goes to floating point even against an integer
+     gold, so beyond ~10^9 it can be off by one (2^{100}-\\sqrt{9} == 2^{100}-2, 12345678900+\\sqrt{1} ==
+     12345678900).
      Expressions with variables are evaluated in complex floats at fixed pseudo-random points and must agree to
      relative 1e-8 at every point (absolute 1e-12 only where the gold's value there is exactly 0): 6 positive
      non-integer points in [0.3, 7.5) (a point where both sides are undefined is skipped, one where only one
