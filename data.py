@@ -191,6 +191,8 @@ QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within
 
 def chat_prompt(question: str) -> str:
     """The qwen_math prompt: system + user turns, then the opened assistant turn the model completes."""
+    if not isinstance(question, str):             # chat_prompt(example) would put its solution in the prompt
+        raise TypeError(f"question: expected a string (e.g. example.question), got {type(question).__name__}")
     return (f"{IM_START}system\n{QWEN_MATH_SYSTEM}{IM_END}\n"
             f"{IM_START}user\n{question}{IM_END}\n"
             f"{IM_START}assistant\n")

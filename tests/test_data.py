@@ -294,6 +294,14 @@ def test_chat_prompt_exact():
         "<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n")
 
 
+@pytest.mark.parametrize("question", [Example("What is 1+1?", "1+1=2. \\boxed{2}", "2"), None, ["What is 1+1?"]])
+def test_chat_prompt_refuses_what_is_not_a_question_string(question):
+    """chat_prompt(example) instead of chat_prompt(example.question) formatted the Example's repr, solution and
+    gold answer included, into the prompt without a word."""
+    with pytest.raises(TypeError, match="question: expected a string"):
+        chat_prompt(question)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Loaders on fixture files
 
