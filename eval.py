@@ -83,6 +83,7 @@ import argparse
 import cmath
 import json
 import math
+import numbers
 import operator
 import os
 import re
@@ -1148,8 +1149,8 @@ _LIST_COMMA_RE = re.compile(r",\s+(?!\s|\\!)|\\circ|\u00b0")
 
 
 def _gold_text(gold) -> str:
-    if isinstance(gold, bool):
-        raise TypeError(f"gold answer {gold!r}: expected a string or a number")
+    if isinstance(gold, bool) or not isinstance(gold, (str, numbers.Number)):   # a tensor, set, dict: its repr
+        raise TypeError(f"gold answer {gold!r}: expected a string or a number (or a list of them)")
     if isinstance(gold, float) and gold.is_integer():
         return str(int(gold))                         # 142.0 -> "142"
     return str(gold)

@@ -541,3 +541,11 @@ def test_default_out_path_of_the_root_folder():
     """A model folder without a name (the filesystem root) is called 'model' in the file name."""
     t = time.mktime((2026, 12, 2, 16, 5, 9, 0, 0, -1))
     assert E.default_out_path("/", t) == os.path.join("runs", "eval-model-20261202-160509.jsonl")
+
+
+def test_a_tensor_gold_is_a_type_error():
+    """grade('5', torch.tensor(5)) graded the text 'tensor(5)' against '5': reward 0 for every completion, silently."""
+    for gold in (torch.tensor(5), torch.tensor(5.0), [torch.tensor(5)]):
+        with pytest.raises(TypeError, match="gold answer tensor"):
+            E.reward("\\boxed{5}", gold)
+    assert E.reward("\\boxed{5}", torch.tensor(5).item()) == 1.0

@@ -998,3 +998,19 @@ def test_cross_harness_golds_agree(data_dir):
                 pairs += [(str(a), gold[key(r[qfield])]) for a in answers]
     bad = [p for p in pairs if not grade(*p)]
     assert len(pairs) > 700 and not bad, (len(pairs), bad[:10])
+
+
+@pytest.mark.parametrize("gold", [{"5"}, {"answer": "5"}, True, object()])
+def test_a_gold_that_is_not_a_string_or_number_is_a_type_error(gold):
+    """grade stringified any gold: a set {'5'} or a dict graded its repr, so reward() was 0 for every completion
+    without a word; only bool was refused. (Tensors: the same, tested in test_eval where torch is imported.)"""
+    with pytest.raises(TypeError, match="gold answer .*expected a string or a number"):
+        grade("5", gold)
+    with pytest.raises(TypeError, match="gold answer"):
+        reward("\\boxed{5}", [gold])
+
+
+def test_golds_of_the_documented_types_still_grade():
+    from fractions import Fraction
+    assert grade("5", 5) and grade("142", 142.0) and grade("1/2", Fraction(1, 2)) and grade("5", ["4", 5])
+    assert not grade("5", None) and not grade("5", [])
