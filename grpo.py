@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from qwen2 import logprobs_from_logits, process_logits
+from qwen2 import check_logit_args, logprobs_from_logits, process_logits
 
 VARIANTS = ("base", "practical", "retrace")
 GRADS = ("detached", "surrogate")
@@ -58,11 +58,10 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     eos_token_ids / min_new_tokens: the sampler's EOS ban before min_new_tokens (fixed-length rollouts ban EOS
     everywhere); pass the same values to score pi_theta on the distribution the rollouts were drawn from.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature!r}: expected >= 0")
     if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
         raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)}: "
                          f"expected [B, T, V] and [B, T]")
+    check_logit_args(logits.shape[-1], temperature, top_p, valid_vocab_size, eos_token_ids, min_new_tokens)
     rows = [logprobs_from_logits(logits[i:i + 1], tokens[i:i + 1], temperature=temperature, top_p=top_p,
                                  valid_vocab_size=valid_vocab_size, eos_token_ids=eos_token_ids,
                                  min_new_tokens=min_new_tokens) for i in range(logits.shape[0])]   # [1, T] each
@@ -73,6 +72,7 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, top_p: float =
                   valid_vocab_size: int | None = None, eos_token_ids=(), min_new_tokens: int = 0) -> torch.Tensor:
     """H(pi(. | s_t)) = -sum_v p_v log p_v, p = the distribution token_logprobs scores (same arguments: vocab masking,
     EOS ban before min_new_tokens, / temperature, top-p; ids with p_v = 0 add 0). [B, T, V] -> [B, T] fp32, no grad."""
+    check_logit_args(logits.shape[-1], temperature, top_p, valid_vocab_size, eos_token_ids, min_new_tokens)
     with torch.no_grad():
         rows = []
         for z in logits:                                     # [T, V]

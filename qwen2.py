@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
+import operator
 import os
 import shutil
 import tempfile
@@ -474,6 +476,7 @@ def logprobs_from_logits(logits, tokens, temperature=1.0, top_p=1.0, valid_vocab
     """logits [B, T, V] (position t predicts tokens[:, t]), tokens [B, T] -> [B, T] float32 log-probs under
     `process_logits`, exactly what generate() records. To reproduce a run with min_new_tokens > 0 pass the
     same eos_token_ids/min_new_tokens (EOS is banned at completion positions t < min_new_tokens)."""
+    check_logit_args(logits.shape[-1], temperature, top_p, valid_vocab_size, eos_token_ids, min_new_tokens)
     logp = process_logits(logits, temperature, top_p, valid_vocab_size)
     out = logp.gather(-1, tokens[..., None]).squeeze(-1)
     m = min(min_new_tokens, logits.shape[-2])
@@ -508,16 +511,50 @@ def check_generate_args(prompts, vocab_size, max_new_tokens, min_new_tokens, tem
     if max_new_tokens < 1 or not 0 <= min_new_tokens <= max_new_tokens:
         raise ValueError(f"need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens, "
                          f"got max_new_tokens={max_new_tokens}, min_new_tokens={min_new_tokens}")
-    if not (temperature >= 0 and math.isfinite(temperature)) or not 0 < top_p <= 1:   # NaN fails both tests
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    if valid_vocab_size is not None and not 0 < valid_vocab_size <= V:
-        raise ValueError(f"valid_vocab_size={valid_vocab_size}, expected 1..{V}")
+    check_logit_args(V, temperature, top_p, valid_vocab_size, eos_token_ids, min_new_tokens)
+    if isinstance(pad_token_id, bool) or not hasattr(type(pad_token_id), "__index__"):   # 1.5 was read as id 1
+        raise TypeError(f"pad_token_id={pad_token_id!r}: expected an int")
     if not 0 <= pad_token_id < V:
         raise ValueError(f"pad_token_id={pad_token_id}, expected an id in [0, {V})")
-    if isinstance(eos_token_ids, int):              # HF's eos_token_id may be a bare int
+
+
+def check_logit_args(vocab_size, temperature=1.0, top_p=1.0, valid_vocab_size=None, eos_token_ids=(),
+                     min_new_tokens=0) -> None:
+    """The logit-processing arguments that generate() and the teacher-forced scorers (logprobs_from_logits,
+    grpo.token_logprobs / token_entropy) share, each checked with an error naming it (TypeError / ValueError), so
+    that the scorer refuses what the sampler refuses (top_p = 0 scored NaN, temperature NaN the temperature-1
+    distribution). vocab_size: V, the logits' last dimension."""
+    V = vocab_size
+    for name, x in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.Tensor)):
+            raise TypeError(f"{name}={x!r}: expected a number")
+    if not (temperature >= 0 and math.isfinite(temperature)):                      # NaN fails the test
+        raise ValueError(f"temperature={temperature}: need temperature >= 0 and finite")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p}: need 0 < top_p <= 1")
+    if valid_vocab_size is not None:
+        if isinstance(valid_vocab_size, bool) or not hasattr(type(valid_vocab_size), "__index__"):
+            raise TypeError(f"valid_vocab_size={valid_vocab_size!r}: expected an int or None")
+        if not 0 < valid_vocab_size <= V:             # 0 gave NaN log-probs, -1 masked the last id
+            raise ValueError(f"valid_vocab_size={valid_vocab_size}, expected 1..{V}")
+    if isinstance(min_new_tokens, bool) or not hasattr(type(min_new_tokens), "__index__"):
+        raise TypeError(f"min_new_tokens={min_new_tokens!r}: expected an int")
+    if min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens={min_new_tokens}: expected >= 0")
+    if hasattr(type(eos_token_ids), "__index__") and not (isinstance(eos_token_ids, torch.Tensor)
+                                                          and eos_token_ids.dim() > 0):   # HF's may be a bare int
         raise TypeError(f"eos_token_ids={eos_token_ids!r}: expected a sequence of token ids, e.g. ({eos_token_ids},)")
-    if any(not 0 <= int(e) < V for e in eos_token_ids):   # -1 banned id V-1, V an IndexError
-        raise ValueError(f"eos_token_ids={list(eos_token_ids)}: expected ids in [0, {V})")
+    if eos_token_ids is None or isinstance(eos_token_ids, (str, bytes)) or not hasattr(eos_token_ids, "__iter__"):
+        raise TypeError(f"eos_token_ids={eos_token_ids!r}: expected a sequence of token ids (() for none)")
+    for e in eos_token_ids:
+        try:
+            i = operator.index(e) if not isinstance(e, bool) else None
+        except TypeError:
+            i = None
+        if i is None:                                  # 3.7 was read as id 3
+            raise TypeError(f"eos_token_ids={list(eos_token_ids)}: expected integer token ids, got {e!r}")
+        if not 0 <= i < V:                             # -1 banned id V-1, V an IndexError
+            raise ValueError(f"eos_token_ids={list(eos_token_ids)}: expected ids in [0, {V})")
 
 
 def left_pad(prompts: list[list[int]], pad_token_id: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@
 Golden values are worked out by hand in the comments (not re-derived with the code under test).
 """
 import math
+import re
 
 import pytest
 import torch
@@ -64,6 +65,29 @@ def test_token_logprobs_by_hand_and_temperature():
     assert close(token_logprobs(logits, tokens, temperature=0.0), [[math.log(0.25), math.log(0.75)]])
     with pytest.raises(ValueError, match="temperature=-1"):
         token_logprobs(logits, tokens, temperature=-1)
+    # what generate() refuses the scorers refuse too, naming the argument: top_p = 0 / -1 scored NaN, temperature
+    # NaN the temperature-1 distribution, valid_vocab_size 0 NaN and -1 masked the last id, an eos id -1 banned the
+    # last id, 3.7 was id 3, a bare int or None a TypeError deep inside
+    for kw, err, match in [(dict(temperature=float("nan")), ValueError, "temperature=nan"),
+                           (dict(temperature=float("inf")), ValueError, "temperature=inf"),
+                           (dict(temperature="0.7"), TypeError, "temperature='0.7'"),
+                           (dict(top_p=0.0), ValueError, "top_p=0.0"), (dict(top_p=-1), ValueError, "top_p=-1"),
+                           (dict(top_p=1.5), ValueError, "top_p=1.5"),
+                           (dict(top_p=float("nan")), ValueError, "top_p=nan"),
+                           (dict(valid_vocab_size=0), ValueError, "valid_vocab_size=0"),
+                           (dict(valid_vocab_size=-1), ValueError, "valid_vocab_size=-1"),
+                           (dict(valid_vocab_size=3), ValueError, "valid_vocab_size=3"),
+                           (dict(eos_token_ids=(-1,), min_new_tokens=1), ValueError, "eos_token_ids"),
+                           (dict(eos_token_ids=(2,), min_new_tokens=1), ValueError, "eos_token_ids"),
+                           (dict(eos_token_ids=(1.7,), min_new_tokens=1), TypeError, "eos_token_ids"),
+                           (dict(eos_token_ids=1, min_new_tokens=1), TypeError, "eos_token_ids=1"),
+                           (dict(eos_token_ids=None), TypeError, "eos_token_ids=None"),
+                           (dict(min_new_tokens=-1), ValueError, "min_new_tokens=-1")]:
+        for f in (lambda: token_logprobs(logits, tokens, **kw), lambda: token_entropy(logits, **kw)):
+            with pytest.raises(err, match=re.escape(match)):
+                f()
+    assert close(token_logprobs(logits, tokens, eos_token_ids={1}, min_new_tokens=1),       # a set of ids is fine
+                 [[0.0, math.log(0.75)]])
     # valid_vocab_size = 2 masks id 2: logits [0, ln 3, 5] -> softmax over the first two = [1/4, 3/4]
     wide = torch.tensor([[[0.0, math.log(3.0), 5.0]] * 2])
     assert close(token_logprobs(wide, tokens, valid_vocab_size=2), [[math.log(0.25), math.log(0.75)]])

@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -634,6 +635,21 @@ def test_generate_argument_errors():
             m.generate([[1]], max_new_tokens=2, valid_vocab_size=vv)
     with pytest.raises(ValueError, match="skip_mask"):
         m.generate([[1]], max_new_tokens=2, skip_mask=[True])
+    for eos in (None, "3", 3.0):                    # None was "'NoneType' object is not iterable"
+        with pytest.raises(TypeError, match="eos_token_ids="):
+            m.generate([[1]], max_new_tokens=2, eos_token_ids=eos)
+    for eos in (np.int64(3), torch.tensor(3)):      # a bare id, as np / torch scalars too
+        with pytest.raises(TypeError, match=r"expected a sequence of token ids, e.g."):
+            m.generate([[1]], max_new_tokens=2, eos_token_ids=eos)
+    with pytest.raises(TypeError, match=r"eos_token_ids=\[3.7\]: expected integer token ids"):   # was id 3
+        m.generate([[1]], max_new_tokens=2, eos_token_ids=[3.7])
+    for pad in (1.5, None):
+        with pytest.raises(TypeError, match=f"pad_token_id={pad}: expected an int"):
+            m.generate([[1, 2], [3]], max_new_tokens=2, pad_token_id=pad)
+    with pytest.raises(TypeError, match="valid_vocab_size=50.5"):
+        m.generate([[1]], max_new_tokens=2, valid_vocab_size=50.5)
+    out = m.generate([[1]], max_new_tokens=2, eos_token_ids={np.int64(3), 4}, temperature=np.float32(0.5))
+    assert out.tokens.shape[0] == 1                 # numpy ids and numbers, sets of ids: fine
 
 
 def test_chunked_prefill_with_padding_equals_full_forward():
