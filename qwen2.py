@@ -476,6 +476,9 @@ def logprobs_from_logits(logits, tokens, temperature=1.0, top_p=1.0, valid_vocab
     """logits [B, T, V] (position t predicts tokens[:, t]), tokens [B, T] -> [B, T] float32 log-probs under
     `process_logits`, exactly what generate() records. To reproduce a run with min_new_tokens > 0 pass the
     same eos_token_ids/min_new_tokens (EOS is banned at completion positions t < min_new_tokens)."""
+    if logits.dim() < 2 or tokens.shape != logits.shape[:-1]:      # [B, T - 1] tokens gathered T - 1 positions
+        raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)}: "
+                         f"expected [B, T, V] and [B, T]")
     check_logit_args(logits.shape[-1], temperature, top_p, valid_vocab_size, eos_token_ids, min_new_tokens)
     logp = process_logits(logits, temperature, top_p, valid_vocab_size)
     out = logp.gather(-1, tokens[..., None]).squeeze(-1)

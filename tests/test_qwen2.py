@@ -652,6 +652,17 @@ def test_generate_argument_errors():
     assert out.tokens.shape[0] == 1                 # numpy ids and numbers, sets of ids: fine
 
 
+def test_logprobs_from_logits_refuses_tokens_of_another_shape():
+    """tokens [B, T - 1] against logits [B, T, V] (the teacher-forcing off-by-one) were gathered from the first
+    T - 1 positions without a word: gather only needs index.size(d) <= input.size(d)."""
+    logits, tokens = torch.randn(2, 3, 10), torch.zeros(2, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"logits \(2, 3, 10\) and tokens \(2, 2\)"):
+        logprobs_from_logits(logits, tokens)
+    with pytest.raises(ValueError, match="top_p=0"):
+        logprobs_from_logits(logits, torch.zeros(2, 3, dtype=torch.long), top_p=0)
+    assert logprobs_from_logits(logits[0], tokens[0, :1].expand(3)).shape == (3,)    # [T, V] and [T] still work
+
+
 def test_chunked_prefill_with_padding_equals_full_forward():
     """The cache path with T > 1 after cached columns (padded_causal_mask with start > 0)."""
     m = ours(seed=12)
