@@ -212,8 +212,10 @@ def loss_normaliser(mask: torch.Tensor, aggregation: str, max_len: int | None = 
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}")
+    if mask.dim() != 2:
+        raise ValueError(f"mask {tuple(mask.shape)}: expected [B, T]")
     if aggregation == "token_mean":
-        return int(mask.sum().item())                                     # sum_{b,t} m
+        return int(mask.bool().sum().item())                              # sum_{b,t} m (nonzero = token, as aggregate)
     if aggregation == "seq_mean":
         return mask.shape[0]                                              # B
     _check_max_len(max_len, mask.shape[1])
@@ -225,6 +227,9 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str = "t
     """Scalar loss from per-token losses [B, T] over the masked tokens (formulas in policy_loss's docstring)."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}")
+    if per_token.dim() != 2 or mask.shape != per_token.shape:             # [B, 1] / [T] masks broadcast silently
+        raise ValueError(f"per_token {tuple(per_token.shape)} and mask {tuple(mask.shape)}: "
+                         f"expected two [B, T] tensors of the same shape")
     mask = mask.bool()
     masked = torch.where(mask, per_token, torch.zeros_like(per_token))     # padding -> 0 (no NaN from 0 * inf)
     if aggregation == "seq_mean":

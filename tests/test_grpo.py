@@ -501,6 +501,14 @@ def test_aggregate_direct():
         aggregate(per_token, mask, "dr_grpo", max_len=2)
     with pytest.raises(ValueError, match="aggregation='mean'"):
         aggregate(per_token, mask, "mean")
+    # a mask of another shape broadcast silently: [B, 1] counted every padded position, [T] the wrong rows
+    for bad in (mask[:, :1], mask[0], mask[None]):
+        with pytest.raises(ValueError, match=r"per_token \(2, 3\) and mask"):
+            aggregate(per_token, bad)
+    with pytest.raises(ValueError, match=r"per_token \(2,\)"):
+        aggregate(per_token[:, 0], mask[:, 0], "seq_mean")
+    # a 0/1 mask of another dtype is a mask as in policy_loss (nonzero = token)
+    assert close(aggregate(per_token, mask.float(), "token_mean"), 6 / 3)
 
 
 def test_loss_normaliser_by_hand():
@@ -511,6 +519,12 @@ def test_loss_normaliser_by_hand():
     assert loss_normaliser(mask, "seq_mean") == 2
     assert loss_normaliser(mask, "dr_grpo", max_len=5) == 10
     assert loss_normaliser(mask, "dr_grpo", max_len=3) == 6
+    # aggregate, policy_loss and offpolicy_stats count nonzero entries as tokens; loss_normaliser summed the values
+    # (a mask of 2s or 0.5s gave twice or half the token count: micro-batch losses no longer summed to the batch's)
+    for other in (mask.float() * 0.5, mask.long() * 2):
+        assert loss_normaliser(other, "token_mean") == 4
+    with pytest.raises(ValueError, match=r"mask \(3,\): expected \[B, T\]"):        # was an IndexError
+        loss_normaliser(mask[0], "dr_grpo", max_len=5)
 
 
 def test_empty_completions_count_as_sequences():
