@@ -267,8 +267,10 @@ def offpolicy_stats(logp: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tenso
     completion_len mean #tokens per completion;  n_tokens, n_seqs
     """
     _check_variant(variant, lam)
+    m = _check_shapes(logp, logp_mu, mask, advantages, ref_logp)         # a [B, 1] ref_logp broadcast silently
+    if logits is not None and (logits.dim() != 3 or logits.shape[:2] != logp.shape):
+        raise ValueError(f"logits {tuple(logits.shape)}: expected [B, T, V] with [B, T] = {tuple(logp.shape)}")
     with torch.no_grad():
-        m = mask.bool()
         n = m.sum()
         logp, logp_mu = logp.detach().double(), logp_mu.detach().double()   # float64: sums of rho^2 stay finite
         log_ratio = torch.clamp(logp - logp_mu, max=MAX_LOG_RATIO)
@@ -356,7 +358,7 @@ def _check_shapes(logp, logp_mu, mask, advantages, ref_logp) -> torch.Tensor:
     if logp.dim() != 2 or logp_mu.shape != logp.shape or mask.shape != logp.shape:
         raise ValueError(f"logp {tuple(logp.shape)}, logp_mu {tuple(logp_mu.shape)}, mask {tuple(mask.shape)}: "
                          f"expected three [B, T] tensors of the same shape")
-    if advantages.shape not in (logp.shape[:1], logp.shape):
+    if advantages is not None and advantages.shape not in (logp.shape[:1], logp.shape):
         raise ValueError(f"advantages {tuple(advantages.shape)}: expected [B] = {tuple(logp.shape[:1])} or [B, T]")
     if ref_logp is not None and ref_logp.shape != logp.shape:
         raise ValueError(f"ref_logp {tuple(ref_logp.shape)}: expected the shape of logp {tuple(logp.shape)}")

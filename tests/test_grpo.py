@@ -601,6 +601,20 @@ def test_offpolicy_stats_by_hand():
     assert close(offpolicy_stats(lp, torch.zeros(1, 4), m)["ess_ratio"], 0.25)
 
 
+def test_offpolicy_stats_refuses_mismatched_shapes():
+    """offpolicy_stats had no shape check: a [B, 1] ref_logp broadcast into a wrong kl_ref silently, the others failed
+    with torch's size-mismatch RuntimeError naming no argument."""
+    lp, m = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    for kw, match in [(dict(ref_logp=torch.zeros(2, 1)), r"ref_logp \(2, 1\)"),
+                      (dict(logp_mu=torch.zeros(2, 2)), r"logp_mu \(2, 2\)"),
+                      (dict(mask=m[:, :1]), r"mask \(2, 1\)"),
+                      (dict(advantages=torch.zeros(3), clip_eps=0.2), r"advantages \(3,\)"),
+                      (dict(logits=torch.zeros(2, 4, 5)), r"logits \(2, 4, 5\)")]:
+        args = {"logp": lp, "logp_mu": torch.zeros(2, 3), "mask": m, **kw}
+        with pytest.raises(ValueError, match=match):
+            offpolicy_stats(args.pop("logp"), args.pop("logp_mu"), args.pop("mask"), **args)
+
+
 def test_reward_stats_by_hand():
     R = torch.tensor([1., 0., 0., 1., 1., 1., 1., 1., 0., 0., 0., 0.])
     s = reward_stats(R, 4)
