@@ -13,6 +13,7 @@ Per-token loss l_t = -f(rho_t) * A (+ beta * KL_t), aggregated over the masked t
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -96,6 +97,7 @@ def importance_ratio(logp: torch.Tensor, logp_mu: torch.Tensor) -> torch.Tensor:
     the estimate meaningless; below the cap nothing changes. Above it the gradient through rho is zero (clamp),
     which only matters for grad="surrogate".
     """
+    _check_same_shape(logp=logp, logp_mu=logp_mu)
     return torch.exp(torch.clamp(logp - logp_mu, max=MAX_LOG_RATIO))   # rho = exp(log pi - log mu)
 
 
@@ -113,7 +115,16 @@ def ppo_clipped(rho: torch.Tensor, adv: torch.Tensor, clip_eps: float) -> torch.
     """Where PPO's eps-clip is active: (A > 0 and rho > 1 + eps) or (A < 0 and rho < 1 - eps).   [B, T] bool
 
     These are exactly the tokens where -min(rho*A, clip(rho, 1-eps, 1+eps)*A) takes the clipped, constant branch.
+    rho [B, T] with adv [B] (one advantage per sequence), [B, 1] or [B, T]; or any shape with adv of the same.
     """
+    if isinstance(clip_eps, bool) or not isinstance(clip_eps, numbers.Real) or not 0 < clip_eps < 1:
+        raise ValueError(f"clip_eps={clip_eps!r}: expected a number in (0, 1)")
+    if adv.shape != rho.shape:
+        if rho.dim() == 2 and adv.shape == rho.shape[:1]:
+            adv = adv.unsqueeze(1)                   # [B] -> [B, 1]; it broadcast along T (B == T) or failed
+        elif not (rho.dim() == 2 and adv.shape == (rho.shape[0], 1)):
+            raise ValueError(f"rho {tuple(rho.shape)} and adv {tuple(adv.shape)}: expected adv [B], [B, 1] or "
+                             f"rho's shape")
     return ((adv > 0) & (rho > 1 + clip_eps)) | ((adv < 0) & (rho < 1 - clip_eps))
 
 
@@ -200,6 +211,7 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     log pi_theta, capped at +MAX_LOG_RATIO like the ratio. Below, log pi_ref is raised to log pi_theta - MAX_LOG_RATIO
     (a ref log-prob of -inf under top_p < 1, or a huge gap): the value stays finite and the gradient keeps pulling
     pi_theta back, d KL / d log pi_theta = 1 - exp(d)."""
+    _check_same_shape(logp=logp, ref_logp=ref_logp)
     ref_logp = torch.maximum(ref_logp, logp.detach() - MAX_LOG_RATIO)
     d = torch.clamp(ref_logp - logp, max=MAX_LOG_RATIO)
     return torch.exp(d) - d - 1
@@ -352,6 +364,12 @@ def _check_max_len(max_len, T: int) -> None:
         raise ValueError(f"max_len={max_len!r}: aggregation 'dr_grpo' needs the completion-length budget (an int >= 1)")
     if T > max_len:
         raise ValueError(f"max_len={max_len} is shorter than the completions ({T} positions): expected max_len >= T")
+
+
+def _check_same_shape(**tensors) -> None:
+    (a, x), (b, y) = tensors.items()
+    if x.shape != y.shape:                           # [B, T] against [B] or [B, 1] broadcast silently
+        raise ValueError(f"{a} {tuple(x.shape)} and {b} {tuple(y.shape)}: expected the same shape")
 
 
 def _check_shapes(logp, logp_mu, mask, advantages, ref_logp) -> torch.Tensor:

@@ -551,6 +551,25 @@ def test_ppo_clip_boundaries():
     assert not grpo.ppo_clipped(rho, torch.zeros(5, dtype=torch.float64), 0.2).any()   # A = 0: nothing to clip
 
 
+def test_per_sequence_advantages_and_shapes_in_the_primitives():
+    """ppo_clipped(rho [B, T], adv [B]) broadcast adv along T when B == T (token t got sequence t's advantage) and
+    failed with a size mismatch otherwise; importance_ratio / kl_k3 broadcast a [B] or [B, 1] second argument."""
+    rho = torch.tensor([[2.0, 2.0], [0.5, 0.5]])                       # B = T = 2
+    adv = torch.tensor([1.0, -1.0])                                    # seq 0: A > 0, rho > 1.2; seq 1: A < 0, rho < 0.8
+    assert grpo.ppo_clipped(rho, adv, 0.2).tolist() == [[True, True], [True, True]]
+    assert grpo.ppo_clipped(rho, adv[:, None], 0.2).tolist() == [[True, True], [True, True]]
+    assert grpo.ppo_clipped(torch.ones(3, 2) * 2, torch.ones(3), 0.2).all()                  # B != T
+    with pytest.raises(ValueError, match=r"rho \(3, 2\) and adv \(2,\)"):
+        grpo.ppo_clipped(torch.ones(3, 2), torch.ones(2), 0.2)
+    for eps in (None, 0.0, 1.5, math.nan):
+        with pytest.raises(ValueError, match="clip_eps="):
+            grpo.ppo_clipped(rho, adv, eps)
+    for f, names in ((importance_ratio, "logp .* and logp_mu"), (grpo.kl_k3, "logp .* and ref_logp")):
+        for other in (torch.zeros(2), torch.zeros(2, 1)):
+            with pytest.raises(ValueError, match=names):
+                f(torch.zeros(2, 2), other)
+
+
 def test_policy_loss_errors():
     logp, logp_mu, adv, mask = hand_example()
     with pytest.raises(ValueError, match="grad='exact'"):
