@@ -168,7 +168,7 @@ def policy_loss(logp: torch.Tensor, logp_mu: torch.Tensor, advantages: torch.Ten
         raise ValueError(f"grad={grad!r}: expected one of {GRADS}")
     if clip_eps is not None and not 0 < clip_eps < 1:
         raise ValueError(f"clip_eps={clip_eps!r}: expected None (no clipping) or a number in (0, 1)")
-    if beta < 0 or (beta > 0 and ref_logp is None):
+    if not beta >= 0 or (beta > 0 and ref_logp is None):                  # NaN fails: it dropped the KL term
         raise ValueError(f"beta={beta!r}: expected beta >= 0, and a ref_logp tensor when beta > 0")
     mask = _check_shapes(logp, logp_mu, mask, advantages, ref_logp)
     adv = _per_token(advantages).to(logp.dtype).detach()                  # [B, 1] or [B, T]
@@ -242,6 +242,11 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str = "t
     if per_token.dim() != 2 or mask.shape != per_token.shape:             # [B, 1] / [T] masks broadcast silently
         raise ValueError(f"per_token {tuple(per_token.shape)} and mask {tuple(mask.shape)}: "
                          f"expected two [B, T] tensors of the same shape")
+    if token_normaliser is not None and not isinstance(token_normaliser, torch.Tensor) and (
+            isinstance(token_normaliser, bool) or not isinstance(token_normaliser, numbers.Real)
+            or not 0 <= token_normaliser < math.inf):     # a negative one became 1, NaN a NaN loss
+        raise ValueError(f"token_normaliser={token_normaliser!r}: expected None or a finite number >= 0 "
+                         f"(loss_normaliser's value summed over the micro-batches and ranks)")
     mask = mask.bool()
     masked = torch.where(mask, per_token, torch.zeros_like(per_token))     # padding -> 0 (no NaN from 0 * inf)
     if aggregation == "seq_mean":
@@ -380,4 +385,11 @@ def _check_shapes(logp, logp_mu, mask, advantages, ref_logp) -> torch.Tensor:
         raise ValueError(f"advantages {tuple(advantages.shape)}: expected [B] = {tuple(logp.shape[:1])} or [B, T]")
     if ref_logp is not None and ref_logp.shape != logp.shape:
         raise ValueError(f"ref_logp {tuple(ref_logp.shape)}: expected the shape of logp {tuple(logp.shape)}")
+    if not logp.is_floating_point():                 # an integer logp truncated logp_mu and the advantages to it
+        raise TypeError(f"logp of dtype {logp.dtype}: expected floating-point log-probs")
+    named = {"logp": logp, "logp_mu": logp_mu, "mask": mask, "advantages": advantages, "ref_logp": ref_logp}
+    devices = {k: t.device for k, t in named.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"tensors on different devices: {', '.join(f'{k} on {d}' for k, d in devices.items())}; "
+                         f"expected all on logp's device")
     return mask.bool()

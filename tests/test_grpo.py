@@ -580,6 +580,22 @@ def test_policy_loss_errors():
         policy_loss(logp, logp_mu, torch.zeros(3), mask, variant="base")
     with pytest.raises(ValueError, match=r"logp \(2, 3\)"):
         policy_loss(logp, logp_mu[:, :2], adv, mask, variant="base")
+    # silently wrong before: an integer logp truncated logp_mu and the advantages to integers; beta NaN dropped the
+    # KL term; a negative token_normaliser became 1 and NaN gave a NaN loss; a str was torch's "new(): invalid data
+    # type"; a tensor on another device was torch's device error naming no argument
+    with pytest.raises(TypeError, match="logp of dtype torch.int64"):
+        policy_loss(logp.long(), logp_mu, adv, mask, variant="base")
+    with pytest.raises(ValueError, match="beta=nan"):
+        policy_loss(logp, logp_mu, adv, mask, variant="base", beta=math.nan, ref_logp=logp_mu)
+    for z in (-4, math.nan, math.inf, "4"):
+        with pytest.raises(ValueError, match=f"token_normaliser={z!r}"):
+            policy_loss(logp, logp_mu, adv, mask, variant="base", token_normaliser=z)
+    for z in (0, 4, 4.0, torch.tensor(4)):                      # 0: an all-empty batch (loss 0)
+        policy_loss(logp, logp_mu, adv, mask, variant="base", token_normaliser=z)
+    with pytest.raises(ValueError, match="advantages on meta"):
+        policy_loss(logp, logp_mu, adv.to("meta"), mask, variant="base")
+    with pytest.raises(ValueError, match="logp on meta"):
+        offpolicy_stats(logp.to("meta"), logp_mu, mask)
 
 
 # ---------------------------------------------------------------------------------------------- diagnostics
