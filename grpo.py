@@ -34,11 +34,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     rewards [B*G] float, groups are consecutive: rows g*G .. g*G+G-1 are the G completions of prompt g.
     A group whose rewards are all equal gets A = 0. Returns [B*G] float32.
     """
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size={group_size!r}: expected an integer >= 1")
-    if rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards of shape {tuple(rewards.shape)}: expected a 1-D tensor whose length is a "
-                         f"multiple of group_size={group_size}")
+    _check_rewards(rewards, group_size)
     if scale and group_size < 2:
         raise ValueError("group_size=1 with scale=True: the unbiased group std needs at least 2 completions")
     R = rewards.float().view(-1, group_size)                 # [B, G]
@@ -329,9 +325,7 @@ def offpolicy_stats(logp: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tenso
 def reward_stats(rewards: torch.Tensor, group_size: int) -> dict[str, float]:
     """reward_mean (= accuracy for 0/1 rewards), reward_std, zero_std_frac = fraction of groups whose G rewards are
     all equal (zero variance: A = 0, no learning signal from that prompt)."""
-    if rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards of shape {tuple(rewards.shape)}: "
-                         f"expected 1-D with a multiple of group_size={group_size} entries")
+    _check_rewards(rewards, group_size)
     R = rewards.detach().double().view(-1, group_size)                   # [B, G]
     flat = R.view(-1)
     return {"reward_mean": flat.mean().item(),
@@ -362,6 +356,21 @@ def _check_variant(variant: str, lam: float) -> None:
         raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
     if variant == "retrace" and not 0 < lam <= 1:
         raise ValueError(f"lam={lam!r}: expected Retrace's lambda in (0, 1]")
+
+
+def _check_rewards(rewards, group_size) -> None:
+    """group_advantages' and reward_stats' arguments (rewards are few and on the CPU in reft_step: the finiteness
+    check costs nothing there)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r}: expected an integer >= 1")
+    if not isinstance(rewards, torch.Tensor):
+        raise TypeError(f"rewards: expected a 1-D tensor, got {type(rewards).__name__}")
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)}: expected a 1-D tensor whose length is a "
+                         f"multiple of group_size={group_size}")
+    if rewards.is_floating_point() and not bool(torch.isfinite(rewards).all()):   # NaN: A and the loss NaN
+        raise ValueError(f"rewards: expected finite numbers, got {rewards[~torch.isfinite(rewards)][:3].tolist()} "
+                         f"among them (a reward function returned NaN or inf)")
 
 
 def _check_max_len(max_len, T: int) -> None:

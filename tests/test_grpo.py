@@ -47,6 +47,18 @@ def test_group_advantages_errors():
     with pytest.raises(ValueError, match="group_size=1"):
         group_advantages(torch.zeros(6), 1)
     assert close(group_advantages(torch.tensor([3., 5.]), 1, scale=False), [0, 0])
+    # NaN / inf rewards (a custom reward function) gave NaN advantages, so a NaN loss and weights, silently; a list
+    # was an AttributeError; reward_stats took group_size 0 (ZeroDivisionError), 2.0 (a view() TypeError), True (1)
+    for f in (group_advantages, reward_stats):
+        for bad in (math.nan, math.inf):
+            with pytest.raises(ValueError, match="rewards: expected finite numbers"):
+                f(torch.tensor([1.0, bad, 0.0, 1.0]), 2)
+        with pytest.raises(TypeError, match="rewards: expected a 1-D tensor, got list"):
+            f([1.0, 0.0], 2)
+        for g in (0, 2.0, True, "2"):
+            with pytest.raises(ValueError, match=f"group_size={g!r}"):
+                f(torch.ones(4), g)
+    assert close(group_advantages(torch.tensor([1, 0, 1, 1]), 2), [0.7070, -0.7070, 0, 0], atol=1e-4)   # ints: fine
 
 
 # ---------------------------------------------------------------------------------------------- log-probs
