@@ -632,7 +632,8 @@ def sampling_kwargs(cfg: Config, tok: Tokenizer) -> dict:
 def rollout(model: Qwen2, tok: Tokenizer, batch: list[Example], skip_mask: list[bool], cfg: Config,
             gen: torch.Generator, device, dtype) -> Rollouts:
     """Steps 3-5 up to the rewards: G completions per prompt from the nested model (no gradient), their log mu
-    (recorded by generate) and 0/1 rewards R; reft_step turns R into advantages."""
+    (recorded by generate) and 0/1 rewards R; reft_step turns R into advantages. skip_mask: N bools (a list, a
+    tensor), or None = no layer skipped, as in generate()."""
     G = cfg.group_size
     prompts = [tok.encode(chat_prompt(ex.question))[-cfg.max_prompt_len:] for ex in batch for _ in range(G)]
     golds = [ex.answer for ex in batch for _ in range(G)]
@@ -647,8 +648,9 @@ def rollout(model: Qwen2, tok: Tokenizer, batch: list[Example], skip_mask: list[
     tokens, mask = cat("tokens", tok.pad_token_id, False), cat("mask", False, False)
     texts = [tok.decode(t[m].tolist()) for t, m in zip(tokens, mask)]
     rewards = torch.tensor([reward(t, g) for t, g in zip(texts, golds)], dtype=torch.float32)   # step 5: R
+    skip = [False] * model.config.num_hidden_layers if skip_mask is None else [bool(s) for s in skip_mask]
     return Rollouts(cat("prompt_tokens", tok.pad_token_id, True), cat("prompt_mask", False, True), tokens, mask,
-                    cat("logprobs", 0.0, False), rewards, texts, list(skip_mask))
+                    cat("logprobs", 0.0, False), rewards, texts, skip)
 
 
 def _cat_padded(ts: list[torch.Tensor], pad, left: bool) -> torch.Tensor:

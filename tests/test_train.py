@@ -765,6 +765,12 @@ def test_rollout_rows_follow_their_prompts(workspace, tmp_path, monkeypatch):
         assert r.prompt_tokens[i][r.prompt_mask[i]].tolist() == tok.encode(chat_prompt(batch[i // 3].question))[-8:]
         assert r.texts[i] == seen[i][0] == tok.decode(r.tokens[i][r.mask[i]].tolist())
     assert r.tokens.shape == r.mask.shape == r.logp_mu.shape == (6, 3)
+    # skip_mask=None (no skipping, as generate() takes it) failed in list(None) after all the rollouts were drawn;
+    # it is the all-False mask, so reft_step treats the batch as on-policy; a tensor mask is stored as bools
+    for skip, stored in ((None, [False] * 4), (torch.tensor([0, 1, 0, 0]), [False, True, False, False])):
+        r = nr.rollout(model, tok, batch, skip, cfg, torch.Generator().manual_seed(0), torch.device("cpu"),
+                       torch.float32)
+        assert r.skip == stored and all(type(s) is bool for s in r.skip)
 
 
 def test_reft_step_entropy_is_that_of_the_sampled_distribution(workspace, tmp_path):
