@@ -412,6 +412,8 @@ def sft_example(tokenizer: Tokenizer, ex: Example, max_len: int | None = None) -
     loss_mask[t] = 1 iff token t is part of the completion (solution and the closing <|im_end|>), i.e. a
     target of the next-token loss. With max_len, both are cut to the first max_len tokens.
     """
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0):
+        raise ValueError(f"max_len={max_len!r}: expected None or an integer >= 0")   # -1 dropped the last token
     if ex.solution is None:
         raise ValueError(f"example has no solution, so it cannot be an SFT example: {ex.question[:60]!r}")
     prompt = tokenizer.encode(chat_prompt(ex.question))
@@ -436,6 +438,9 @@ def pad_batch(seqs: list[list[int]], value: int, left: bool = False) -> torch.Te
 
 def collate_sft(batch: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad SFT examples: input_ids [B, T] long, attention_mask [B, T] long (1 = real), loss_mask [B, T] float."""
+    for i, (ids, loss_mask) in enumerate(batch):    # else loss_mask came out shorter than input_ids, silently
+        if len(ids) != len(loss_mask):
+            raise ValueError(f"batch[{i}]: {len(ids)} ids but {len(loss_mask)} loss_mask entries, expected as many")
     ids = pad_batch([b[0] for b in batch], pad_token_id)
     attention_mask = pad_batch([[1] * len(b[0]) for b in batch], 0)
     loss_mask = pad_batch([b[1] for b in batch], 0).float()

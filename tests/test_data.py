@@ -574,6 +574,9 @@ def test_sft_example_demo(demo_tok):
     check_sft(demo_tok, EX)
     with pytest.raises(ValueError, match="no solution"):
         sft_example(demo_tok, Example("q", None, "1"))
+    for bad in (-1, -20, 5.0, True):                 # -1 silently dropped the last token (a slice ids[:-1])
+        with pytest.raises(ValueError, match=f"max_len={bad!r}: expected None or an integer >= 0"):
+            sft_example(demo_tok, EX, max_len=bad)
 
 
 def test_sft_example_qwen2(tok, real):
@@ -607,6 +610,8 @@ def test_collate():
     ids, att = collate_prompts([], pad_token_id=0)                       # an empty batch: [0, 0], no error
     assert ids.shape == att.shape == (0, 0) and ids.dtype == att.dtype == torch.long
     assert all(v.shape == (0, 0) for v in collate_sft([], pad_token_id=9).values())
+    with pytest.raises(ValueError, match=r"batch\[1\]: 3 ids but 2 loss_mask entries"):   # was a shorter loss_mask
+        collate_sft([([5], [1]), ([5, 6, 7], [0, 1])], pad_token_id=9)
 
 
 def test_write_text_atomic_never_leaves_a_half_written_file(tmp_path):
