@@ -678,6 +678,9 @@ class Qwen2(nn.Module):
         logits_from: logits only for positions >= logits_from; cache: a KVCache from new_cache() with the
         same skip_mask, appended at its current length (prefill, then decode one token at a time).
         Returns logits [B, T - logits_from, V] in the model dtype."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:   # was "not enough values to unpack"
+            raise ValueError(f"input_ids {tuple(getattr(input_ids, 'shape', ())) or type(input_ids).__name__}: "
+                             f"expected a [B, T] tensor of token ids")
         B, T = input_ids.shape
         dev = input_ids.device
         active = self.active_layers(skip_mask)

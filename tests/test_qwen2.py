@@ -452,6 +452,9 @@ def test_all_false_mask_equals_no_mask_and_mask_validation():
         m(ids, [0.5, 0, 0, 0])
     with pytest.raises(ValueError, match="attention_mask"):
         m(ids, attention_mask=torch.ones(2, 5))
+    for bad, what in ((ids[0], r"\(6,\)"), (ids[None], r"\(1, 2, 6\)"), ([[1, 2]], "list")):   # 1-D ids: "not
+        with pytest.raises(ValueError, match=f"input_ids {what}: expected a \\[B, T\\] tensor"):  # enough values
+            m(bad)                                                                                   # to unpack"
 
 
 def test_kv_cache_holds_active_layers_only():
