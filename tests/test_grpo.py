@@ -567,7 +567,7 @@ def test_per_sequence_advantages_and_shapes_in_the_primitives():
     """ppo_clipped(rho [B, T], adv [B]) broadcast adv along T when B == T (token t got sequence t's advantage) and
     failed with a size mismatch otherwise; importance_ratio / kl_k3 broadcast a [B] or [B, 1] second argument."""
     rho = torch.tensor([[2.0, 2.0], [0.5, 0.5]])                       # B = T = 2
-    adv = torch.tensor([1.0, -1.0])                                    # seq 0: A > 0, rho > 1.2; seq 1: A < 0, rho < 0.8
+    adv = torch.tensor([1.0, -1.0])                 # seq 0: A > 0, rho > 1.2; seq 1: A < 0, rho < 0.8
     assert grpo.ppo_clipped(rho, adv, 0.2).tolist() == [[True, True], [True, True]]
     assert grpo.ppo_clipped(rho, adv[:, None], 0.2).tolist() == [[True, True], [True, True]]
     assert grpo.ppo_clipped(torch.ones(3, 2) * 2, torch.ones(3), 0.2).all()                  # B != T
