@@ -506,8 +506,9 @@ def check_generate_args(prompts, vocab_size, max_new_tokens, min_new_tokens, tem
                         pad_token_id, valid_vocab_size) -> None:
     """generate()'s arguments, each checked with an error naming it (TypeError / ValueError)."""
     V = vocab_size
-    if not isinstance(prompts, (list, tuple)) or not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts: expected a non-empty list of non-empty token-id lists")
+    if not isinstance(prompts, (list, tuple)) or not prompts or any(
+            isinstance(p, (str, bytes)) or not hasattr(p, "__len__") or len(p) == 0 for p in prompts):  # [5, 17, 3]:
+        raise ValueError("prompts: expected a non-empty list of non-empty token-id lists")         # len() of an int
     for name, n in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens)):
         if isinstance(n, bool) or not hasattr(type(n), "__index__"):   # 2.5 failed in torch.zeros, None on '<'
             raise TypeError(f"{name}={n!r}: expected an int")

@@ -605,6 +605,9 @@ def test_generate_argument_errors():
         m.generate([], max_new_tokens=2)
     with pytest.raises(ValueError, match="prompts"):
         m.generate([[1, 2], []], max_new_tokens=2)
+    for bad in ([5, 17, 3], ["5 17 3"]):            # one prompt not in a list: "object of type 'int' has no len()"
+        with pytest.raises(ValueError, match="prompts: expected a non-empty list of non-empty token-id lists"):
+            m.generate(bad, max_new_tokens=2)
     with pytest.raises(ValueError, match="temperature >= 0"):
         m.generate([[1]], max_new_tokens=2, temperature=-0.5)
     for bad in (float("nan"), float("inf")):       # NaN sampled silently at temperature 1, inf uniformly
