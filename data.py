@@ -125,8 +125,9 @@ class Tokenizer:
         return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        """Text of `ids` (a list or 1-D tensor); ids outside the vocabulary are dropped."""
-        return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        """Text of `ids` (a list or 1-D tensor); ids outside the vocabulary are dropped (the tokenizers library drops
+        those >= its size, e.g. Qwen's padded embedding rows; a negative one would be an OverflowError there)."""
+        return self.tk.decode([i for i in map(int, ids) if i >= 0], skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int:
         i = self.tk.token_to_id(token)

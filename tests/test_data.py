@@ -132,6 +132,8 @@ def test_decode_round_trip(tok, ref):
     ids = tok.encode(chat_prompt("Q?") + "A.<|im_end|>")
     assert tok.decode(ids) == f"system\n{data.QWEN_MATH_SYSTEM}\nuser\nQ?\nassistant\nA."
     assert tok.decode(tok.encode("<think>x</think>")) == "<think>x</think>"  # non-special added tokens stay
+    ids = tok.encode("A.")
+    assert tok.decode([-1] + ids + [tok.vocab_size, 10**6]) == "A."    # outside the vocabulary: dropped, as documented
 
 
 def test_hf_tokenizer_files_travel_with_the_tokenizer(tmp_path):
