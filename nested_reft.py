@@ -29,7 +29,7 @@ from data import (TRAIN_SETS, Example, Tokenizer, chat_prompt, collate_sft, load
                   synthetic_tokenizer, write_text_atomic)
 from grpo import (AGGREGATIONS, GRADS, VARIANTS, group_advantages, loss_normaliser, offpolicy_stats, policy_loss,
                   reward_stats, token_entropy, token_logprobs)
-from qwen2 import Qwen2, Qwen2Config, parse_device
+from qwen2 import Qwen2, Qwen2Config, drop_decode_packing, parse_device
 
 # ======================================================================================================
 # Layer skipping (Definitions 1–3, spec §2)
@@ -644,6 +644,9 @@ def rollout(model: Qwen2, tok: Tokenizer, batch: list[Example], skip_mask: list[
         with torch.no_grad(), autocast(device, dtype):
             parts.append(model.generate(prompts[i:i + cfg.rollout_batch], max_new_tokens=cfg.max_new_tokens,
                                         skip_mask=skip_mask, pad_token_id=tok.pad_token_id, generator=gen, **kw))
+    # CPU: generate()'s decode packing (a copy of the weights: 1.7 GiB for the 0.5B shape in fp32) cannot serve
+    # again, this step's update changes the weights; freed now, not kept through the loss pass to the optimizer step
+    drop_decode_packing(model)
     cat = lambda name, pad, left: _cat_padded([getattr(p, name).cpu() for p in parts], pad, left)
     tokens, mask = cat("tokens", tok.pad_token_id, False), cat("mask", False, False)
     texts = [tok.decode(t[m].tolist()) for t, m in zip(tokens, mask)]
