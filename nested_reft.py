@@ -591,11 +591,14 @@ def sft(model: Qwen2, tok: Tokenizer, examples: list[Example], cfg: Config, devi
         for j in range(0, len(idx), cfg.sft_micro_batch):
             b = collate_sft([pairs[i] for i in idx[j:j + cfg.sft_micro_batch]], tok.pad_token_id)
             ids, attn, lmask = b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"].to(device)
+            # targets before the micro-batch's first completion token have no loss: no logits for them (LM head)
+            L = int(b["loss_mask"].argmax(1).min().clamp(min=1)) - 1                  # first target - 1
             with distributed.grad_sync(model, last=j + cfg.sft_micro_batch >= len(idx)):
                 with autocast(device, dtype):
-                    logits = model(ids[:, :-1], attention_mask=attn[:, :-1], skip_mask=skip)   # [b, T-1, V]
-                logp = token_logprobs(logits, ids[:, 1:])                         # [b, T-1]
-                loss = -(logp * lmask[:, 1:]).sum() / max(n_tok, 1)
+                    logits = model(ids[:, :-1], attention_mask=attn[:, :-1], skip_mask=skip,
+                                   logits_from=L)                                      # [b, T-1-L, V]
+                logp = token_logprobs(logits, ids[:, 1 + L:])                         # [b, T-1-L]
+                loss = -(logp * lmask[:, 1 + L:]).sum() / max(n_tok, 1)
                 distributed.backward(loss)
             loss_sum += loss.item()
         lr = sched.get_last_lr()[0]

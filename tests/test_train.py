@@ -652,6 +652,27 @@ def test_sft_loss_is_the_mean_over_completion_tokens(workspace, tmp_path):
     assert [r["lr"] for r in rows] == pytest.approx([cfg.sft_lr * 3 / 3, cfg.sft_lr * 2 / 3, cfg.sft_lr / 3])
 
 
+def test_sft_runs_the_lm_head_only_from_the_first_completion_target(workspace, tmp_path, monkeypatch):
+    """No logits before the micro-batch's first completion target (LM head compute and logits memory): each SFT
+    forward gets logits_from = its shortest prompt - 1, the position that predicts that prompt's first completion
+    token (the loss values themselves: test_sft_loss_is_the_mean_over_completion_tokens)."""
+    cfg = tiny_config(workspace, tmp_path / "run", sft_batch_size=10, sft_micro_batch=4, sft_epochs=1)
+    model, tok = nr.load_model(cfg, torch.device("cpu"))
+    examples = [replace(ex, question=ex.question + " Why?" * (i % 7))                 # prompts of 7 lengths
+                for i, ex in enumerate(load_dataset("gsm8k", workspace / "data", "train"))]
+    prompt_len = [sft_example(tok, ex, max_len=cfg.max_seq_len)[1].index(1) for ex in examples]
+    order = nr.DataOrder(len(examples), cfg.seed)
+    expected = []
+    for _ in range(3):                                                  # 3 steps of 10: micro-batches of 4, 4, 2
+        batch = order.take(10)
+        expected += [min(prompt_len[i] for i in batch[j:j + 4]) - 1 for j in range(0, 10, 4)]
+    seen, forward = [], Qwen2.forward
+    monkeypatch.setattr(Qwen2, "forward",
+                        lambda self, *a, **kw: seen.append(kw["logits_from"]) or forward(self, *a, **kw))
+    nr.sft(model, tok, examples, cfg, torch.device("cpu"), torch.float32, lambda row: None)
+    assert seen == expected and min(seen) > 0 and len(set(seen)) > 1
+
+
 def fixed_rollouts(model, tok, temperature):
     """2 prompts x G = 3 rows, ragged left-padded prompts (Tp = 5) and ragged completions (Tn = 4), random tokens;
     log mu = the full model's log pi (computed here, one unpadded row at a time) + N(0, 0.5^2) noise, so that rho
