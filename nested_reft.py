@@ -697,6 +697,7 @@ def reft_step(model: Qwen2, opt, sched, r: Rollouts, cfg: Config, tok: Tokenizer
         with distributed.grad_sync(model, last=i + cfg.micro_batch >= S):             # DDP: 1 all-reduce/step
             logits = policy_logits(model, r, rows, device, dtype)                       # [b, Tn, V]
             logp = token_logprobs(logits, r.tokens[rows].to(device), **kw)              # step 6: log pi_theta
+            entropy[rows] = token_entropy(logits, **kw).cpu()                          # H of pi_theta as scored
             ref_logp = None
             if ref_model is not None:
                 with torch.no_grad():
@@ -708,13 +709,13 @@ def reft_step(model: Qwen2, opt, sched, r: Rollouts, cfg: Config, tok: Tokenizer
                                   clip_eps=cfg.clip_eps or None, aggregation=cfg.aggregation,
                                   max_len=cfg.max_new_tokens, token_normaliser=Z, ref_logp=ref_logp,
                                   beta=cfg.beta)                                        # steps 7-8
+            del logits                         # the backward needs log pi, not the [b, Tn, V] logits: freed first
             distributed.backward(loss)
         loss_sum += loss.item()
         logp_all[rows] = logp.detach().cpu()
         if ref_all is not None:
             ref_all[rows] = ref_logp.cpu()
-        entropy[rows] = token_entropy(logits, **kw).cpu()                              # H of pi_theta as scored
-        del logits, logp, loss
+        del logp, loss
     lr = sched.get_last_lr()[0]
     grad_norm = optimizer_step(model, opt, sched, cfg.grad_clip, "ReFT")                 # step 9
     # statistics of the whole batch (torchrun: every rank's rows, gathered)

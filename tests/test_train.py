@@ -4,6 +4,7 @@ import math
 import re
 import shutil
 import subprocess
+import weakref
 import zlib
 import sys
 from dataclasses import asdict, fields, replace
@@ -750,6 +751,24 @@ def test_reft_step_loss_and_gradient_by_hand(workspace, tmp_path, kw):
         assert torch.allclose(p0 - p.detach(), gr.float(), rtol=1e-4, atol=1e-7)
     assert out["entropy"] == pytest.approx(ent, rel=1e-5)
     assert out["ratio_max"] == pytest.approx(rho[r.mask].max().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("fixed_length", [False, True])
+def test_reft_step_frees_the_logits_before_the_backward(workspace, tmp_path, monkeypatch, fixed_length):
+    """The [b, Tn, V] logits of a micro-batch (the loss pass's largest tensor) are gone when its backward runs: the
+    autograd graph keeps log pi, not them, and the entropy is taken before (fixed length: EOS banned too)."""
+    cfg = tiny_config(workspace, tmp_path / "run", group_size=3, temperature=0.7, fixed_length=fixed_length,
+                      max_new_tokens=6, micro_batch=4)
+    model, tok = nr.load_model(cfg, torch.device("cpu"))
+    r, _ = fixed_rollouts(model, tok, cfg.temperature)
+    made, alive = [], []
+    policy_logits, backward = nr.policy_logits, nr.distributed.backward
+    monkeypatch.setattr(nr, "policy_logits", lambda *a: made.append(weakref.ref(out := policy_logits(*a))) or out)
+    monkeypatch.setattr(nr.distributed, "backward", lambda loss: alive.append(made[-1]() is not None) or backward(loss))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    out = nr.reft_step(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), r, cfg, tok,
+                       torch.device("cpu"), torch.float32)
+    assert len(made) == 2 and alive == [False, False] and out["grad_norm"] > 0 and out["entropy"] > 0
 
 
 def test_reft_step_clips_the_global_gradient_norm(workspace, tmp_path):
