@@ -598,6 +598,7 @@ def sft(model: Qwen2, tok: Tokenizer, examples: list[Example], cfg: Config, devi
                     logits = model(ids[:, :-1], attention_mask=attn[:, :-1], skip_mask=skip,
                                    logits_from=L)                                      # [b, T-1-L, V]
                 logp = token_logprobs(logits, ids[:, 1 + L:])                         # [b, T-1-L]
+                del logits                         # freed before the backward, which needs log pi only
                 loss = -(logp * lmask[:, 1 + L:]).sum() / max(n_tok, 1)
                 distributed.backward(loss)
             loss_sum += loss.item()

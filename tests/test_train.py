@@ -653,10 +653,11 @@ def test_sft_loss_is_the_mean_over_completion_tokens(workspace, tmp_path):
     assert [r["lr"] for r in rows] == pytest.approx([cfg.sft_lr * 3 / 3, cfg.sft_lr * 2 / 3, cfg.sft_lr / 3])
 
 
-def test_sft_runs_the_lm_head_only_from_the_first_completion_target(workspace, tmp_path, monkeypatch):
+def test_sft_logits_start_at_the_first_completion_target_and_are_freed_before_backward(workspace, tmp_path, monkeypatch):
     """No logits before the micro-batch's first completion target (LM head compute and logits memory): each SFT
     forward gets logits_from = its shortest prompt - 1, the position that predicts that prompt's first completion
-    token (the loss values themselves: test_sft_loss_is_the_mean_over_completion_tokens)."""
+    token (the loss values themselves: test_sft_loss_is_the_mean_over_completion_tokens); and the logits are freed
+    before the backward."""
     cfg = tiny_config(workspace, tmp_path / "run", sft_batch_size=10, sft_micro_batch=4, sft_epochs=1)
     model, tok = nr.load_model(cfg, torch.device("cpu"))
     examples = [replace(ex, question=ex.question + " Why?" * (i % 7))                 # prompts of 7 lengths
@@ -668,10 +669,13 @@ def test_sft_runs_the_lm_head_only_from_the_first_completion_target(workspace, t
         batch = order.take(10)
         expected += [min(prompt_len[i] for i in batch[j:j + 4]) - 1 for j in range(0, 10, 4)]
     seen, forward = [], Qwen2.forward
-    monkeypatch.setattr(Qwen2, "forward",
-                        lambda self, *a, **kw: seen.append(kw["logits_from"]) or forward(self, *a, **kw))
+    made, alive, backward = [], [], nr.distributed.backward
+    monkeypatch.setattr(Qwen2, "forward", lambda self, *a, **kw: seen.append(kw["logits_from"])
+                        or made.append(weakref.ref(out := forward(self, *a, **kw))) or out)
+    monkeypatch.setattr(nr.distributed, "backward", lambda loss: alive.append(made[-1]() is not None) or backward(loss))
     nr.sft(model, tok, examples, cfg, torch.device("cpu"), torch.float32, lambda row: None)
     assert seen == expected and min(seen) > 0 and len(set(seen)) > 1
+    assert alive == [False] * 9                                         # each backward runs without its logits
 
 
 def fixed_rollouts(model, tok, temperature):
