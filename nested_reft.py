@@ -95,6 +95,8 @@ class SkipSampler:
 
     def __init__(self, n_layers: int, ratio: float, border: int, seed: int):
         self.k, self.valid = _k_and_valid(n_layers, ratio, border)  # validates everything up front
+        if isinstance(seed, bool) or not hasattr(type(seed), "__index__"):   # int(1.7) would seed 1, silently
+            raise TypeError(f"seed={seed!r}: expected an int")
         self.n_layers, self.ratio, self.border, self.seed = n_layers, ratio, border, int(seed)
         self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
         self.draws = 0                                              # masks drawn so far

@@ -92,6 +92,10 @@ def test_sampler_is_seeded_and_leaves_global_rng_alone():
     assert seq_a == [b.next() for _ in range(20)]
     assert seq_a != [c.next() for _ in range(20)]
     assert len({tuple(m) for m in seq_a}) > 1                         # redrawn every step
+    for bad in (1.7, "7", None, True):                                # 1.7 was seed 1, silently
+        with pytest.raises(TypeError, match="seed=.*expected an int"):
+            SkipSampler(28, 0.1, 1, seed=bad)
+    assert SkipSampler(28, 0.1, 1, seed=torch.tensor(7)).next() == SkipSampler(28, 0.1, 1, seed=7).next()
 
 
 def test_sampler_state_dict_round_trip(tmp_path):
