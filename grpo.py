@@ -41,6 +41,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     A = R - R.mean(dim=1, keepdim=True)                      # R - mean_g R
     if scale:
         A = A / (R.std(dim=1, keepdim=True) + eps)           # / (std_g R + 1e-4), unbiased std
+    # equal rewards -> A = 0 exactly (the float32 mean of G copies of 0.1 is not 0.1: |A| ~ 1e-4 otherwise);
+    # "equal" as reward_stats' zero_std_frac counts it, on the rewards as given
+    same = rewards.view(-1, group_size)
+    A = A.masked_fill(same.amax(dim=1, keepdim=True) == same.amin(dim=1, keepdim=True), 0.0)
     return A.view(-1)                                        # [B*G]
 
 
