@@ -208,9 +208,9 @@ def policy_loss(logp: torch.Tensor, logp_mu: torch.Tensor, advantages: torch.Ten
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """KL_t(pi_theta || pi_ref) by the k3 estimator on tokens sampled from pi: exp(d) - d - 1 >= 0, d = log pi_ref -
-    log pi_theta, capped at +MAX_LOG_RATIO like the ratio. Below, log pi_ref is raised to log pi_theta - MAX_LOG_RATIO
-    (a ref log-prob of -inf under top_p < 1, or a huge gap): the value stays finite and the gradient keeps pulling
-    pi_theta back, d KL / d log pi_theta = 1 - exp(d)."""
+    log pi_theta, capped at +MAX_LOG_RATIO like the ratio: above the cap the value is constant (gradient 0). Below,
+    log pi_ref is raised to log pi_theta - MAX_LOG_RATIO (a ref log-prob of -inf under top_p < 1, or a huge gap): the
+    value stays finite and the gradient keeps pulling pi_theta back, d KL / d log pi_theta = 1 - exp(d)."""
     _check_same_shape(logp=logp, ref_logp=ref_logp)
     ref_logp = torch.maximum(ref_logp, logp.detach() - MAX_LOG_RATIO)
     d = torch.clamp(ref_logp - logp, max=MAX_LOG_RATIO)
