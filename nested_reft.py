@@ -650,7 +650,7 @@ def rollout(model: Qwen2, tok: Tokenizer, batch: list[Example], skip_mask: list[
         with torch.no_grad(), autocast(device, dtype):
             parts.append(model.generate(prompts[i:i + cfg.rollout_batch], max_new_tokens=cfg.max_new_tokens,
                                         skip_mask=skip_mask, pad_token_id=tok.pad_token_id, generator=gen, **kw))
-    # CPU: generate()'s decode packing (a copy of the weights: 1.7 GiB for the 0.5B shape in fp32) cannot serve
+    # CPU: generate()'s decode packing (a copy of the weights: 1.8 GiB for the 0.5B shape in fp32) cannot serve
     # again, this step's update changes the weights; freed now, not kept through the loss pass to the optimizer step
     drop_decode_packing(model)
     cat = lambda name, pad, left: _cat_padded([getattr(p, name).cpu() for p in parts], pad, left)

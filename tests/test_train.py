@@ -822,7 +822,7 @@ def test_rollout_frees_the_decode_packing(workspace, tmp_path, monkeypatch):
     """On CPU generate() packs a copy of the weights for its decode steps (max_new_tokens >= PACK_MIN_NEW_TOKENS)
     and keeps it for later calls with the same weights: both generate() calls of a rollout share it, but the step's
     update changes the weights, so rollout() frees it rather than keep it through the loss pass (it was dropped only
-    by the optimizer step: 1.7 GiB more at the peak of a 0.5B-shape run in fp32)."""
+    by the optimizer step: a 1.8 GiB copy held through the loss pass of a 0.5B-shape run in fp32)."""
     cfg = tiny_config(workspace, tmp_path / "run", group_size=2, rollout_batch=2,
                       max_new_tokens=qwen2.PACK_MIN_NEW_TOKENS)
     model, tok = nr.load_model(cfg, torch.device("cpu"))
