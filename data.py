@@ -520,7 +520,7 @@ SYNTHETIC_MAX_REDRAWS = 100_000   # repeated questions in a row before a templat
 def _synthetic_stream(seed: int, flaw_rate: float, exclude: set):
     """Endless (question, solution, answer) triples of the stream `seed`: distinct questions, none in `exclude`.
     Every candidate costs the same random draws, flawed or not, so the questions of a stream do not depend on
-    flaw_rate. A template has finitely many questions (mul: 8 names * 8 items * 9 products = 576): once it has
+    flaw_rate. A template has finitely many questions (mul: 8 names * 8 items * 9 (a, b) pairs = 576): once it has
     drawn SYNTHETIC_MAX_REDRAWS repeats in a row, ValueError (was an endless loop; with one unused question left
     of 576, a false alarm has probability (575/576)^100000 ~ e^-173)."""
     rng, seen, i, redraws = random.Random(seed), set(exclude), 0, 0
