@@ -145,8 +145,8 @@ def _k_and_valid(n_layers: int, ratio: float, border: int) -> tuple[int, list[in
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Configuration. Every field: its meaning and where its default comes from ([paper], [TRL] default of the
-# paper's era, or [ours] where the paper is silent). configs/NAME.json overrides the defaults; --key=value
+# Configuration. Every field: its meaning and where its default comes from ("paper: ...", "TRL: ..." = a default
+# of the paper's era, "ours" where the paper is silent, or the spec's source such as Liu et al.). configs/NAME.json overrides the defaults; --key=value
 # overrides the file.
 
 def _f(default, help, src):
@@ -227,8 +227,8 @@ class Config:
     log_every: int = _f(1, "print a progress line every N steps (metrics.jsonl gets every step)", "ours")
     save_every: int = _f(0, "checkpoint every N ReFT steps (0 = only at the end; --resume restarts from the last "
                             "one, or from sft/ before the first)", "ours")
-    eval_benchmarks: str = _f("", "comma list of test sets evaluated at the end (aime, amc, math500, minerva, olympiad, gsm8k, svamp); empty = none",
-                              "ours")
+    eval_benchmarks: str = _f("", "comma list of test sets evaluated at the end (aime, amc, math500, minerva, "
+                                  "olympiad, gsm8k, svamp); empty = none", "ours")
     eval_every: int = _f(0, "also evaluate eval_benchmarks every N ReFT steps, a metrics.jsonl row of stage 'eval' "
                                "each (0 = only at the end)", "ours")
     eval_max_new_tokens: int = _f(3000, "evaluation: max new tokens (greedy)", "Liu et al.: 3000")

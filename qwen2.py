@@ -233,9 +233,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * hd, D, bias=False)
 
     def forward(self, x, cos, sin, mask, kv=None, start=0, w=None, residual=None):
-        """-> residual + attention(x). x, residual [B, T, D]; cos/sin [B, T, 1, hd] (or [T, 1, hd]); mask: None
-        (plain causal), or [B, 1, T, S] bool (True = attend) or float (added to the scores: 0 / -inf);
-        kv: None or this layer's cache (k, v) each [B, Hkv, S_max, hd], written at columns [start, start+T);
+        """-> [residual +] attention(x). x, residual (None: none added) [B, T, D]; cos/sin [B, T, 1, hd] (or
+        [T, 1, hd]); mask: None (plain causal), or [B, 1, T, S] bool (True = attend) or float (added to the scores:
+        0 / -inf); kv: None or this layer's cache (k, v) each [B, Hkv, S_max, hd], written at columns [start, start+T);
         w: None (use the parameters) or this layer's DecodeWeights (the CPU decode step)."""
         B, T, _ = x.shape
         H, Hkv, hd = self.H, self.Hkv, self.hd
@@ -267,7 +267,10 @@ class Attention(nn.Module):
                     mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G > 1)
             y = y.transpose(1, 2).reshape(B, T, H * hd)                          # [B, T, H*hd]
-        return residual + self.o_proj(y) if w is None else w.o(y, residual)
+        if w is not None:
+            return w.o(y, residual)
+        y = self.o_proj(y)                                                       # [B, T, D]
+        return y if residual is None else residual + y
 
 
 class MLP(nn.Module):
@@ -277,9 +280,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x, w=None, residual=None):        # residual + MLP(x), [B, T, D]; w: see Attention
+    def forward(self, x, w=None, residual=None):        # [residual +] MLP(x), [B, T, D]; w: see Attention
         if w is None:
-            return residual + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return y if residual is None else residual + y
         gate, up = w.gate_up(x).chunk(2, -1)                            # one matmul instead of 2
         return w.down(F.silu(gate) * up, residual)
 

@@ -420,6 +420,21 @@ def test_grad_checkpointing_gives_the_same_gradients(skip):
                        ours(seed=14).generate(PROMPTS, max_new_tokens=5, temperature=0.0).tokens)
 
 
+def test_attention_and_mlp_modules_alone():
+    """For a porter calling the blocks directly: without a residual, the attention block is the residual-added
+    one minus x, and the MLP is HF's Qwen2MLP (down(silu(gate x) * up x)) on the same weights."""
+    layer = ours(seed=3).model.layers[1]
+    x = torch.randn(2, 5, TINY["hidden_size"], generator=torch.Generator().manual_seed(0))
+    cos, sin = ours(seed=3).rope_table(5, torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        a = layer.self_attn(x, cos, sin, None)
+        torch.testing.assert_close(a + x, layer.self_attn(x, cos, sin, None, residual=x), rtol=0, atol=0)
+        hf = transformers.models.qwen2.modeling_qwen2.Qwen2MLP(transformers.Qwen2Config(**TINY))
+        hf.load_state_dict(layer.mlp.state_dict(), strict=True)
+        torch.testing.assert_close(layer.mlp(x), hf(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(layer.mlp(x) + x, layer.mlp(x, residual=x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("i", [0, 2])
 def test_skipping_layer_equals_model_without_it(i):
     m = ours(seed=6)
