@@ -539,6 +539,51 @@ def test_sampled_logprobs_equal_teacher_forced(skip, temperature, top_p):
         assert (lp[out.mask] >= plain[out.mask] - 1e-5).all() and (lp[out.mask] > plain[out.mask] + 1e-3).any()
 
 
+def nucleus_by_hand(logits, temperature, top_p):
+    """Independent of process_logits: softmax(logits / T) in float64, then the smallest set of most likely ids whose
+    mass reaches top_p (an id is kept when the mass of the more likely ones is still below top_p), renormalised."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    sorted_p, order = p.sort(descending=True)
+    keep = torch.zeros_like(p, dtype=torch.bool)
+    keep[order[(sorted_p.cumsum(-1) - sorted_p) < top_p]] = True
+    return torch.where(keep, p, 0) / p[keep].sum()
+
+
+def chi_square(samples, p) -> tuple[float, int]:
+    """Pearson's statistic of integer samples against probabilities p (bins with < 5 expected draws pooled)."""
+    n = len(samples)
+    observed = torch.bincount(samples, minlength=len(p)).double()
+    big = p * n >= 5
+    obs = torch.cat([observed[big], observed[~big].sum()[None]])
+    exp = torch.cat([p[big] * n, (p[~big] * n).sum()[None]])
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    return float(((obs - exp) ** 2 / exp).sum()), len(exp) - 1
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.6, 0.8), (1.7, 0.95)])
+@pytest.mark.parametrize("path", ["plain", "packed"])
+def test_sampled_tokens_follow_the_distribution_by_hand(temperature, top_p, path, monkeypatch):
+    """6,000 rows of one prompt, 2 new tokens each: the first token (prefill) and the second given the most common
+    first (a KV-cache decode step) are drawn from softmax(logits / T) truncated to the top-p nucleus, computed here
+    by hand from a plain forward. Pearson chi-square below dof + 6 sqrt(2 dof) + 10 (a fixed seed: 13-82 here, over
+    12-80 dof; a sampler that ignored T scores 880-1,700, one that ignored top-p draws outside the nucleus)."""
+    decode_path(monkeypatch, path)
+    m = ours(seed=12)
+    m.model.embed_tokens.weight.data *= 0.3                       # a flatter distribution: many ids in play
+    prompt, n = PROMPTS[1], 6000
+    out = m.generate([prompt] * n, max_new_tokens=2, temperature=temperature, top_p=top_p,
+                     generator=torch.Generator().manual_seed(3))
+    first = out.tokens[:, 0]
+    t1 = int(first.mode().values)
+    with torch.no_grad():
+        logits = m(torch.tensor([prompt + [t1]]))[0]                                     # [T, V]
+    for draws, p in ((first, nucleus_by_hand(logits[-2], temperature, top_p)),
+                     (out.tokens[first == t1, 1], nucleus_by_hand(logits[-1], temperature, top_p))):
+        assert (p[draws] > 0).all()                                                      # never outside the nucleus
+        stat, dof = chi_square(draws, p)
+        assert dof >= 3 and stat < dof + 6 * (2 * dof) ** 0.5 + 10, (stat, dof)
+
+
 def test_same_seed_same_tokens():
     m = ours(seed=9)
     run = lambda s: m.generate(PROMPTS, max_new_tokens=10, temperature=1.0, top_p=0.95,
