@@ -757,6 +757,44 @@ def test_reft_step_loss_and_gradient_by_hand(workspace, tmp_path, kw):
     assert out["ratio_max"] == pytest.approx(rho[r.mask].max().item(), rel=1e-5)
 
 
+def test_bf16_autocast_step_and_run_on_the_cpu(workspace, tmp_path, coin_reward):
+    """dtype=bfloat16 is the GPU's training path (fp32 master weights and AdamW state, bf16 autocast for the
+    matmuls, a bf16 KV cache for the rollouts), and autocast runs the same code on the CPU: one reft_step on fixed
+    rollouts moves the weights in the direction of the fp32 step, and a short SFT + ReFT run keeps fp32 weights
+    with finite metrics, rolling out from a bf16 cache."""
+    cfg = tiny_config(workspace, tmp_path / "run", group_size=3, temperature=0.7, fixed_length=False, grad_clip=0,
+                      micro_batch=4)
+    steps = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model, tok = nr.load_model(cfg, torch.device("cpu"))
+        with torch.no_grad():
+            model.lm_head.weight.mul_(5)
+        r, _ = fixed_rollouts(model, tok, cfg.temperature)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        nr.reft_step(model, opt, sched, r, cfg, tok, torch.device("cpu"), dtype)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        steps.append(torch.cat([(p0 - p.detach()).flatten() for p, p0 in zip(model.parameters(), before)]))
+    ref, got = steps
+    assert ref.abs().max() > 0 and not torch.equal(got, ref)                # bf16 did run, and rounds
+    assert torch.nn.functional.cosine_similarity(got, ref, dim=0) > 0.98           # 0.999996 measured
+    caches = []
+    real_new_cache = Qwen2.new_cache
+    def spy(self, *a, **kw):
+        caches.append(real_new_cache(self, *a, **kw))
+        return caches[-1]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Qwen2, "new_cache", spy)
+        nr.train(tiny_config(workspace, tmp_path / "bf16", dtype="bfloat16", steps=2), quiet=True)
+    assert caches and {c.k.dtype for c in caches} == {torch.bfloat16}
+    rows = read_metrics(tmp_path / "bf16") + read_metrics(tmp_path / "bf16", "sft")
+    assert len(rows) > 2 and all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
+    saved = Qwen2.from_pretrained(tmp_path / "bf16" / "checkpoint")
+    assert json.loads((tmp_path / "bf16" / "checkpoint" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert saved.dtype == torch.float32
+
+
 @pytest.mark.parametrize("fixed_length", [False, True])
 def test_reft_step_frees_the_logits_before_the_backward(workspace, tmp_path, monkeypatch, fixed_length):
     """The [b, Tn, V] logits of a micro-batch (the loss pass's largest tensor) are gone when its backward runs: the
