@@ -878,8 +878,8 @@ def open_run_dir(run_dir: Path, resume: str, world: int, main_rank: bool) -> tup
         return None, ""
     if not has_state:
         return None, str(sft_dir)
-    try:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False, mmap=world > 1)
+    try:      # weights_only: tensors, numbers, strings and containers only; a pickled object (code) is refused
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=True, mmap=world > 1)
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:   # ValueError: e.g. a text file
         raise UserError(f"{ckpt / 'trainer_state.pt'}: not a readable trainer state ({e})") from None
     missing = TRAINER_STATE_KEYS - state.keys() if isinstance(state, dict) else TRAINER_STATE_KEYS

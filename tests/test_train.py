@@ -413,6 +413,15 @@ def test_config_values_are_checked_before_any_work():
     nr.load_config("gsm8k_1p5b", {"clip_eps": "0.2", "top_p": "1", "steps": "0"})
 
 
+class Planted:
+    """An object whose unpickling runs code (here: creates a file), as a tampered trainer_state.pt could."""
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
+
+
 def test_run_folder_errors(workspace, tmp_path):
     """k > |V| fails before the SFT warm-up; --resume needs a checkpoint; a fresh run never reuses a run folder."""
     run = tmp_path / "run"
@@ -459,6 +468,10 @@ def test_run_folder_errors(workspace, tmp_path):
         with pytest.raises(nr.UserError, match="trainer_state.pt: not a trainer state of this project "
                                                "\\(no '(skip_sampler|data_order)'; expected the keys"):
             nr.train(tiny_config(workspace, done, steps=1), resume=str(done), quiet=True)
+    torch.save({**state, "step": Planted(tmp_path / "ran")}, done / "checkpoint" / "trainer_state.pt")
+    with pytest.raises(nr.UserError, match="trainer_state.pt: not a readable trainer state .*Weights only load"):
+        nr.train(tiny_config(workspace, done, steps=1), resume=str(done), quiet=True)   # a run folder from elsewhere
+    assert not (tmp_path / "ran").exists()                                     # its pickled code never ran
     died = tmp_path / "died_in_sft"                                      # a log, but no sft/ and no checkpoint
     died.mkdir()
     (died / "metrics.jsonl").write_text('{"stage": "sft", "step": 1}\n')
