@@ -763,7 +763,13 @@ class MetricsLog:
         except UnicodeDecodeError as e:
             raise UserError(f"{self.path}: not UTF-8 text ({e.reason} at byte {e.start}), "
                             f"expected JSON lines") from None
-        for n, line in enumerate(text.splitlines(), 1):
+        lines = text.splitlines()
+        if lines and not text.endswith("\n"):      # an append cut short (a kill, a full disk): its row never was
+            try:                                    # logged, and its step comes after the last checkpoint's
+                json.loads(lines[-1])
+            except json.JSONDecodeError:
+                lines.pop()
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:

@@ -537,17 +537,28 @@ def test_resume_before_the_first_checkpoint_restarts_reft_from_sft(workspace, tm
     with pytest.raises(ValueError, match="k=round"):
         nr.train(bad, resume=resume, quiet=True)
     assert (cut / "run_config.json").read_text() == saved
-    metrics = (cut / "metrics.jsonl").read_text()                   # a torn last line (disk full): named
-    (cut / "metrics.jsonl").write_text(metrics + '{"stage": "reft", "st')
-    n = metrics.count("\n") + 1
-    with pytest.raises(nr.UserError, match=f"metrics.jsonl: line {n}: bad JSON"):
-        nr.train(cfg, resume=resume, quiet=True)
-    (cut / "metrics.jsonl").write_text(metrics)
+    metrics = (cut / "metrics.jsonl").read_text()                   # a torn last line (a kill, a full disk):
+    (cut / "metrics.jsonl").write_text(metrics + '{"stage": "reft", "st')   # dropped, the resume goes on
+    nr.train(cfg, resume=resume, quiet=True)
+    assert (cut / "metrics.jsonl").read_text() == metrics
     state = cut / "checkpoint" / "trainer_state.pt"
     for damaged in (state.read_bytes()[:1000], b"not a checkpoint", b"garbage\n"):   # "g...": pickle GET, ValueError
         state.write_bytes(damaged)
         with pytest.raises(nr.UserError, match="not a readable trainer state"):
             nr.train(cfg, resume=resume, quiet=True)
+
+
+def test_a_kill_while_appending_to_metrics_jsonl_does_not_block_resume(workspace, tmp_path, coin_reward):
+    """Killed (or out of disk) in the middle of a metrics.jsonl append, after the step-2 checkpoint: the torn last
+    line is a row that was never logged; --resume drops it and goes on (it refused the line as bad JSON, so the
+    folder was stuck until the file was edited by hand)."""
+    run = tmp_path / "run"
+    nr.train(tiny_config(workspace, run, sft_epochs=0), quiet=True, stop_after=2)
+    row = json.dumps({"stage": "reft", "step": 3, "steps": 4, "loss": 0.5})
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(row[:len(row) // 2])
+    nr.train(tiny_config(workspace, run, sft_epochs=0), resume=str(run), quiet=True)
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
 
 
 def test_tokenizer_larger_than_the_model_vocabulary_is_refused(workspace, tmp_path, data_dir):
@@ -560,10 +571,15 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_refused(workspace, tmp_pa
 # one ReFT step (advantages, log-probs, f(rho), aggregation, gradient) and the rollout bookkeeping.
 
 def test_metrics_log_rows_skip_blank_lines_and_name_a_bad_one(tmp_path):
-    """metrics.jsonl read back: blank lines (a hand edit) are skipped, a bad line is named by its 1-based number."""
+    """metrics.jsonl read back: blank lines (a hand edit) are skipped, a bad line is named by its 1-based number; a
+    torn last line (no newline: an append killed midway) is a row never logged, dropped."""
     log = nr.MetricsLog(tmp_path / "metrics.jsonl", quiet=True)
     assert log.rows() == []
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n\n  \n{"step": 2}\n\n')
+    assert log.rows() == [{"step": 1}, {"step": 2}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2')     # torn last line: an append cut short
+    assert log.rows() == [{"step": 1}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}')     # whole, without its newline: kept
     assert log.rows() == [{"step": 1}, {"step": 2}]
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n\n{"step": 2\n')
     with pytest.raises(nr.UserError, match=r"metrics.jsonl: line 3: bad JSON \(.*\), expected one JSON object a line"):
