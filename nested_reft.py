@@ -821,12 +821,15 @@ def checkpoint_paths(run_dir: Path) -> tuple[Path, Path, Path]:
 
 def recover_checkpoint(run_dir: Path) -> None:
     """A save_checkpoint killed between its two renames leaves checkpoint.old and the complete checkpoint.tmp but
-    no checkpoint/: put the newer one in place (rank 0, before anything reads checkpoint/)."""
+    no checkpoint/: put the newer one in place (rank 0, before anything reads checkpoint/). Then delete the copies a
+    killed save leaves behind: checkpoint.old beside checkpoint/ (the previous checkpoint, weights and AdamW state:
+    the next save deletes it, but none comes when the run has no step left) and the temp folder of a
+    Qwen2.save_pretrained killed mid-write (.checkpoint.tmp.tmp-*, weights: no save ever deletes it)."""
     final, tmp, old = checkpoint_paths(run_dir)
-    if final.exists() or not old.exists():
-        return
-    (tmp if tmp.is_dir() else old).rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    if not final.exists() and old.exists():
+        (tmp if tmp.is_dir() else old).rename(final)
+    for stale in (old, *run_dir.glob(f".{tmp.name}.tmp-*")):     # old: beside checkpoint/ by now, if at all
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def save_checkpoint(run_dir: Path, model: Qwen2, tok: Tokenizer, opt, sched, state: dict) -> None:

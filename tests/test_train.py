@@ -11,6 +11,7 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 import nested_reft as nr
@@ -1248,16 +1249,43 @@ def test_metrics_log_prints_every_log_every_and_the_last_step(tmp_path, capsys):
 
 def test_recover_checkpoint_takes_the_newer_folder(tmp_path):
     """Killed between save_checkpoint's renames: checkpoint.old (the previous save) and checkpoint.tmp (the new one,
-    complete) -> checkpoint/ is the new one and the old one is deleted; with checkpoint/ present nothing moves."""
+    complete) -> checkpoint/ is the new one and the old one is deleted; with checkpoint/ present it stays, and a
+    checkpoint.old beside it (killed while deleting it) is deleted."""
     for name, step in (("checkpoint.old", 1), ("checkpoint.tmp", 2)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "step").write_text(str(step))
     nr.recover_checkpoint(tmp_path)
     assert (tmp_path / "checkpoint" / "step").read_text() == "2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
-    (tmp_path / "checkpoint.old").mkdir()                       # killed while deleting checkpoint.old: left alone
+    (tmp_path / "checkpoint.old").mkdir()                       # killed while deleting checkpoint.old: deleted
     nr.recover_checkpoint(tmp_path)
-    assert (tmp_path / "checkpoint" / "step").read_text() == "2" and (tmp_path / "checkpoint.old").is_dir()
+    assert (tmp_path / "checkpoint" / "step").read_text() == "2" and not (tmp_path / "checkpoint.old").exists()
+
+
+def test_resume_deletes_the_copies_a_killed_save_leaves(workspace, tmp_path, monkeypatch):
+    """The last step's save killed after its renames (checkpoint.old beside checkpoint/) and a save killed inside
+    Qwen2.save_pretrained (its temp folder .checkpoint.tmp.tmp-*, weights half written), before summary.json:
+    --resume deletes both. No later save came to do it: each such kill left a copy of the weights (and of the AdamW
+    state) in the run folder for good."""
+    run = tmp_path / "run"
+    cfg = tiny_config(workspace, run, sft_epochs=0, steps=1)
+    nr.train(cfg, quiet=True)
+    (run / "summary.json").unlink()
+    shutil.copytree(run / "checkpoint", run / "checkpoint.old")
+    model, tok = Qwen2.from_pretrained(run / "checkpoint"), Tokenizer.load(run / "checkpoint")
+    opt, sched = nr.make_optimizer(model, cfg, 1e-3, 1)
+
+    def killed(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 64)
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:                            # a SIGKILL runs no finally block: no rmtree
+        m.setattr(shutil, "rmtree", lambda *a, **kw: None)
+        m.setattr(safetensors.torch, "save_file", killed)
+        with pytest.raises(KeyboardInterrupt):
+            nr.save_checkpoint(run, model, tok, opt, sched, {"step": 1})
+    assert len(list(run.glob(".checkpoint.tmp.tmp-*"))) == 1
+    nr.train(cfg, resume=str(run), quiet=True)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "metrics.jsonl", "run_config.json", "summary.json"]
 
 
 @pytest.mark.parametrize("kill_at", [1, 2])
