@@ -65,7 +65,9 @@ How grade() decides (each rule is documented where it is implemented):
      agrees with the gold to round-off (relative 1e-9) at every point and exactly where its value there is
      rational (\\sin^2x+\\cos^2x == 1, (x+1)^2-x^2-2x-1 == 0; 1000001+0x != 1000000, 0x != 8.224 \\times 10^{-19}).
      Equations: "x = 5" against "5" compares 5 (a variable, subscripted variable or function call on the left
-     is dropped); the same left side on both sides compares the right sides; else L1 - R1 == ±(L2 - R2).
+     is dropped); the same left side on both sides compares the right sides; else L1 - R1 == ±(L2 - R2). A gold
+     equation of two constants ("0.56 = 56\\%", "\\frac23 \\approx 0.67") is matched by a prediction equal to
+     either side.
      Roots: \\sqrt{a} is the principal square root (\\sqrt{-4} = 2i); an odd root of a negative real is the
      real root (\\sqrt[3]{-8} = -2); a^{1/3} written as a power is the principal (complex) one.
      Percent decision: the % sign is dropped, so "10\\%" == "10"; when exactly one side wrote %, that side's
@@ -473,6 +475,8 @@ def _scalar_equiv(p: str, g: str, p_scale: Fraction = Fraction(1), g_scale: Frac
       the right sides; otherwise equal when L1 - R1 == ±(L2 - R2) as expressions (so "x = 5" == "5 = x")
     - an equation on one side only whose left side is a variable, a subscripted variable or a function call
       ("x = 5", "k=3", "f(n) = 2n+1", "m_{\\max} = 7") is replaced by its right side
+    - a gold equation of two constants ("0.56 = 56\\%", "\\$\\dfrac23 \\approx \\$0.67", Math12k golds) against a
+      prediction that is no equation: either side is right
     - otherwise numeric/symbolic comparison of the parsed expressions (tolerances: module docstring); a constant
       gold wants a constant: a prediction's variables must cancel (_cancels_to: "1000001+0x" != "1000000")
     """
@@ -489,6 +493,10 @@ def _scalar_equiv(p: str, g: str, p_scale: Fraction = Fraction(1), g_scale: Frac
         p = pe[1]
     elif len(ge) == 2 and len(pe) == 1 and _LHS_RE.match(ge[0]):
         g = ge[1]
+    elif len(ge) == 2 and len(pe) == 1 and _is_constant(ge[0]) and _is_constant(ge[1]):
+        # a gold giving one value two ways ("0.56 = 56\\%", "\\frac23 \\approx 0.67"): either side is right;
+        # not with the gold's % factor (the percent retry), which belongs to one side only
+        return g_scale == 1 and any(_scalar_equiv(p, side, p_scale) for side in ge)
     if p == g and p_scale == g_scale:
         return True
     ap, ag = _parse(p), _parse(g)
@@ -506,6 +514,12 @@ def _scalar_equiv(p: str, g: str, p_scale: Fraction = Fraction(1), g_scale: Frac
 
 
 _INT_LITERAL_RE = re.compile(r"^-?\d+(?:\.0*)?$")
+
+
+def _is_constant(s: str) -> bool:
+    """Is s a parseable expression without variables?"""
+    a = _parse(s)
+    return a is not None and not _variables(a, set())
 
 
 def _equations_equal(pe: list[str], ge: list[str]) -> bool:

@@ -707,6 +707,34 @@ def test_exact_arithmetic_is_capped_after_every_operation():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# differential testing against an independent grader (math-verify) on ~74,000 variants of the real golds: each
+# real gold no correct answer could match (False before the fix), next to near misses and hedges that must stay
+# wrong; (pred, gold, expected), checked in the stated direction only
+
+DIFFERENTIAL_CASES = [
+    # 1. a gold that gives one value two ways (Math12k: "0.56 = 56\\%", "\\$\\dfrac23 \\approx \\$0.67"): either is right
+    ("0.56", "0.56 = 56\\%", True),
+    ("56\\%", "0.56 = 56\\%", True),
+    ("56", "0.56 = 56\\%", True),
+    ("\\frac23", "\\$\\dfrac23 \\approx \\$0.67", True),
+    ("0.67", "\\$\\dfrac23 \\approx \\$0.67", True),
+    ("\\$0.67", "\\$\\dfrac23 \\approx \\$0.67", True),
+    ("0.57", "0.56 = 56\\%", False),
+    ("0.0056", "0.56 = 56\\%", False),                # the gold's % belongs to one side only
+    ("0.68", "\\$\\dfrac23 \\approx \\$0.67", False),
+    ("0.67, 0.68", "\\$\\dfrac23 \\approx \\$0.67", False),
+    ("0.67 = 0.68", "\\$\\dfrac23 \\approx \\$0.67", False),
+    ("13", "x^2 + y^2 = 13", False),                   # sides with variables: still an equation
+]
+
+
+@pytest.mark.parametrize("pred,gold,expected", DIFFERENTIAL_CASES,
+                         ids=[f"{p!r}{'==' if e else '!='}{g!r}" for p, g, e in DIFFERENTIAL_CASES])
+def test_differential_cases(pred, gold, expected):
+    assert grade(pred, gold) is expected, (normalize(pred), normalize(gold))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # gold types
 
 GOLD_TYPES = [
