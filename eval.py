@@ -65,9 +65,9 @@ How grade() decides (each rule is documented where it is implemented):
      agrees with the gold to round-off (relative 1e-9) at every point and exactly where its value there is
      rational (\\sin^2x+\\cos^2x == 1, (x+1)^2-x^2-2x-1 == 0; 1000001+0x != 1000000, 0x != 8.224 \\times 10^{-19}).
      Equations: "x = 5" against "5" compares 5 (a variable, subscripted variable or function call on the left
-     is dropped); the same left side on both sides compares the right sides; else L1 - R1 == ±(L2 - R2). A gold
-     equation of two constants ("0.56 = 56\\%", "\\frac23 \\approx 0.67") is matched by a prediction equal to
-     either side.
+     is dropped, and so is a segment or angle name before a constant: "AB = 12+12\\sqrt{3}"); the same left side
+     on both sides compares the right sides; else L1 - R1 == ±(L2 - R2). A gold equation of two constants
+     ("0.56 = 56\\%", "\\frac23 \\approx 0.67") is matched by a prediction equal to either side.
      Roots: \\sqrt{a} is the principal square root (\\sqrt{-4} = 2i); an odd root of a negative real is the
      real root (\\sqrt[3]{-8} = -2); a^{1/3} written as a power is the principal (complex) one.
      Percent decision: the % sign is dropped, so "10\\%" == "10"; when exactly one side wrote %, that side's
@@ -462,6 +462,7 @@ def _match_unordered(ps: list[str], gs: list[str], budget: _Budget, depth: int) 
 # ======================================================================================================
 
 _LHS_RE = re.compile(r"^(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\w|_\{[^{}]*\})?(?:\([a-zA-Z0-9,]*\))?'*$")
+_SEGMENT_RE = re.compile(r"^[A-Z]{2,3}$")          # a segment or angle named by its points: AB, ABC
 _WORD_RE = re.compile(r"^[A-Za-z]{2,}$")
 
 
@@ -474,7 +475,8 @@ def _scalar_equiv(p: str, g: str, p_scale: Fraction = Fraction(1), g_scale: Frac
     - equations "L = R" on both sides: the same function/variable on the left ("f(x) = x+1" vs "f(x)=1+x") compares
       the right sides; otherwise equal when L1 - R1 == ±(L2 - R2) as expressions (so "x = 5" == "5 = x")
     - an equation on one side only whose left side is a variable, a subscripted variable or a function call
-      ("x = 5", "k=3", "f(n) = 2n+1", "m_{\\max} = 7") is replaced by its right side
+      ("x = 5", "k=3", "f(n) = 2n+1", "m_{\\max} = 7"), or a segment / angle name before a constant
+      ("AB = 12+12\\sqrt{3}"), is replaced by its right side
     - a gold equation of two constants ("0.56 = 56\\%", "\\$\\dfrac23 \\approx \\$0.67", Math12k golds) against a
       prediction that is no equation: either side is right
     - otherwise numeric/symbolic comparison of the parsed expressions (tolerances: module docstring); a constant
@@ -489,9 +491,9 @@ def _scalar_equiv(p: str, g: str, p_scale: Fraction = Fraction(1), g_scale: Frac
         p, g = pe[1], ge[1]                          # the same left side "f(x) =": compare the right sides
     elif len(pe) == len(ge) == 2:
         return _equations_equal(pe, ge)
-    elif len(pe) == 2 and len(ge) == 1 and _LHS_RE.match(pe[0]):
+    elif len(pe) == 2 and len(ge) == 1 and _names_answer(pe):
         p = pe[1]
-    elif len(ge) == 2 and len(pe) == 1 and _LHS_RE.match(ge[0]):
+    elif len(ge) == 2 and len(pe) == 1 and _names_answer(ge):
         g = ge[1]
     elif len(ge) == 2 and len(pe) == 1 and _is_constant(ge[0]) and _is_constant(ge[1]):
         # a gold giving one value two ways ("0.56 = 56\\%", "\\frac23 \\approx 0.67"): either side is right;
@@ -514,6 +516,13 @@ def _scalar_equiv(p: str, g: str, p_scale: Fraction = Fraction(1), g_scale: Frac
 
 
 _INT_LITERAL_RE = re.compile(r"^-?\d+(?:\.0*)?$")
+
+
+def _names_answer(sides: list[str]) -> bool:
+    """Does the left side of "L = R" only name the answer R: a variable, subscripted variable or function call
+    ("x = 5", "f(n) = 2n+1"), or 2-3 capital letters naming a segment or angle when R is a constant
+    ("AB = 12+12\\sqrt{3}"; not "MR = SRMC", a condition)?"""
+    return bool(_LHS_RE.match(sides[0]) or _SEGMENT_RE.match(sides[0]) and _is_constant(sides[1]))
 
 
 def _is_constant(s: str) -> bool:

@@ -725,6 +725,13 @@ DIFFERENTIAL_CASES = [
     ("0.67, 0.68", "\\$\\dfrac23 \\approx \\$0.67", False),
     ("0.67 = 0.68", "\\$\\dfrac23 \\approx \\$0.67", False),
     ("13", "x^2 + y^2 = 13", False),                   # sides with variables: still an equation
+    # 2. a segment or angle named by 2-3 capital letters on the left of a constant (Math12k "AB=12+12\\sqrt{3}")
+    ("12+12\\sqrt{3}", "AB=12+12\\sqrt{3}", True),
+    ("12(1+\\sqrt3)", "AB=12+12\\sqrt{3}", True),
+    ("AB = 12+12\\sqrt{3}", "12+12\\sqrt{3}", True),
+    ("13+12\\sqrt{3}", "AB=12+12\\sqrt{3}", False),
+    ("SRMC", "MR=SRMC", False),                        # a Minerva condition: the right side alone is not it
+    ("LRAC", "SRAC=LRAC", False),
 ]
 
 
