@@ -24,9 +24,9 @@ How grade() decides (each rule is documented where it is implemented):
   4. Scalars: two plain words (2+ letters, one of them 3+: "Evelyn", "\\text{yes}") compare case-insensitively
      and only so ("Evenly" != "Evelyn"; two 2-letter words may be a product: "yx" == "xy"). Otherwise a small
      hand-written recursive-descent parser (numbers, + - * / ^, \\frac, \\sqrt, \\pi, e, i, functions,
-     single-letter variables) turns both sides into expression trees. Never eval/exec; no sympy. f, g, h, u or
-     an uppercase letter directly followed by "(" is a function call (I(0), f(4-x)): such an answer is not
-     comparable, only its normalised text counts (x(x+1), 2a(b+c), n(n+1)/2 stay products).
+     single-letter variables, also \\dot x / \\ddot x) turns both sides into expression trees. Never eval/exec;
+     no sympy. f, g, h, u or an uppercase letter directly followed by "(" is a function call (I(0), f(4-x)): such
+     an answer is not comparable, only its normalised text counts (x(x+1), 2a(b+c), n(n+1)/2 stay products).
      Constants (no variables) are compared by these rules, in order ("exact" text: no decimal literal
      anywhere, or an integer literal with zero decimals such as 142.0):
        a. A gold written as a decimal literal g with d decimals (408.04, -0.5, also 4.5e33 / 2.88 \\times 10^{16}
@@ -552,6 +552,7 @@ _FUNCS = {"sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan"
 _GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "vartheta", "iota", "kappa",
           "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "upsilon", "phi", "varphi", "chi", "psi",
           "omega", "Gamma", "Delta", "Theta", "Lambda", "Xi", "Sigma", "Phi", "Psi", "Omega", "ell", "hbar"}
+_ACCENTS = {"dot", "ddot"}                # \\dot{x}_0: a time derivative, a variable of its own
 _MUL_OPS = {"*", "\\cdot", "\\times", "\\ast"}
 _DIV_OPS = {"/", "\\div"}
 
@@ -571,8 +572,9 @@ class _Parser:
         unary   := ('-'|'+') unary | power
         power   := postfix ('^' exponent)?          exponent := ('-'|'+') exponent | postfix
         postfix := atom '!'*
-        atom    := number | letter[_sub] | \\greek[_sub] | \\pi | ( expr ) | { expr } | \\frac{a}{b} | \\sqrt[n]{a}
-                 | \\binom{a}{b} | \\func[^k] arg | \\lfloor expr \\rfloor | \\lceil expr \\rceil | | expr |
+        atom    := number | letter[_sub] | \\greek[_sub] | \\dot / \\ddot variable[_sub] | \\pi | ( expr ) | { expr }
+                 | \\frac{a}{b} | \\sqrt[n]{a} | \\binom{a}{b} | \\func[^k] arg | \\lfloor expr \\rfloor
+                 | \\lceil expr \\rceil | | expr |
     `e` is Euler's number and `i` the imaginary unit; other letters are variables, except that f, g, h, u or an
     uppercase letter directly followed by "(" is a function call, which makes the answer not comparable.
     """
@@ -667,8 +669,8 @@ class _Parser:
             return True
         if tok.isalpha() and len(tok) == 1:
             return True
-        if tok.startswith("\\") and tok[1:] in _FUNCS | _GREEK | {"frac", "sqrt", "binom", "pi", "lfloor",
-                                                                 "lceil"}:
+        if tok.startswith("\\") and tok[1:] in _FUNCS | _GREEK | _ACCENTS | {"frac", "sqrt", "binom", "pi",
+                                                                            "lfloor", "lceil"}:
             return True
         return False
 
@@ -745,6 +747,11 @@ class _Parser:
             return (name[1:], node)
         if name in _FUNCS:
             return self.function(name)
+        if name in _ACCENTS:                          # \\dot{x}_0 and \\dot x_0 are the variable "\\dot x_0"
+            inner = self.group()
+            if inner[0] != "var":
+                raise _NotComparable(f"{tok} of an expression")
+            return self.variable(f"{tok} {inner[1]}")
         raise _NotComparable(f"unknown command {tok}")
 
     def variable(self, name: str):

@@ -712,7 +712,7 @@ def test_exact_arithmetic_is_capped_after_every_operation():
 # wrong; (pred, gold, expected), checked in the stated direction only
 
 DIFFERENTIAL_CASES = [
-    # 1. a gold that gives one value two ways (Math12k: "0.56 = 56\\%", "\\$\\dfrac23 \\approx \\$0.67"): either is right
+    # 1. a gold giving one value two ways (Math12k "0.56 = 56\\%", "\\$\\dfrac23 \\approx \\$0.67"): either is right
     ("0.56", "0.56 = 56\\%", True),
     ("56\\%", "0.56 = 56\\%", True),
     ("56", "0.56 = 56\\%", True),
@@ -732,6 +732,16 @@ DIFFERENTIAL_CASES = [
     ("13+12\\sqrt{3}", "AB=12+12\\sqrt{3}", False),
     ("SRMC", "MR=SRMC", False),                        # a Minerva condition: the right side alone is not it
     ("LRAC", "SRAC=LRAC", False),
+    # 3. \\dot{x} / \\ddot{x} are variables (a Minerva gold), not unknown commands: other orders and forms compare
+    ("\\frac{\\dot{x}_{0}}{\\omega} \\sin (\\omega t)+x_{0} \\cos (\\omega t)",
+     "x_{0} \\cos (\\omega t)+\\frac{\\dot{x}_{0}}{\\omega} \\sin (\\omega t)", True),
+    ("x_0\\cos(\\omega t) + \\frac{\\dot x_0 \\sin(\\omega t)}{\\omega}",
+     "x_{0} \\cos (\\omega t)+\\frac{\\dot{x}_{0}}{\\omega} \\sin (\\omega t)", True),
+    ("x_{0} \\cos (\\omega t)-\\frac{\\dot{x}_{0}}{\\omega} \\sin (\\omega t)",
+     "x_{0} \\cos (\\omega t)+\\frac{\\dot{x}_{0}}{\\omega} \\sin (\\omega t)", False),
+    ("x_{0} \\cos (\\omega t)+\\frac{x_{0}}{\\omega} \\sin (\\omega t)",
+     "x_{0} \\cos (\\omega t)+\\frac{\\dot{x}_{0}}{\\omega} \\sin (\\omega t)", False),
+    ("\\ddot{x}", "\\dot{x}", False),
 ]
 
 
