@@ -63,7 +63,9 @@ How grade() decides (each rule is documented where it is implemented):
      integers (\\lceil n/2 \\rceil = \\lfloor (n+1)/2 \\rfloor) are not recognised.
      A constant gold wants a constant: a prediction with variables is right only when they cancel, i.e. it
      agrees with the gold to round-off (relative 1e-9) at every point and exactly where its value there is
-     rational (\\sin^2x+\\cos^2x == 1, (x+1)^2-x^2-2x-1 == 0; 1000001+0x != 1000000, 0x != 8.224 \\times 10^{-19}).
+     rational (\\sin^2x+\\cos^2x == 1, (x+1)^2-x^2-2x-1 == 0; 1000001+0x != 1000000, 0x != 8.224 \\times 10^{-19}),
+     and not by a constant factor 0: "0 \\text{ (or } 7\\text{)}" reads 0·o·r·7, a hedge, wrong for 0 (so is 0x),
+     as "x + 0 \\text{ (or } 7\\text{)}" is for x and an equation "... = 0 \\text{ (or } 7\\text{)}" for "... = 0".
      Equations: "x = 5" against "5" compares 5 (a variable, subscripted variable or function call on the left
      is dropped, and so is a segment or angle name before a constant: "AB = 12+12\\sqrt{3}"); the same left side
      on both sides compares the right sides; else L1 - R1 == ±(L2 - R2). A gold equation of two constants
@@ -1104,7 +1106,11 @@ def _values_equal(a, b, rel: float = _VARIABLE_REL) -> bool:
     fails, one outside both domains is skipped (\\lfloor\\sqrt{n-1}\\rfloor at n < 1); at least 3 must compare.
     When a tree holds |.|, floor or ceil, the signed and the integer points are tried too; there a point where
     either side is undefined or not real is skipped (the principal branch of \\sqrt{x}\\sqrt{y} or \\ln x at
-    negative x is no real-domain identity)."""
+    negative x is no real-domain identity).
+    Variables that `a` multiplies by a constant 0 do not count: "0 \\text{ (or } 7\\text{)}" (0·o·r·7) is a
+    hedge, not 0, and "x + 0 \\text{ (or } 7\\text{)}" is not x."""
+    if _zero_factor(a):
+        return False
     names = sorted(_variables(a, set()) | _variables(b, set()))
     compared = 0
     for env in _points(names):
@@ -1130,7 +1136,8 @@ def _values_equal(a, b, rel: float = _VARIABLE_REL) -> bool:
 def _cancels_to(ap, ag) -> bool:
     """A prediction with variables against a constant gold is right only when its variables cancel and it is
     identically the gold (\\sin^2x+\\cos^2x = 1, (x+1)^2-x^2-2x-1 = 0): equal to round-off (relative 1e-9) at
-    every evaluation point, and exactly where its value there is rational (1000001+0x != 1000000)."""
+    every evaluation point, and exactly where its value there is rational (1000001+0x != 1000000); not through a
+    factor 0 (_values_equal)."""
     if not _values_equal(ap, ag, rel=_ROUND_OFF):
         return False
     xg = _exact(ag)
@@ -1139,6 +1146,16 @@ def _cancels_to(ap, ag) -> bool:
         if xp is not None and xg is not None and xp != xg:
             return False
     return True
+
+
+def _zero_factor(node) -> bool:
+    """Does the tree hold a product (or a quotient's numerator) of a constant equal to 0 and an expression with
+    variables?"""
+    if node[0] in ("*", "/"):
+        pairs = [(node[1], node[2]), (node[2], node[1])] if node[0] == "*" else [(node[1], node[2])]
+        if any(_variables(b, set()) and not _variables(a, set()) and _value(a, {}) == 0 for a, b in pairs):
+            return True
+    return any(isinstance(c, tuple) and _zero_factor(c) for c in node[1:])
 
 
 def _substitute(node, env: dict):

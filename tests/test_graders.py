@@ -742,6 +742,23 @@ DIFFERENTIAL_CASES = [
     ("x_{0} \\cos (\\omega t)+\\frac{x_{0}}{\\omega} \\sin (\\omega t)",
      "x_{0} \\cos (\\omega t)+\\frac{\\dot{x}_{0}}{\\omega} \\sin (\\omega t)", False),
     ("\\ddot{x}", "\\dot{x}", False),
+    # 4. reward hack (a hedge): text after a 0 became letters multiplied by 0, so they "cancelled" (213 Math12k
+    # golds hold a 0); variables cancel by identities, not by a constant factor 0
+    ("0 \\text{ (or } 7\\text{)}", "0", False),
+    ("0 \\text{ (approximately } 7)", "0", False),
+    ("0 (or 7)", "0", False),
+    ("-3, 0 \\text{ (or } 7\\text{)}", "-3, 0", False),
+    ("5 + 0 \\cdot \\text{(or 7)}", "5", False),
+    ("(1-1)(or 7)", "0", False),
+    ("\\frac{0}{or 7}", "0", False),
+    ("10x - 4y - 5z - 20 = 0 \\text{ (or } 7\\text{)}", "10x - 4y - 5z - 20 = 0", False),   # Math12k golds
+    ("10x - 4y - 5z - 20 = 0 \\text{ otherwise } 7", "10x - 4y - 5z - 20 = 0", False),
+    ("x + 0 \\text{ (or } 7\\text{)}", "x", False),
+    ("20 = 10x - 4y - 5z", "10x - 4y - 5z - 20 = 0", True),
+    ("x - x", "0", True),
+    ("0", "0", True),
+    ("-3, 0", "-3, 0", True),
+    ("0 \\text{ cm}", "0", True),
 ]
 
 
