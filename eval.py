@@ -20,7 +20,8 @@ How grade() decides (each rule is documented where it is implemented):
      \\{..\\}, unions and bare comma lists as unordered multisets ("a \\pm b" is the list a+b, a-b). A gold
      with thousands separators (10,000) is only a number, never a list ("10, 0" and "0,10" are wrong for it),
      unless its text writes the commas as list separators: a space after one ("81, 256") or degree marks
-     ("60^\\circ, 120^\\circ"); then it is only a list (256, 81 is right for it, 81256 is wrong).
+     ("60^\\circ, 120^\\circ"); then it is only a list (256, 81 is right for it, 81256 is wrong). A prediction
+     "1,000" is tried as a number and as a list; "1, 000", "0,166" and "1 \\text{ or } 166" only as lists.
   4. Scalars: two plain words (2+ letters, one of them 3+: "Evelyn", "\\text{yes}") compare case-insensitively
      and only so ("Evenly" != "Evelyn"; two 2-letter words may be a product: "yx" == "xy"). Otherwise a small
      hand-written recursive-descent parser (numbers, + - * / ^, \\frac, \\sqrt, \\pi, e, i, functions,
@@ -1189,10 +1190,16 @@ def _close(va: complex, vb: complex, rel: float) -> bool:
 # grade / reward
 # ======================================================================================================
 
-_THOUSANDS_RE = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
-# in a gold's raw text, commas that separate answers: a space after one (not ", \\!", a thin-space separator) or
+_THOUSANDS_RE = re.compile(r"^-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?$")   # 10,000; not 0,166
+# in an answer's raw text, commas that separate answers: a space after one (not ", \\!", a thin-space separator) or
 # degree marks ("81, 256" and "60^\\circ, 120^\\circ" are Math12k lists that normalise to 81,256 and 60,120)
 _LIST_COMMA_RE = re.compile(r",\s+(?!\s|\\!)|\\circ|\u00b0")
+
+
+def _thousands(s: str, raw: str) -> bool:
+    """Is the normalised answer s one number with thousands separators (10,000)? Not when its raw text writes the
+    commas as list separators (_LIST_COMMA_RE) or has none of them ("1 \\text{ or } 166" normalises to 1,166)."""
+    return bool(_THOUSANDS_RE.match(s)) and s.count(",") == raw.count(",") and not _LIST_COMMA_RE.search(raw)
 
 
 def _gold_text(gold) -> str:
@@ -1221,9 +1228,9 @@ def grade(pred: str | None, gold) -> bool:
         return False
     # thousands separators: a gold "10,000" is only a number (never the list 10, 000: "10, 0" is wrong for it),
     # unless its raw text writes the commas as list separators ("81, 256"); a prediction "1,000" is tried both as a
-    # list and as a number
-    p2 = p.replace(",", "") if _THOUSANDS_RE.match(p) else p
-    g2 = g.replace(",", "") if _THOUSANDS_RE.match(g) and not _LIST_COMMA_RE.search(g_raw) else g
+    # list and as a number, "1, 000" and "0,166" only as a list
+    p2 = p.replace(",", "") if _thousands(p, p_raw) else p
+    g2 = g.replace(",", "") if _thousands(g, g_raw) else g
     try:
         if g2 == g and _equiv(p, g, _Budget()):
             return True

@@ -759,6 +759,19 @@ DIFFERENTIAL_CASES = [
     ("0", "0", True),
     ("-3, 0", "-3, 0", True),
     ("0 \\text{ cm}", "0", True),
+    # 5. a list read as one number with thousands separators: only where the commas are the text's own, not after
+    # a leading 0 group, not written as list separators (a space after one, as for a gold: "81, 256")
+    ("0 \\text{ or } 166", "166", False),
+    ("0, 166", "166", False),
+    ("0,166", "166", False),
+    ("1 \\text{ or } 166", "1166", False),
+    ("1, 166", "1166", False),
+    ("1166", "1 \\text{ or } 166", False),
+    ("166, 1", "1 \\text{ or } 166", True),
+    ("1,166", "1166", True),
+    ("\\$1,166", "1166", True),
+    ("1,166", "1,166", True),
+    ("166, 0", "0, 166", True),
 ]
 
 
