@@ -196,7 +196,7 @@ def _fallback_answer(text: str) -> str | None:
 
 _UNICODE = [("\u2212", "-"), ("\u2013", "-"), ("\u221e", "\\infty"), ("\u03c0", "\\pi"), ("\u221a", "\\sqrt"),
             ("\u00d7", "\\times"), ("\u22c5", "\\cdot"), ("\u00b7", "\\cdot"), ("\u00b0", "^\\circ"),
-            ("\u2264", "\\leq"), ("\u2265", "\\geq"), ("\u00b1", "\\pm")]
+            ("\u2264", "\\leq"), ("\u2265", "\\geq"), ("\u00b1", "\\pm"), ("\u211d", "\\mathbb{R}")]
 # command aliases, applied as whole command names
 _ALIASES = {"dfrac": "\\frac", "tfrac": "\\frac", "cfrac": "\\frac", "dbinom": "\\binom", "tbinom": "\\binom",
             "ge": "\\geq", "geqslant": "\\geq", "le": "\\leq", "leqslant": "\\leq", "ne": "\\neq",
@@ -220,6 +220,7 @@ _UNIT_WORDS = ("units", "unit", "sq", "square", "cubic", "cm", "mm", "km", "m", 
 # bare unit words at the end, after a digit / } / ) and at least one space: "17 meters", "5 sq ft"
 _UNIT_WORD_RE = re.compile(r"(?<=[\d}).])(?:\s+(?:" + "|".join(_UNIT_WORDS) + r")\.?)+(?:\^\d)?\s*$")
 _DEGREE_RE = re.compile(r"(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree)(?:\s*[CF](?![a-zA-Z]))?")
+_REALS_RE = re.compile(r"\\mathbb\s*(?:\{\s*R\s*\}|R(?![a-zA-Z]))")   # the real line: \mathbb{R} -> (-\infty,\infty)
 _PRIME_RE = re.compile(r"\^\s*\{?\s*((?:\\prime\s*)+)\}?")                  # x^{\prime} -> x'
 _ARCSEC_RE = re.compile(r"(?<=\d)(?:'+|\^\s*\{?\s*(?:\\prime\s*)+\}?)\s*$")  # 0.003^{\prime\prime} -> 0.003
 
@@ -243,12 +244,13 @@ _PLUS_INFTY_RE = re.compile(r"(?<=[(\[{,])\+(?=\\infty(?![a-zA-Z]))")   # (2,+\i
 def normalize(s: str) -> str:
     """Canonical string form of an answer. Rules, in order:
 
-    - unicode math symbols -> LaTeX (− ∞ π √ × · ° ≤ ≥ ±); newlines -> spaces
+    - unicode math symbols -> LaTeX (− ∞ π √ × · ° ≤ ≥ ± ℝ); newlines -> spaces
     - explicit thousands separators removed: "10,\\!080", "24{,}000" -> 10080, 24000
     - math delimiters $ \\( \\) \\[ \\] and the dollar sign \\$ removed
     - \\left \\right \\big... \\displaystyle removed (with \\left. / \\right.);
       spacing \\! \\, \\; \\: \\quad ~ -> space
-    - command aliases: \\dfrac \\tfrac \\cfrac -> \\frac, \\dbinom -> \\binom, \\ge \\geqslant -> \\geq, ...
+    - command aliases: \\dfrac \\tfrac \\cfrac -> \\frac, \\dbinom -> \\binom, \\ge \\geqslant -> \\geq, ...;
+      the real line \\mathbb{R} -> (-\\infty,\\infty)
     - units: trailing \\text{ cm} / \\mbox{ inches}^2 groups and bare unit words ("17 meters") after a value
       are dropped; then \\text{X} \\mathrm{X} \\mbox{X} \\textbf{X} ... are unwrapped to X ("\\text{(C)}" -> "(C)")
     - degrees: ^\\circ, ^{\\circ}, \\circ, \\degree removed (with a following C/F: "1950^\\circ C" -> 1950); a
@@ -277,6 +279,7 @@ def normalize(s: str) -> str:
     s = _DROP_RE.sub("", s)
     s = _SPACE_CMD_RE.sub(" ", s)
     s = _ALIAS_RE.sub(lambda m: _ALIASES[m.group(1)], s)
+    s = _REALS_RE.sub(r"(-\\infty,\\infty)", s)
     s = _DEGREE_RE.sub("", s)
     s = _ARCSEC_RE.sub("", s)
     s = _PRIME_RE.sub(lambda m: "'" * m.group(1).count("prime"), s)

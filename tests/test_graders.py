@@ -772,6 +772,14 @@ DIFFERENTIAL_CASES = [
     ("\\$1,166", "1166", True),
     ("1,166", "1,166", True),
     ("166, 0", "0, 166", True),
+    # 6. the real line written as \\mathbb{R} is the interval (-\\infty, \\infty) (4 Math12k golds)
+    ("\\mathbb{R}", "(-\\infty,\\infty)", True),
+    ("x \\in \\mathbb R", "(-\\infty,\\infty)", True),
+    ("\u211d", "(-\\infty,\\infty)", True),
+    ("(-\\infty, \\infty)", "\\mathbb{R}", True),
+    ("\\mathbb{R}", "(0,\\infty)", False),
+    ("\\mathbb{Z}", "(-\\infty,\\infty)", False),
+    ("\\mathbb{R}, 1", "(-\\infty,\\infty)", False),
 ]
 
 
