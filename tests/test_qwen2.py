@@ -173,6 +173,26 @@ def test_hf_checkpoint_loads_with_logit_parity(tmp_path, tied):
     torch.testing.assert_close(tail, got[:, 4:], atol=1e-5, rtol=0)
 
 
+def test_logit_parity_and_decoding_over_a_long_context():
+    """A 3,000-token context, as evaluation reaches (prompt + up to 3000 new tokens, Qwen2.5-Math's theta 10000):
+    the logits equal transformers' at every position, and a KV-cache decode from a 2,990-token prompt (with a
+    skip mask) reproduces the full forward."""
+    kw = dict(rope_theta=10000.0, max_position_embeddings=4096)
+    hf, m = hf_model(seed=21, **kw), ours(seed=21, **kw)
+    m.load_state_dict(hf.state_dict(), strict=True)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 3000), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref, got = hf(ids).logits, m(ids)
+    assert (got - ref).abs().max() <= 1e-4
+    skip = [False, True, False, False]
+    out = m.generate([ids[0, :2990].tolist()], max_new_tokens=10, temperature=0.0, skip_mask=skip)
+    with torch.no_grad():
+        full = m(torch.cat([ids[:, :2990], out.tokens], 1), skip)[0, 2989:-1]
+    assert torch.equal(full.argmax(-1), out.tokens[0])
+    torch.testing.assert_close(out.logprobs[0], torch.log_softmax(full, -1).gather(1, out.tokens[0, :, None])[:, 0],
+                               atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("tied, shard", [(False, False), (True, True), (False, True)])
 def test_our_checkpoint_loads_in_transformers(tmp_path, tied, shard):
     m = ours(seed=3, tie_word_embeddings=tied, num_key_value_heads=1)      # GQA with 4 query heads per kv head
@@ -796,13 +816,16 @@ def test_rms_norm_has_hf_rounding(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_rope_table_equals_hf_rotary_embedding(dtype):
+@pytest.mark.parametrize("theta", [1000.0, 10000.0])
+def test_rope_table_equals_hf_rotary_embedding(dtype, theta):
     """cos/sin as HF's Qwen2RotaryEmbedding makes them (bit-exact): angles in fp32, rounded to the model dtype once
-    at the end; our sin has its first half negated (RoPE as x * cos + roll(x, hd/2) * sin)."""
+    at the end; our sin has its first half negated (RoPE as x * cos + roll(x, hd/2) * sin). Over the whole 4096-token
+    context of Qwen2.5-Math, with its theta (10000) and the tiny config's."""
     hd = TINY["hidden_size"] // TINY["num_attention_heads"]
-    cos, sin = ours().rope_table(64, dtype, torch.device("cpu"))                 # [64, 1, hd]
-    rotary = transformers.models.qwen2.modeling_qwen2.Qwen2RotaryEmbedding(transformers.Qwen2Config(**TINY))
-    ref_cos, ref_sin = rotary(torch.zeros(1, dtype=dtype), torch.arange(64)[None])   # [1, 64, hd]
+    cfg = {**TINY, "rope_theta": theta, "max_position_embeddings": 4096}
+    cos, sin = ours(**cfg).rope_table(4096, dtype, torch.device("cpu"))          # [4096, 1, hd]
+    rotary = transformers.models.qwen2.modeling_qwen2.Qwen2RotaryEmbedding(transformers.Qwen2Config(**cfg))
+    ref_cos, ref_sin = rotary(torch.zeros(1, dtype=dtype), torch.arange(4096)[None])   # [1, 4096, hd]
     assert cos.dtype == sin.dtype == dtype
     assert torch.equal(cos[:, 0], ref_cos[0])
     assert torch.equal(sin[:, 0], torch.cat((-ref_sin[0, :, :hd // 2], ref_sin[0, :, hd // 2:]), -1))
