@@ -709,3 +709,46 @@ def test_monte_carlo_base_unbiased_retrace_biased_lower_variance():
     assert ((g_ret.mean(0) - ret_expect).abs() < 5 * se_ret).all()        # Retrace: estimates its own target ...
     assert ((g_ret.mean(0) - true_grad).abs() > 20 * se_ret).any()         # ... which is not the true gradient
     assert g_ret.var(0).sum() < 0.5 * g_base.var(0).sum()                 # ... with lower variance
+
+
+def test_per_token_base_is_unbiased_only_for_one_token_completions():
+    """What Base estimates when a completion has several tokens. Toy two-token completions: y1 ~ softmax(theta1),
+    y2 | y1 ~ softmax(theta2[y1]) under pi; mu has other logits at both steps; reward r(y1, y2); A = r.
+
+    The loss weights each token by its own ratio rho_t = pi(y_t | s_t) / mu(y_t | s_t) (the paper, TRL): that
+    corrects the action at s_t, not the prefix mu generated nor the later tokens the reward depends on. So its
+    expectation, E_mu[sum_t rho_t A grad log pi_t] (enumerated exactly here, without grpo), is not the on-policy
+    gradient grad E_pi[r] = E_mu[rho_1 rho_2 A sum_t grad log pi_t]: Base is unbiased for one-token completions
+    (test_monte_carlo_base_unbiased_retrace_biased_lower_variance), a biased per-token estimator for longer ones,
+    as PPO / GRPO's token-level ratios are. Checked: the mean over 100,000 sampled sequences of grpo.policy_loss's
+    per-sequence gradient matches the enumerated per-token expectation (5 standard errors) and misses the true
+    gradient by far more."""
+    K = 3
+    g = torch.Generator().manual_seed(0)
+    theta1, theta2 = torch.randn(K, generator=g, dtype=torch.float64), torch.randn(K, K, generator=g, dtype=torch.float64)
+    mu1 = torch.randn(K, generator=g, dtype=torch.float64).softmax(0)
+    mu2 = torch.randn(K, K, generator=g, dtype=torch.float64).softmax(1)
+    r = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+
+    t1, t2 = theta1.clone().requires_grad_(), theta2.clone().requires_grad_()
+    logpi1, logpi2 = t1.log_softmax(0), t2.log_softmax(1)                      # [K], [K, K]
+    grads = lambda f: torch.cat([x.flatten() for x in torch.autograd.grad(f, (t1, t2), retain_graph=True)])
+    true_grad = grads((logpi1[:, None].exp() * logpi2.exp() * r).sum())     # exact grad of E_pi[r]
+    rho1, rho2 = logpi1.detach().exp() / mu1, logpi2.detach().exp() / mu2
+    # exact per-token expectation: sum_{a,b} mu(a) mu(b|a) r(a,b) [rho1(a) grad log pi1(a) + rho2(b|a) grad log pi2(b|a)]
+    per_token = grads((mu1[:, None] * mu2 * r * (rho1[:, None] * logpi1[:, None] + rho2 * logpi2)).sum())
+
+    n = 100_000
+    y1 = torch.multinomial(mu1, n, replacement=True, generator=g)
+    y2 = torch.multinomial(mu2[y1], 1, generator=g)[:, 0]
+    T1, T2 = theta1.repeat(n, 1).requires_grad_(), theta2.repeat(n, 1, 1).requires_grad_()   # per-sample copies
+    logp = torch.stack([T1.log_softmax(1).gather(1, y1[:, None])[:, 0],
+                        T2[torch.arange(n), y1].log_softmax(1).gather(1, y2[:, None])[:, 0]], 1)   # [n, 2]
+    logp_mu = torch.stack([mu1.log()[y1], mu2.log()[y1, y2]], 1)
+    loss, _ = policy_loss(logp, logp_mu, r[y1, y2], torch.ones(n, 2, dtype=torch.bool), variant="base")
+    loss.backward()                                                  # token mean: L = -(1/2n) sum_i sum_t ...
+    per_sample = -2 * n * torch.cat([T1.grad, T2.grad.flatten(1)], 1)       # [n, K + K*K] ascent directions
+    mean, se = per_sample.mean(0), per_sample.std(0) / math.sqrt(n)
+    assert ((mean - per_token).abs() < 5 * se + 1e-12).all()                 # grpo computes the per-token estimator
+    assert ((per_token - true_grad).abs() > 20 * se).any()                  # ... which is not the true gradient
+
