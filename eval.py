@@ -22,12 +22,14 @@ How grade() decides (each rule is documented where it is implemented):
      unless its text writes the commas as list separators: a space after one ("81, 256") or degree marks
      ("60^\\circ, 120^\\circ"); then it is only a list (256, 81 is right for it, 81256 is wrong). A prediction
      "1,000" is tried as a number and as a list; "1, 000", "0,166" and "1 \\text{ or } 166" only as lists.
-  4. Scalars: two plain words (2+ letters, one of them 3+: "Evelyn", "\\text{yes}") compare case-insensitively
-     and only so ("Evenly" != "Evelyn"; two 2-letter words may be a product: "yx" == "xy"). Otherwise a small
-     hand-written recursive-descent parser (numbers, + - * / ^, \\frac, \\sqrt, \\pi, e, i, functions,
-     single-letter variables, also \\dot x / \\ddot x) turns both sides into expression trees. Never eval/exec;
-     no sympy. f, g, h, u or an uppercase letter directly followed by "(" is a function call (I(0), f(4-x)): such
-     an answer is not comparable, only its normalised text counts (x(x+1), 2a(b+c), n(n+1)/2 stay products).
+  4. Scalars: a gold that is a plain word of 3+ letters ("Evelyn", "\\text{yes}", "\\text{CBAD}") is matched only by
+     that word, case-insensitively ("Evenly" != "Evelyn"; no product of its letters: "A \\cdot B \\cdot C \\cdot D"
+     != "CBAD"), and a 2-letter word gold not by a longer word; two 2-letter words may be a product ("yx" ==
+     "xy"). Otherwise a small hand-written recursive-descent parser (numbers, + - * / ^, \\frac, \\sqrt, \\pi, e,
+     i, functions, single-letter variables, also \\dot x / \\ddot x) turns both sides into expression trees.
+     Never eval/exec; no sympy. f, g, h, u or an uppercase letter directly followed by "(" is a function call
+     (I(0), f(4-x)): such an answer is not comparable, only its normalised text counts (x(x+1), 2a(b+c), n(n+1)/2
+     stay products).
      Constants (no variables) are compared by these rules, in order ("exact" text: no decimal literal
      anywhere, or an integer literal with zero decimals such as 142.0):
        a. A gold written as a decimal literal g with d decimals (408.04, -0.5, also 4.5e33 / 2.88 \\times 10^{16}
@@ -475,9 +477,10 @@ _WORD_RE = re.compile(r"^[A-Za-z]{2,}$")
 def _scalar_equiv(p: str, g: str, p_scale: Fraction = Fraction(1), g_scale: Fraction = Fraction(1)) -> bool:
     """Equivalence of two single answers.
 
-    - words ("Evelyn", "yes"): when both sides are plain words of 2+ letters, one of them 3+, only the
-      case-insensitive comparison decides ("Evenly" != "Evelyn": no product of variables); two 2-letter words
-      may be products ("yx" == "xy", a Math12k gold), so "on" == "no" (a known limit)
+    - words ("Evelyn", "yes"): a gold that is a plain word of 3+ letters (after the equation rules below), or a
+      2-letter one against a 3+-letter word, is matched only by that word, case-insensitively ("Evenly" !=
+      "Evelyn", "E \\cdot velyn" != "Evelyn": no product of variables, which would match every anagram);
+      two 2-letter words may be products ("yx" == "xy", a Math12k gold), so "on" == "no" (a known limit)
     - equations "L = R" on both sides: the same function/variable on the left ("f(x) = x+1" vs "f(x)=1+x") compares
       the right sides; otherwise equal when L1 - R1 == ±(L2 - R2) as expressions (so "x = 5" == "5 = x")
     - an equation on one side only whose left side is a variable, a subscripted variable or a function call
@@ -490,8 +493,6 @@ def _scalar_equiv(p: str, g: str, p_scale: Fraction = Fraction(1), g_scale: Frac
     """
     if p == g and p_scale == g_scale:
         return True
-    if _WORD_RE.match(p) and _WORD_RE.match(g) and (max(len(p), len(g)) >= 3 or p.lower() == g.lower()):
-        return p.lower() == g.lower()
     pe, ge = _split_top(p, "="), _split_top(g, "=")
     if len(pe) == len(ge) == 2 and pe[0] == ge[0] and _LHS_RE.match(pe[0]):
         p, g = pe[1], ge[1]                          # the same left side "f(x) =": compare the right sides
@@ -507,6 +508,11 @@ def _scalar_equiv(p: str, g: str, p_scale: Fraction = Fraction(1), g_scale: Frac
         return g_scale == 1 and any(_scalar_equiv(p, side, p_scale) for side in ge)
     if p == g and p_scale == g_scale:
         return True
+    word = _WORD_RE.match(p)
+    if _WORD_RE.match(g) and (len(g) >= 3 or word and (len(p) >= 3 or p.lower() == g.lower())):
+        # a word gold wants that word, not a product of its letters: "A \\cdot B \\cdot C \\cdot D" would match
+        # every order of the Math12k gold CBAD (an ordering) and "E \\cdot velyn" both Evelyn and Evenly
+        return bool(word) and p.lower() == g.lower()
     ap, ag = _parse(p), _parse(g)
     if ap is None or ag is None:
         return False

@@ -780,6 +780,24 @@ DIFFERENTIAL_CASES = [
     ("\\mathbb{R}", "(0,\\infty)", False),
     ("\\mathbb{Z}", "(-\\infty,\\infty)", False),
     ("\\mathbb{R}, 1", "(-\\infty,\\infty)", False),
+    # 7. reward hack (a hedge): a word gold matched by a product of its letters, so by every anagram: one prediction
+    # scored for all 24 orders of the Math12k ordering gold CBAD, and for both Evelyn and Evenly
+    ("A \\cdot B \\cdot C \\cdot D", "\\text{CBAD}", False),
+    ("A \\cdot B \\cdot C \\cdot D", "\\text{ABCD}", False),
+    ("(C)(B)(A)(D)", "\\text{CBAD}", False),
+    ("F \\cdot C \\cdot A", "\\text{ACF}", False),
+    ("K \\cdot AME", "\\text{MAKE}", False),
+    ("S \\cdot XQL", "LQSX", False),
+    ("E \\cdot venly", "\\text{Evelyn}", False),
+    ("E \\cdot venly", "\\text{Evenly}", False),
+    ("x = E \\cdot velyn", "\\text{Evelyn}", False),
+    ("y \\cdot adnuS", "\\text{Sunday}", False),
+    ("\\text{CBAD}", "\\text{CBAD}", True),
+    ("C B A D", "\\text{CBAD}", True),
+    ("\\textbf{cbad}", "\\text{CBAD}", True),
+    ("\\{\\text{CBAD}\\}", "\\text{CBAD}", True),
+    ("x = Evelyn", "\\text{Evelyn}", True),
+    ("y \\cdot x", "xy", True),                        # 2-letter golds stay products (a Math12k gold)
 ]
 
 
