@@ -80,8 +80,9 @@ How grade() decides (each rule is documented where it is implemented):
      An empty gold (after normalisation) matches nothing: a broken record never rewards.
   5. Bounded time on any input: answers longer than MAX_ANSWER_CHARS are compared as stripped strings only,
      the parser stops at MAX_TOKENS tokens / MAX_DEPTH nesting, exponents above MAX_EXPONENT in magnitude in
-     floating point, factorials above 170 and non-finite values make an expression "not comparable" (-> not
-     equal); exact arithmetic takes any integer exponent whose result stays within _EXACT_BITS bits (so
+     floating point, factorials above 170, non-finite values and a tree too deep for Python's recursion (a chain
+     of 400 implicit factors "xx...x") make an expression "not comparable" (-> not equal; grade() never raises on
+     a prediction); exact arithmetic takes any integer exponent whose result stays within _EXACT_BITS bits (so
      2 \\cdot 2^{1008} == 2^{1009}) and hands over to floating point as soon as any intermediate value exceeds them.
 """
 from __future__ import annotations
@@ -1240,18 +1241,21 @@ def grade(pred: str | None, gold) -> bool:
     # list and as a number, "1, 000" and "0,166" only as a list
     p2 = p.replace(",", "") if _thousands(p, p_raw) else p
     g2 = g.replace(",", "") if _thousands(g, g_raw) else g
+    # an expression tree too deep for Python's recursion (400 implicit factors "xx...x" chain 400 levels deep) is not
+    # comparable: a RecursionError must never escape into the training loop
     try:
         if g2 == g and _equiv(p, g, _Budget()):
             return True
         if (p2, g2) != (p, g) and _equiv(p2, g2, _Budget()):
             return True
-    except _NotComparable:
+        # percent: exactly one side wrote % -> its value / 100 is accepted as well
+        pp, gp = ("%" in p_raw or "percent" in p_raw), ("%" in g_raw or "percent" in g_raw)
+        if pp != gp and _structure(p2)[0] == _structure(g2)[0] == "scalar":
+            percent = Fraction(1, 100)
+            return _scalar_equiv(p2, g2, p_scale=percent if pp else Fraction(1),
+                                 g_scale=percent if gp else Fraction(1))
+    except (_NotComparable, RecursionError):
         return False
-    # percent: exactly one side wrote % -> its value / 100 is accepted as well
-    pp, gp = ("%" in p_raw or "percent" in p_raw), ("%" in g_raw or "percent" in g_raw)
-    if pp != gp and _structure(p2)[0] == _structure(g2)[0] == "scalar":
-        percent = Fraction(1, 100)
-        return _scalar_equiv(p2, g2, p_scale=percent if pp else Fraction(1), g_scale=percent if gp else Fraction(1))
     return False
 
 

@@ -968,6 +968,12 @@ ADVERSARIAL = [
     ("exact-products", lambda: grade("\\cdot".join(["(2^{999}+1)"] * 60), "1"), False),
     ("exact-long-sum", lambda: grade("+".join("1/%d^{1000}" % (1000003 + 2 * k) for k in range(50)), "0"), False),
     ("long-decimal", lambda: grade("0." + "3" * 900, "\\frac13"), True),
+    # a chain of 400 implicit factors parses (400 tokens) into a tree 400 levels deep: walking it raised a
+    # RecursionError out of grade() (a crash of the training loop from one completion)
+    ("implicit-product-chain", lambda: grade("x" * 400, "7"), False),
+    ("implicit-product-chain-var", lambda: grade("x" * 400, "x^{400}"), False),
+    ("implicit-product-chain-pct", lambda: grade("x" * 399 + "\\%", "7"), False),
+    ("implicit-product-chain-reward", lambda: reward("\\boxed{2" + "x" * 399 + "}", "2"), 0.0),
 ]
 
 
