@@ -72,7 +72,8 @@ How grade() decides (each rule is documented where it is implemented):
      Equations: "x = 5" against "5" compares 5 (a variable, subscripted variable or function call on the left
      is dropped, and so is a segment or angle name before a constant: "AB = 12+12\\sqrt{3}"); the same left side
      on both sides compares the right sides; else L1 - R1 == ±(L2 - R2). A gold equation of two constants
-     ("0.56 = 56\\%", "\\frac23 \\approx 0.67") is matched by a prediction equal to either side.
+     ("0.56 = 56\\%", "\\frac23 \\approx 0.67") is matched by a prediction equal to either side, or by an
+     equation whose sides each are ("56\\% = 0.56"; not "1 = 56.44", which has the same L - R).
      Roots: \\sqrt{a} is the principal square root (\\sqrt{-4} = 2i); an odd root of a negative real is the
      real root (\\sqrt[3]{-8} = -2); a^{1/3} written as a power is the principal (complex) one.
      Percent decision: the % sign is dropped, so "10\\%" == "10"; when exactly one side wrote %, that side's
@@ -487,14 +488,22 @@ def _scalar_equiv(p: str, g: str, p_scale: Fraction = Fraction(1), g_scale: Frac
     - an equation on one side only whose left side is a variable, a subscripted variable or a function call
       ("x = 5", "k=3", "f(n) = 2n+1", "m_{\\max} = 7"), or a segment / angle name before a constant
       ("AB = 12+12\\sqrt{3}"), is replaced by its right side
-    - a gold equation of two constants ("0.56 = 56\\%", "\\$\\dfrac23 \\approx \\$0.67", Math12k golds) against a
-      prediction that is no equation: either side is right
+    - a gold equation of two constants ("0.56 = 56\\%", "\\$\\dfrac23 \\approx \\$0.67", Math12k golds): a prediction
+      equal to either side is right, and an equation whose sides each are ("56\\% = 0.56", "x = 0.56"); not
+      L1 - R1 == ±(L2 - R2), which "1 = 56.44" meets
     - otherwise numeric/symbolic comparison of the parsed expressions (tolerances: module docstring); a constant
       gold wants a constant: a prediction's variables must cancel (_cancels_to: "1000001+0x" != "1000000")
     """
     if p == g and p_scale == g_scale:
         return True
     pe, ge = _split_top(p, "="), _split_top(g, "=")
+    if len(ge) == 2 and len(pe) <= 2 and _is_constant(ge[0]) and _is_constant(ge[1]):
+        # a gold giving one value two ways ("0.56 = 56\\%", "\\frac23 \\approx 0.67"): either side is right, and so is a
+        # prediction equation whose sides (the right one after "x =") each are ("56\\% = 0.56"), not one with the
+        # same difference ("1 = 56.44"); not with the gold's % factor (the percent retry), which belongs to one side
+        if len(pe) == 2 and _names_answer(pe):
+            pe = pe[1:]
+        return g_scale == 1 and all(any(_scalar_equiv(x, side, p_scale) for side in ge) for x in pe)
     if len(pe) == len(ge) == 2 and pe[0] == ge[0] and _LHS_RE.match(pe[0]):
         p, g = pe[1], ge[1]                          # the same left side "f(x) =": compare the right sides
     elif len(pe) == len(ge) == 2:
@@ -503,10 +512,6 @@ def _scalar_equiv(p: str, g: str, p_scale: Fraction = Fraction(1), g_scale: Frac
         p = pe[1]
     elif len(ge) == 2 and len(pe) == 1 and _names_answer(ge):
         g = ge[1]
-    elif len(ge) == 2 and len(pe) == 1 and _is_constant(ge[0]) and _is_constant(ge[1]):
-        # a gold giving one value two ways ("0.56 = 56\\%", "\\frac23 \\approx 0.67"): either side is right;
-        # not with the gold's % factor (the percent retry), which belongs to one side only
-        return g_scale == 1 and any(_scalar_equiv(p, side, p_scale) for side in ge)
     if p == g and p_scale == g_scale:
         return True
     word = _WORD_RE.match(p)

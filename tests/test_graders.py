@@ -725,6 +725,12 @@ DIFFERENTIAL_CASES = [
     ("0.67, 0.68", "\\$\\dfrac23 \\approx \\$0.67", False),
     ("0.67 = 0.68", "\\$\\dfrac23 \\approx \\$0.67", False),
     ("13", "x^2 + y^2 = 13", False),                   # sides with variables: still an equation
+    ("1 = 56.44", "0.56 = 56\\%", False),              # the same L - R (-55.44), neither side the gold's value
+    ("0 = \\frac{1}{300}", "\\$\\dfrac23 \\approx \\$0.67", False),
+    ("56\\% = 0.56", "0.56 = 56\\%", True),             # an equation of the gold's sides, in any order
+    ("0.67 = \\frac{2}{3}", "\\$\\dfrac23 \\approx \\$0.67", True),
+    ("x = 0.56", "0.56 = 56\\%", True),
+    ("x = 0.57", "0.56 = 56\\%", False),
     # 2. a segment or angle named by 2-3 capital letters on the left of a constant (Math12k "AB=12+12\\sqrt{3}")
     ("12+12\\sqrt{3}", "AB=12+12\\sqrt{3}", True),
     ("12(1+\\sqrt3)", "AB=12+12\\sqrt{3}", True),
