@@ -11,7 +11,6 @@ import json
 import math
 import numbers
 import os
-import pickle
 import shutil
 import sys
 import time
@@ -889,7 +888,8 @@ def open_run_dir(run_dir: Path, resume: str, world: int, main_rank: bool) -> tup
         return None, str(sft_dir)
     try:      # weights_only: tensors, numbers, strings and containers only; a pickled object (code) is refused
         state = torch.load(ckpt / "trainer_state.pt", weights_only=True, mmap=world > 1)
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:   # ValueError: e.g. a text file
+    except Exception as e:    # damaged bytes raise what they lead the unpickler to: RuntimeError, EOFError,
+        # UnpicklingError, UnicodeDecodeError, KeyError ("hello world"), IndexError ("abc"), struct.error ("r"), ...
         raise UserError(f"{ckpt / 'trainer_state.pt'}: not a readable trainer state ({e})") from None
     missing = TRAINER_STATE_KEYS - state.keys() if isinstance(state, dict) else TRAINER_STATE_KEYS
     if missing:

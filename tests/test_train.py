@@ -549,6 +549,17 @@ def test_resume_before_the_first_checkpoint_restarts_reft_from_sft(workspace, tm
             nr.train(cfg, resume=resume, quiet=True)
 
 
+@pytest.mark.parametrize("damaged", [b"hello world", b"abc", b"r", b"c\xff\nx\n", b"garbage\n", b"(", b""])
+def test_a_damaged_trainer_state_is_the_one_line_error(tmp_path, damaged):
+    """torch.load's weights-only unpickler raises whatever the bytes lead it to on a damaged trainer_state.pt:
+    KeyError ("hello world"), IndexError ("abc"), struct.error ("r"), UnicodeDecodeError, UnpicklingError, EOFError.
+    --resume refuses each with the one-line error (KeyError, IndexError and struct.error were tracebacks)."""
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "trainer_state.pt").write_bytes(damaged)
+    with pytest.raises(nr.UserError, match="trainer_state.pt: not a readable trainer state"):
+        nr.open_run_dir(tmp_path, str(tmp_path), 1, True)
+
+
 def test_a_kill_while_appending_to_metrics_jsonl_does_not_block_resume(workspace, tmp_path, coin_reward):
     """Killed (or out of disk) in the middle of a metrics.jsonl append, after the step-2 checkpoint: the torn last
     line is a row that was never logged; --resume drops it and goes on (it refused the line as bad JSON, so the
