@@ -95,7 +95,8 @@ def test_token_logprobs_by_hand_and_temperature():
                            (dict(eos_token_ids=1, min_new_tokens=1), TypeError, "eos_token_ids=1"),
                            (dict(eos_token_ids=None), TypeError, "eos_token_ids=None"),
                            (dict(min_new_tokens=-1), ValueError, "min_new_tokens=-1")]:
-        for f in (lambda: token_logprobs(logits, tokens, **kw), lambda: token_entropy(logits, **kw)):
+        for f in (lambda: token_logprobs(logits, tokens, **kw), lambda: token_entropy(logits, **kw),
+                  lambda: token_logprobs(logits[:0], tokens[:0], **kw)):    # no rows to score: refused all the same
             with pytest.raises(err, match=re.escape(match)):
                 f()
     assert close(token_logprobs(logits, tokens, eos_token_ids={1}, min_new_tokens=1),       # a set of ids is fine
@@ -573,7 +574,7 @@ def test_per_sequence_advantages_and_shapes_in_the_primitives():
     assert grpo.ppo_clipped(torch.ones(3, 2) * 2, torch.ones(3), 0.2).all()                  # B != T
     with pytest.raises(ValueError, match=r"rho \(3, 2\) and adv \(2,\)"):
         grpo.ppo_clipped(torch.ones(3, 2), torch.ones(2), 0.2)
-    for eps in (None, 0.0, 1.5, math.nan):
+    for eps in (None, 0.0, 1.0, 1.5, math.nan):                     # (0, 1) open: eps = 1 clipped nothing below
         with pytest.raises(ValueError, match="clip_eps="):
             grpo.ppo_clipped(rho, adv, eps)
     for f, names in ((importance_ratio, "logp .* and logp_mu"), (grpo.kl_k3, "logp .* and ref_logp")):
@@ -599,7 +600,7 @@ def test_policy_loss_errors():
         policy_loss(logp.long(), logp_mu, adv, mask, variant="base")
     with pytest.raises(ValueError, match="beta=nan"):
         policy_loss(logp, logp_mu, adv, mask, variant="base", beta=math.nan, ref_logp=logp_mu)
-    for z in (-4, math.nan, math.inf, "4"):
+    for z in (-4, math.nan, math.inf, "4", True):               # True would be the normaliser 1
         with pytest.raises(ValueError, match=f"token_normaliser={z!r}"):
             policy_loss(logp, logp_mu, adv, mask, variant="base", token_normaliser=z)
     for z in (0, 4, 4.0, torch.tensor(4)):                      # 0: an all-empty batch (loss 0)
