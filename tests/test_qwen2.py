@@ -395,6 +395,22 @@ def test_bad_shard_index_is_a_value_error_naming_it(tmp_path, index):
     assert str(e.value).startswith(f"{tmp_path / 'model.safetensors.index.json'}: expected JSON with a 'weight_map'")
 
 
+def test_shard_index_is_read_as_utf8(tmp_path):
+    """The shard index is JSON, read as UTF-8 whatever the locale: shards with non-ASCII file names load."""
+    m = ours(seed=5)
+    m.save_pretrained(tmp_path, max_shard_size_bytes=40_000)
+    path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(path.read_text(encoding="utf-8"))
+    names = {f: f"modèle-{i}.safetensors" for i, f in enumerate(sorted(set(index["weight_map"].values())))}
+    for old, new in names.items():
+        (tmp_path / old).rename(tmp_path / new)
+    index["weight_map"] = {k: names[f] for k, f in index["weight_map"].items()}
+    path.write_text(json.dumps(index, ensure_ascii=False), encoding="utf-8")
+    loaded = Qwen2.from_pretrained(tmp_path)
+    for (k, a), (_, b) in zip(m.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
 @pytest.mark.parametrize("shard", [False, True])
 @pytest.mark.parametrize("size", ["half", 10, 0])
 def test_truncated_safetensors_is_a_value_error_naming_the_file(tmp_path, shard, size):
@@ -438,6 +454,10 @@ def test_grad_checkpointing_gives_the_same_gradients(skip):
     m.grad_checkpointing = True
     assert torch.equal(m.generate(PROMPTS, max_new_tokens=5, temperature=0.0).tokens,
                        ours(seed=14).generate(PROMPTS, max_new_tokens=5, temperature=0.0).tokens)
+    cache = m.new_cache(len(PROMPTS), ids.shape[1], skip)     # a cached forward with gradients on is not recomputed:
+    chunks = torch.cat([m(ids[:, a:b], skip, am[:, a:b], cache=cache) for a, b in ((0, 4), (4, ids.shape[1]))], 1)
+    real = am.bool()                                          # the second chunk attends to the cached first one
+    torch.testing.assert_close(chunks[real], ours(seed=14)(ids, skip, am)[real], atol=1e-5, rtol=0)
 
 
 def test_attention_and_mlp_modules_alone():
@@ -702,8 +722,9 @@ def test_generate_argument_errors():
                dict(max_new_tokens=4, min_new_tokens=False)):
         with pytest.raises(TypeError, match=f"{list(kw)[-1]}=.*expected an int"):
             m.generate([[1]], **kw)
-    with pytest.raises(ValueError, match="token ids"):
-        m.generate([[1, 96]], max_new_tokens=2)
+    for bad in ([[1, 96]], [[1, -1]]):              # -1 was an IndexError in the embedding
+        with pytest.raises(ValueError, match="token ids"):
+            m.generate(bad, max_new_tokens=2)
     for bad in ([[3], [1.5, 2]], [[3], [True]], [[3], [2 + 0j]]):     # 1.5 was silently read as token 1
         with pytest.raises(TypeError, match="prompts\\[1\\]: expected integer token ids"):
             m.generate(bad, max_new_tokens=2)
@@ -721,9 +742,11 @@ def test_generate_argument_errors():
             m.generate([[1]], max_new_tokens=2, valid_vocab_size=vv)
     with pytest.raises(ValueError, match="skip_mask"):
         m.generate([[1]], max_new_tokens=2, skip_mask=[True])
-    for eos in (None, "3", 3.0):                    # None was "'NoneType' object is not iterable"
+    for eos in (None, "3", b"\x03", 3.0):            # None was "'NoneType' object is not iterable"; bytes: not ids
         with pytest.raises(TypeError, match="eos_token_ids="):
             m.generate([[1]], max_new_tokens=2, eos_token_ids=eos)
+    with pytest.raises(TypeError, match=r"eos_token_ids=\[True\]: expected integer token ids"):   # not id 1
+        m.generate([[1]], max_new_tokens=2, eos_token_ids=[True])
     for eos in (np.int64(3), torch.tensor(3)):      # a bare id, as np / torch scalars too
         with pytest.raises(TypeError, match=r"expected a sequence of token ids, e.g."):
             m.generate([[1]], max_new_tokens=2, eos_token_ids=eos)
