@@ -133,6 +133,8 @@ def test_config_file_errors(tmp_path):
     bad.write_text('{"model": "m", "steps": 10, "_c": 1, "lr": 1e-6, "steps": 20, "_c": 2}')   # not the last silently
     with pytest.raises(nr.UserError, match=r"bad.json: key 'steps' is given 2 times, expected once"):
         nr.load_config(str(bad))
+    bad.write_text('{"_comment": "a", "model": "m", "_comment": "b"}')   # "_" keys are comments: repeats are fine
+    assert nr.load_config(str(bad)).model == "m"
     bad.write_bytes(b'\xff\xfe{"steps": 1}')                          # not UTF-8 (e.g. saved as UTF-16): named
     with pytest.raises(nr.UserError, match=r"bad.json: not UTF-8 text \(.*\), expected a JSON config"):
         nr.load_config(str(bad))
@@ -514,9 +516,12 @@ def test_resume_before_the_first_checkpoint_restarts_reft_from_sft(workspace, tm
     nr.train(tiny_config(workspace, full), quiet=True)
     nr.train(tiny_config(workspace, cut), quiet=True, stop_after=2)
     shutil.rmtree(cut / "checkpoint")                                   # only sft/ survived
+    with open(cut / "metrics.jsonl", "a") as f:                         # an eval_every row of the lost ReFT steps
+        f.write(json.dumps({"stage": "eval", "step": 2, "steps": 4, "macro": 0.5, "acc_gsm8k": 0.5}) + "\n")
     cfg, resume = nr.parse_args(["--resume", str(cut)])
     nr.train(cfg, resume=resume, quiet=True)
     a, b = read_metrics(full), read_metrics(cut)
+    assert read_metrics(cut, "eval") == []                              # dropped with the ReFT rows
     assert [r["step"] for r in b] == [1, 2, 3, 4] and len(read_metrics(cut, "sft")) == 3   # SFT not run again
     assert [(r["loss"], r["skip"], r["reward_mean"]) for r in a] == [(r["loss"], r["skip"], r["reward_mean"])
                                                                       for r in b]
@@ -596,7 +601,8 @@ def test_metrics_log_rows_skip_blank_lines_and_name_a_bad_one(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n\n{"step": 2\n')
     with pytest.raises(nr.UserError, match=r"metrics.jsonl: line 3: bad JSON \(.*\), expected one JSON object a line"):
         log.rows()
-    for bad in ('[1, 2]', '{"stage": "reft"}', '{"stage": "reft", "step": "3"}'):  # JSON, but not a row: named
+    for bad in ('[1, 2]', '{"stage": "reft"}', '{"stage": "reft", "step": "3"}',    # JSON, but not a row: named
+                '{"stage": "reft", "step": true}'):
         (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n' + bad + '\n')
         with pytest.raises(nr.UserError, match=r"metrics.jsonl: line 2: expected a JSON object with an integer 'step'"):
             log.rows()
@@ -852,6 +858,65 @@ def test_reft_step_frees_the_logits_before_the_backward(workspace, tmp_path, mon
     out = nr.reft_step(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), r, cfg, tok,
                        torch.device("cpu"), torch.float32)
     assert len(made) == 2 and alive == [False, False] and out["grad_norm"] > 0 and out["entropy"] > 0
+
+
+def test_reft_step_that_skips_no_layer_is_on_policy(workspace, tmp_path):
+    """A step whose skip mask skips no layer (k = 0: mu = pi_theta_old = pi_theta) takes log mu = sg[log pi_theta]:
+    rho = 1 exactly whatever log mu the sampler recorded (here log pi + noise), and the gradient flows through rho
+    (base variant, clipped objective: -A grad log pi). The recorded log mu still feeds the ratio statistics."""
+    cfg = tiny_config(workspace, tmp_path / "run", group_size=3, temperature=0.7, fixed_length=False,
+                      max_new_tokens=6, grad_clip=0, micro_batch=4, variant="base", clip_eps=0.2)
+    model, tok = nr.load_model(cfg, torch.device("cpu"))
+    r, logp = fixed_rollouts(model, tok, cfg.temperature)
+    r = replace(r, skip=[False] * 4)
+    m = r.mask.double()
+    R = r.rewards.double().view(2, 3)
+    A = ((R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + 1e-4)).reshape(6, 1)
+    expect = -(torch.exp(logp - logp.detach()) * A * m).sum() / m.sum()          # rho = 1, gradient A grad log pi
+    params = list(model.parameters())
+    grads = torch.autograd.grad(expect, params)
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.SGD(params, lr=1.0)
+    out = nr.reft_step(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), r, cfg, tok,
+                       torch.device("cpu"), torch.float32)
+    assert out["loss"] == pytest.approx(expect.item(), rel=1e-5, abs=1e-7)
+    for p, p0, gr in zip(params, before, grads):
+        assert torch.allclose(p0 - p.detach(), gr.float(), rtol=1e-4, atol=1e-7)
+    assert out["ratio_max"] == pytest.approx(torch.exp(logp - r.logp_mu.double())[r.mask].max().item(), rel=1e-5)
+
+
+def test_save_checkpoint_replaces_a_stale_checkpoint_old(workspace, tmp_path):
+    """A checkpoint.old left beside checkpoint/ (an earlier deletion failed or was cut short) is deleted before
+    checkpoint/ is renamed onto it: a rename onto a non-empty folder raises OSError 'Directory not empty'."""
+    cfg = tiny_config(workspace, tmp_path / "run")
+    model, tok = nr.load_model(cfg, torch.device("cpu"))
+    opt, sched = nr.make_optimizer(model, cfg, cfg.lr, 4)
+    for step in (1, 2):
+        (tmp_path / "checkpoint.old").mkdir(exist_ok=True)
+        (tmp_path / "checkpoint.old" / "model.safetensors").write_text("stale")
+        nr.save_checkpoint(tmp_path, model, tok, opt, sched, {"step": step})
+    assert torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_run_eval_in_the_compute_dtype_and_a_slice_per_rank(workspace, tmp_path, monkeypatch):
+    """run_eval evaluates under the rollouts' autocast (bf16 here, on the CPU) and, under torchrun, with
+    evaluate_sharded (a slice per rank, not every rank all problems); eval_row sums the benchmarks' seconds."""
+    seen = []
+
+    def fake(model, tok, data_dir, names, out_path, **kw):
+        seen.append((names, torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"), kw["evaluate_fn"]))
+        return {"macro": 0.5, "benchmarks": {"gsm8k": {"accuracy": 0.25, "seconds": 1.5},
+                                             "svamp": {"accuracy": 0.75, "seconds": 2.0}}}
+    monkeypatch.setattr(nr, "run_benchmarks", fake)
+    cfg = tiny_config(workspace, tmp_path / "run", eval_benchmarks="gsm8k,svamp")
+    model = Qwen2.from_pretrained(workspace / "model")
+    result = nr.run_eval(model, None, None, cfg, torch.device("cpu"), torch.bfloat16, None, print_fn=print)
+    monkeypatch.setattr(nr.distributed, "world_size", lambda: 2)
+    nr.run_eval(model, None, None, cfg, torch.device("cpu"), torch.float32, None, print_fn=print)
+    assert seen == [("gsm8k,svamp", torch.bfloat16, nr.evaluate), ("gsm8k,svamp", False, nr.evaluate_sharded)]
+    assert nr.eval_row(result, 3, 10) == {"stage": "eval", "step": 3, "steps": 10, "macro": 0.5, "acc_gsm8k": 0.25,
+                                          "acc_svamp": 0.75, "eval_s": 3.5}
 
 
 def test_reft_step_clips_the_global_gradient_norm(workspace, tmp_path):
@@ -1271,6 +1336,10 @@ def test_recover_checkpoint_takes_the_newer_folder(tmp_path):
     (tmp_path / "checkpoint.old").mkdir()                       # killed while deleting checkpoint.old: deleted
     nr.recover_checkpoint(tmp_path)
     assert (tmp_path / "checkpoint" / "step").read_text() == "2" and not (tmp_path / "checkpoint.old").exists()
+    shutil.rmtree(tmp_path / "checkpoint")                      # the first save killed while writing checkpoint.tmp
+    (tmp_path / "checkpoint.tmp").mkdir()                       # (no checkpoint.old: it may be partial): not taken
+    nr.recover_checkpoint(tmp_path)
+    assert not (tmp_path / "checkpoint").exists()
 
 
 def test_resume_deletes_the_copies_a_killed_save_leaves(workspace, tmp_path, monkeypatch):
