@@ -540,6 +540,10 @@ REVIEW_CASES = [
     ("81256", "81, 256", False),
     ("120^\\circ, 60^\\circ", "60^\\circ, 120^\\circ", True),
     ("60120", "60^\\circ, 120^\\circ", False),
+    ("120,60", "60^\\circ,120^\\circ", True),                 # degree marks alone make it a list (no space)
+    ("60120", "60^\\circ,120^\\circ", False),
+    ("120,60", "60°,120°", True),
+    ("60120", "60°,120°", False),
     ("111111111", "111, \\! 111, \\! 111", True),        # ", \\!" is still a thousands separator
     # 6. a decimal prediction against an exact non-integer gold (rule c): rounded or truncated, 3+ digits
     ("142.87", "\\frac{1000}{7}", False),
@@ -587,6 +591,7 @@ REVIEW_CASES = [
     ("(-\\infty,+\\infty)", "(-\\infty,\\infty)", True),
     ("(2,+\\infty)", "(2,-\\infty)", False),
     ("(2,+\\infty)", "[2,\\infty)", False),
+    ("(0,+\\inftyx)", "(0,\\inftyx)", False),                  # a longer command is not \\infty: its + stays
     # 12. an integer power beyond MAX_EXPONENT is still exact when its value is small enough (golds 2^{1009},
     # 2^{2008} -2, 3^{2007}, 2^{4950})
     ("2 \\cdot 2^{1008}", "2^{1009}", True),
@@ -615,6 +620,8 @@ REVIEW_CASES = [
     ("(x, y, z) = (1, 2, 3)", "(1,2,3)", True),
     ("(x, y) = (2, 1)", "(1,2)", False),
     ("(x+1, y) = (1, 2)", "(1,2)", False),
+    ("(x) = (1, 2)", "(1,2)", False),                         # one variable is not a tuple
+    ("(a, b) = 1", "1", False),                               # a right side that is no tuple: gcd(a, b) = 1
 ]
 
 
