@@ -255,6 +255,15 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys, args, needle):
     assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
 
 
+@pytest.mark.parametrize("seed,ok", [(-2**63, True), (2**64 - 1, True), (-2**63 - 1, False), (2**64, False)])
+def test_cli_seed_range_borders(tmp_path, capsys, seed, ok):
+    """--seed takes what torch.Generator.manual_seed takes, [-2^63, 2^64): at the borders the next check (here a
+    missing --model) is the one that fails."""
+    assert E.main(["--model", str(tmp_path / "none"), "--data", str(tmp_path), "--seed", str(seed)]) == 2
+    err = capsys.readouterr().err
+    assert (f"--model {tmp_path / 'none'}" in err) is ok and (f"--seed {seed}:" in err) is not ok, err
+
+
 def test_cli_argparse_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         E.main(["--model", "x", "--no-such-flag"])
