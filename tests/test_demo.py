@@ -151,6 +151,12 @@ def test_synthetic_redraw_budget_is_per_new_question(monkeypatch):
     want = data.synthetic_dataset("train")
     monkeypatch.setattr(data, "SYNTHETIC_MAX_REDRAWS", 100)
     assert data.synthetic_dataset("train") == want
+    # the border: 13 repeats in a row (after problem 1944) are within a budget of 14 and use up a budget of 13
+    monkeypatch.setattr(data, "SYNTHETIC_MAX_REDRAWS", 14)
+    assert data.synthetic_dataset("train") == want
+    monkeypatch.setattr(data, "SYNTHETIC_MAX_REDRAWS", 13)
+    with pytest.raises(ValueError, match="used up after 1944 problems .no new one in 13 draws"):
+        data.synthetic_dataset("train")
 
 
 def test_synthetic_corpus_is_every_problem_as_the_model_sees_it():
