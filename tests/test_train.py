@@ -725,6 +725,17 @@ def test_sft_logits_start_at_the_first_completion_target_and_are_freed_before_ba
     assert alive == [False] * 9                                         # each backward runs without its logits
 
 
+def sgd_reft_step(model, r, cfg, tok, dtype=torch.float32):
+    """One reft_step on rollouts r with plain SGD at lr 1 and a constant schedule, so each weight moves by exactly
+    minus its (clipped) gradient -> (the step's output, [p_before - p_after] per parameter)."""
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.SGD(params, lr=1.0)
+    out = nr.reft_step(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), r, cfg, tok,
+                       torch.device("cpu"), dtype)
+    return out, [p0 - p.detach() for p, p0 in zip(params, before)]
+
+
 def fixed_rollouts(model, tok, temperature):
     """2 prompts x G = 3 rows, ragged left-padded prompts (Tp = 5) and ragged completions (Tn = 4), random tokens;
     log mu = the full model's log pi (computed here, one unpadded row at a time) + N(0, 0.5^2) noise, so that rho
@@ -793,13 +804,10 @@ def test_reft_step_loss_and_gradient_by_hand(workspace, tmp_path, kw):
             ent.append(-(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1))
         ent = torch.cat(ent).mean().item()
 
-    before = [p.detach().clone() for p in params]
-    opt = torch.optim.SGD(params, lr=1.0)
-    out = nr.reft_step(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), r, cfg, tok,
-                       torch.device("cpu"), torch.float32)
+    out, moved = sgd_reft_step(model, r, cfg, tok)
     assert out["loss"] == pytest.approx(expect.item(), rel=1e-5, abs=1e-7)
-    for p, p0, gr in zip(params, before, grads):
-        assert torch.allclose(p0 - p.detach(), gr.float(), rtol=1e-4, atol=1e-7)
+    for step, gr in zip(moved, grads):
+        assert torch.allclose(step, gr.float(), rtol=1e-4, atol=1e-7)
     assert out["entropy"] == pytest.approx(ent, rel=1e-5)
     assert out["ratio_max"] == pytest.approx(rho[r.mask].max().item(), rel=1e-5)
 
@@ -817,12 +825,9 @@ def test_bf16_autocast_step_and_run_on_the_cpu(workspace, tmp_path, coin_reward)
         with torch.no_grad():
             model.lm_head.weight.mul_(5)
         r, _ = fixed_rollouts(model, tok, cfg.temperature)
-        before = [p.detach().clone() for p in model.parameters()]
-        opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        nr.reft_step(model, opt, sched, r, cfg, tok, torch.device("cpu"), dtype)
+        _, moved = sgd_reft_step(model, r, cfg, tok, dtype)
         assert all(p.dtype == torch.float32 for p in model.parameters())
-        steps.append(torch.cat([(p0 - p.detach()).flatten() for p, p0 in zip(model.parameters(), before)]))
+        steps.append(torch.cat([d.flatten() for d in moved]))
     ref, got = steps
     assert ref.abs().max() > 0 and not torch.equal(got, ref)                # bf16 did run, and rounds
     assert torch.nn.functional.cosine_similarity(got, ref, dim=0) > 0.98           # 0.999996 measured
@@ -875,13 +880,10 @@ def test_reft_step_that_skips_no_layer_is_on_policy(workspace, tmp_path):
     expect = -(torch.exp(logp - logp.detach()) * A * m).sum() / m.sum()          # rho = 1, gradient A grad log pi
     params = list(model.parameters())
     grads = torch.autograd.grad(expect, params)
-    before = [p.detach().clone() for p in params]
-    opt = torch.optim.SGD(params, lr=1.0)
-    out = nr.reft_step(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), r, cfg, tok,
-                       torch.device("cpu"), torch.float32)
+    out, moved = sgd_reft_step(model, r, cfg, tok)
     assert out["loss"] == pytest.approx(expect.item(), rel=1e-5, abs=1e-7)
-    for p, p0, gr in zip(params, before, grads):
-        assert torch.allclose(p0 - p.detach(), gr.float(), rtol=1e-4, atol=1e-7)
+    for step, gr in zip(moved, grads):
+        assert torch.allclose(step, gr.float(), rtol=1e-4, atol=1e-7)
     assert out["ratio_max"] == pytest.approx(torch.exp(logp - r.logp_mu.double())[r.mask].max().item(), rel=1e-5)
 
 
@@ -927,12 +929,8 @@ def test_reft_step_clips_the_global_gradient_norm(workspace, tmp_path):
                       grad_clip=1.0)
     model, tok = nr.load_model(cfg, torch.device("cpu"))
     r, _ = fixed_rollouts(model, tok, cfg.temperature)
-    params = list(model.parameters())
-    before = [p.detach().clone() for p in params]
-    opt = torch.optim.SGD(params, lr=1.0)
-    out = nr.reft_step(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), r, cfg, tok,
-                       torch.device("cpu"), torch.float32)
-    step = torch.cat([(p0 - p.detach()).flatten() for p, p0 in zip(params, before)])
+    out, moved = sgd_reft_step(model, r, cfg, tok)
+    step = torch.cat([d.flatten() for d in moved])
     assert out["grad_norm"] == pytest.approx(2.47, abs=0.01)
     assert step.norm().item() == pytest.approx(1.0, rel=1e-4)
 
