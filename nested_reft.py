@@ -145,8 +145,8 @@ def _k_and_valid(n_layers: int, ratio: float, border: int) -> tuple[int, list[in
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration. Every field: its meaning and where its default comes from ("paper: ...", "TRL: ..." = a default
-# of the paper's era, "ours" where the paper is silent, or the spec's source such as Liu et al.). configs/NAME.json overrides the defaults; --key=value
-# overrides the file.
+# of the paper's era, "ours" where the paper is silent, or the spec's source such as Liu et al.).
+# configs/NAME.json overrides the defaults; --key=value overrides the file.
 
 def _f(default, help, src):
     return field(default=default, metadata={"help": help, "src": src})

@@ -726,7 +726,8 @@ def test_per_token_base_is_unbiased_only_for_one_token_completions():
     gradient by far more."""
     K = 3
     g = torch.Generator().manual_seed(0)
-    theta1, theta2 = torch.randn(K, generator=g, dtype=torch.float64), torch.randn(K, K, generator=g, dtype=torch.float64)
+    theta1 = torch.randn(K, generator=g, dtype=torch.float64)
+    theta2 = torch.randn(K, K, generator=g, dtype=torch.float64)
     mu1 = torch.randn(K, generator=g, dtype=torch.float64).softmax(0)
     mu2 = torch.randn(K, K, generator=g, dtype=torch.float64).softmax(1)
     r = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
@@ -736,7 +737,8 @@ def test_per_token_base_is_unbiased_only_for_one_token_completions():
     grads = lambda f: torch.cat([x.flatten() for x in torch.autograd.grad(f, (t1, t2), retain_graph=True)])
     true_grad = grads((logpi1[:, None].exp() * logpi2.exp() * r).sum())     # exact grad of E_pi[r]
     rho1, rho2 = logpi1.detach().exp() / mu1, logpi2.detach().exp() / mu2
-    # exact per-token expectation: sum_{a,b} mu(a) mu(b|a) r(a,b) [rho1(a) grad log pi1(a) + rho2(b|a) grad log pi2(b|a)]
+    # exact per-token expectation:
+    #   sum_{a,b} mu(a) mu(b|a) r(a,b) [rho1(a) grad log pi1(a) + rho2(b|a) grad log pi2(b|a)]
     per_token = grads((mu1[:, None] * mu2 * r * (rho1[:, None] * logpi1[:, None] + rho2 * logpi2)).sum())
 
     n = 100_000

@@ -548,7 +548,7 @@ def test_resume_before_the_first_checkpoint_restarts_reft_from_sft(workspace, tm
     nr.train(cfg, resume=resume, quiet=True)
     assert (cut / "metrics.jsonl").read_text() == metrics
     state = cut / "checkpoint" / "trainer_state.pt"
-    for damaged in (state.read_bytes()[:1000], b"not a checkpoint", b"garbage\n"):   # "g...": pickle GET, an UnpicklingError
+    for damaged in (state.read_bytes()[:1000], b"not a checkpoint", b"garbage\n"):   # "g...": pickle GET
         state.write_bytes(damaged)
         with pytest.raises(nr.UserError, match="not a readable trainer state"):
             nr.train(cfg, resume=resume, quiet=True)
