@@ -231,11 +231,12 @@ def full_model(model: torch.nn.Module) -> torch.nn.Module | None:
     return full
 
 
-def save_pretrained(model: torch.nn.Module, path) -> None:
-    """Rank 0 writes the HF-layout model (under FSDP a collective: every rank calls it)."""
+def save_pretrained(model: torch.nn.Module, path, also_write=None) -> None:
+    """Rank 0 writes the HF-layout model (under FSDP a collective: every rank calls it); also_write: see
+    Qwen2.save_pretrained."""
     full = full_model(model)
     if is_main():
-        full.save_pretrained(path)
+        full.save_pretrained(path, also_write=also_write)
 
 
 def optimizer_state_dict(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:

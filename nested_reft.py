@@ -822,13 +822,16 @@ def recover_checkpoint(run_dir: Path) -> None:
     """A save_checkpoint killed between its two renames leaves checkpoint.old and the complete checkpoint.tmp but
     no checkpoint/: put the newer one in place (rank 0, before anything reads checkpoint/). Then delete the copies a
     killed save leaves behind: checkpoint.old beside checkpoint/ (the previous checkpoint, weights and AdamW state:
-    the next save deletes it, but none comes when the run has no step left) and the temp folder of a
-    Qwen2.save_pretrained killed mid-write (.checkpoint.tmp.tmp-*, weights: no save ever deletes it)."""
+    the next save deletes it, but none comes when the run has no step left), the temp folder of a
+    Qwen2.save_pretrained killed mid-write (.checkpoint.tmp.tmp-*, .sft.tmp-*: weights, no save ever deletes them)
+    and the temp files of killed atomic writes (.NAME.*.tmp) in the run folder, checkpoint/ and sft/."""
     final, tmp, old = checkpoint_paths(run_dir)
     if not final.exists() and old.exists():
         (tmp if tmp.is_dir() else old).rename(final)
-    for stale in (old, *run_dir.glob(f".{tmp.name}.tmp-*")):     # old: beside checkpoint/ by now, if at all
+    for stale in (old, *run_dir.glob(f".{tmp.name}.tmp-*"), *run_dir.glob(".sft.tmp-*")):  # old: beside checkpoint/
         shutil.rmtree(stale, ignore_errors=True)
+    for stale in (f for d in (run_dir, final, run_dir / "sft") for f in d.glob(".*.tmp") if f.is_file()):
+        stale.unlink(missing_ok=True)
 
 
 def save_checkpoint(run_dir: Path, model: Qwen2, tok: Tokenizer, opt, sched, state: dict) -> None:
@@ -943,9 +946,8 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
 
     if run_sft:
         sft(model, tok, train_set, cfg, device, dtype, log)
-        if main_rank:                  # self-contained (eval.py --model <run>/sft): the tokenizer first, then the
-            tok.save(run_dir / "sft")  # model's atomic swap takes it in, so an sft/ with a config.json has both
-        distributed.save_pretrained(model, run_dir / "sft")
+        # self-contained (eval.py --model <run>/sft): weights and tokenizer appear together, in one rename
+        distributed.save_pretrained(model, run_dir / "sft", also_write=tok.save)
 
     ref_model = None
     if cfg.beta > 0:  # frozen reference = the model ReFT starts from: a copy now, or sft/ (else `model`) on resume

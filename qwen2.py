@@ -694,6 +694,11 @@ class Qwen2(nn.Module):
         am = None if attention_mask is None else attention_mask.to(device=dev, dtype=torch.bool)
         if am is not None and am.shape != (B, T):
             raise ValueError(f"attention_mask has shape {tuple(am.shape)}, expected {(B, T)}")
+        try:                             # before the cache is touched: a bad id leaves it as it was
+            x = self.model.embed_tokens(input_ids)                                       # [B, T, D]
+        except IndexError:               # CPU (CUDA asserts on the device instead); was "index out of range in self"
+            raise ValueError(f"input_ids: token ids must be in [0, {self.config.vocab_size}), got "
+                             f"{int(input_ids.min())}..{int(input_ids.max())}") from None
         mask, start = None, 0                            # mask None = plain causal over all keys (no padding)
         if cache is None:
             cos, sin = self.rope_table(T, self.dtype, dev)                                # [T, 1, hd]
@@ -721,7 +726,6 @@ class Qwen2(nn.Module):
                 mask = cache.bias[:, None, None, :start + 1]                             # [B, 1, 1, S]
             elif cache.has_padding:
                 mask = padded_causal_mask(cache.mask[:, :start + T], T, start)
-        x = self.model.embed_tokens(input_ids)                                           # [B, T, D]
         packed = cache is not None and cache.weights is not None           # pack_for_decode's copies (CPU)
         recompute = self.grad_checkpointing and cache is None and torch.is_grad_enabled()
         for j, i in enumerate(active):
@@ -866,13 +870,14 @@ class Qwen2(nn.Module):
             model.lm_head.weight = model.model.embed_tokens.weight
         return model
 
-    def save_pretrained(self, path, max_shard_size_bytes: int = 5_000_000_000):
+    def save_pretrained(self, path, max_shard_size_bytes: int = 5_000_000_000, also_write=None):
         """Write config.json + model.safetensors (or model-0000i-of-0000n.safetensors shards and
         model.safetensors.index.json when the weights exceed max_shard_size_bytes) in the HF layout, loadable
         by transformers and vLLM. Atomic: everything is written to a temp dir beside `path` which is then
         renamed to `path`. If `path` already exists, its other files (e.g. a tokenizer) are copied into the temp
         dir, the old folder is renamed aside, the new one into place, and only then the old one is deleted: a
-        failed save leaves the previous checkpoint whole."""
+        failed save leaves the previous checkpoint whole. also_write(temp_dir), e.g. a tokenizer's save, adds
+        files that then appear with the weights in the same rename."""
         from safetensors.torch import save_file
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -906,15 +911,18 @@ class Qwen2(nn.Module):
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
             for f in tmp.iterdir():             # the mode open() would give (safetensors writes its files 0600)
                 os.chmod(f, 0o666 & ~umask)
-            if not path.exists():
+            existed = path.exists()
+            if existed:     # copy in its other files (a tokenizer, ...), not its config or weights
+                ours = lambda n: n in ("config.json", "model.safetensors.index.json") or (
+                    n.startswith("model") and n.endswith(".safetensors"))
+                shutil.copytree(path, tmp, dirs_exist_ok=True,
+                                ignore=lambda d, names: [n for n in names if Path(d) == path and ours(n)])
+            if also_write is not None:
+                also_write(tmp)
+            if not existed:
                 os.replace(tmp, path)
                 return
-            # an existing folder: copy in its other files (a tokenizer, ...), not its config or weights, then swap
-            # the folders; the old one is deleted only once the new one is in place
-            ours = lambda n: n in ("config.json", "model.safetensors.index.json") or (
-                n.startswith("model") and n.endswith(".safetensors"))
-            shutil.copytree(path, tmp, dirs_exist_ok=True,
-                            ignore=lambda d, names: [n for n in names if Path(d) == path and ours(n)])
+            # swap the folders; the old one is deleted only once the new one is in place
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
             try:

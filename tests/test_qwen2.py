@@ -260,6 +260,24 @@ def test_save_into_existing_dir_keeps_other_files(tmp_path):
             assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
 
 
+def test_also_write_adds_files_in_the_same_rename(tmp_path):
+    """save_pretrained(also_write=f): f writes into the temp folder before it becomes `path` (the run's sft/ =
+    weights + tokenizer in one rename); over an existing folder its files replace the old copies, the rest kept."""
+    m, seen = ours(), []
+
+    def write(d):
+        seen.append(d.name)
+        assert d != tmp_path / "ck" and (d / "config.json").is_file()        # the complete temp folder
+        (d / "tokenizer.json").write_text("new")
+    m.save_pretrained(tmp_path / "ck", also_write=write)
+    assert (tmp_path / "ck" / "tokenizer.json").read_text() == "new" and seen[0].startswith(".ck.tmp-")
+    (tmp_path / "ck" / "tokenizer.json").write_text("old")
+    (tmp_path / "ck" / "notes.txt").write_text("kept")
+    m.save_pretrained(tmp_path / "ck", also_write=write)
+    assert (tmp_path / "ck" / "tokenizer.json").read_text() == "new"
+    assert (tmp_path / "ck" / "notes.txt").read_text() == "kept" and [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
 def test_shards_are_filled_greedily_up_to_the_limit(tmp_path):
     """Shards of at most max_shard_size_bytes, each filled until the next tensor would not fit (a checkpoint of
     exactly the limit is one file); the index names every tensor and the total size; config.json records the
@@ -759,6 +777,22 @@ def test_generate_argument_errors():
         m.generate([[1]], max_new_tokens=2, valid_vocab_size=50.5)
     out = m.generate([[1]], max_new_tokens=2, eos_token_ids={np.int64(3), 4}, temperature=np.float32(0.5))
     assert out.tokens.shape[0] == 1                 # numpy ids and numbers, sets of ids: fine
+
+
+def test_forward_refuses_out_of_range_ids_before_touching_the_cache():
+    """An id outside [0, vocab) in forward (teacher forcing, a decode step) is a ValueError naming the range (was
+    torch's "index out of range in self"), raised before a cache is appended to: it can be used again."""
+    m = ours()
+    for bad in ([[1, 96]], [[-1, 2]]):
+        with pytest.raises(ValueError, match=r"input_ids: token ids must be in \[0, 96\), got -?\d+\.\.\d+"):
+            m(torch.tensor(bad))
+    cache = m.new_cache(1, 4)
+    m(torch.tensor([[1, 2]]), cache=cache)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        m(torch.tensor([[96]]), cache=cache)
+    assert cache.length == 2 and cache.next_pos.tolist() == [2]
+    step = m(torch.tensor([[3]]), cache=cache)[0, -1]
+    torch.testing.assert_close(step, m(torch.tensor([[1, 2, 3]]))[0, -1], rtol=1e-5, atol=1e-5)
 
 
 def test_logprobs_from_logits_refuses_tokens_of_another_shape():

@@ -1,6 +1,7 @@
 """The training loop (nested_reft.py): config handling, a tiny SFT + ReFT run, exact resume."""
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -1364,6 +1365,42 @@ def test_resume_deletes_the_copies_a_killed_save_leaves(workspace, tmp_path, mon
     assert len(list(run.glob(".checkpoint.tmp.tmp-*"))) == 1
     nr.train(cfg, resume=str(run), quiet=True)
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "metrics.jsonl", "run_config.json", "summary.json"]
+
+
+def test_the_sft_save_is_one_rename_and_resume_cleans_what_a_kill_leaves(workspace, tmp_path, monkeypatch):
+    """sft/ (weights + tokenizer) appears in one rename of a complete temp folder: killed at any os.replace of the
+    save, the run folder holds a whole sft/ or none (the tokenizer was written into sft/ first, then the folders
+    swapped: a kill there left an sft/ without weights, or the finished warm-up only in .sft.tmp-*). --resume then
+    deletes the temp folder and any half-written .NAME.*.tmp file of the run folder."""
+    run = tmp_path / "run"
+    cfg = tiny_config(workspace, run, steps=1)
+    replaces, os_replace = [], os.replace
+
+    def killed(src, dst):
+        if "sft" in Path(dst).parent.name + Path(dst).name:
+            replaces.append(Path(dst).name)
+            if len(replaces) == kill_at:
+                raise KeyboardInterrupt
+        return os_replace(src, dst)
+    for kill_at in range(1, 10):
+        shutil.rmtree(run, ignore_errors=True)
+        replaces.clear()
+        with monkeypatch.context() as m:                    # a SIGKILL runs no finally block: no rmtree
+            m.setattr(os, "replace", killed)
+            m.setattr(shutil, "rmtree", lambda *a, **kw: None)
+            try:
+                nr.train(cfg, quiet=True)
+            except KeyboardInterrupt:
+                pass
+        assert not (run / "sft").exists() or Qwen2.from_pretrained(run / "sft") and Tokenizer.load(run / "sft")
+        if len(replaces) < kill_at:                         # the save finished: every rename was tried
+            break
+        assert not (run / "sft").exists(), replaces          # the last rename is the folder's
+        (run / ".metrics.jsonl.x1y2.tmp").write_text("{")    # a killed atomic write elsewhere
+        with pytest.raises(nr.UserError, match="nothing to continue"):
+            nr.train(cfg, resume=str(run), quiet=True)
+        assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "run_config.json"]
+    assert kill_at > 2 and replaces[-1] == "sft"
 
 
 @pytest.mark.parametrize("kill_at", [1, 2])
