@@ -574,6 +574,23 @@ def test_greedy_kv_cache_decoding_equals_full_forward(skip, path, monkeypatch):
         assert torch.equal(alone.tokens[0], out.tokens[b])
 
 
+@pytest.mark.parametrize("path", ["plain", "packed"])
+def test_greedy_rows_do_not_depend_on_the_batch_order_padding_or_pad_id(path, monkeypatch):
+    """A row's greedy tokens and log-probs are the same whatever the other rows, their order, its left padding and
+    the pad id, even a pad id that also occurs inside the prompts (77 below): the padding is the mask, never the
+    token value. Breaks if prompt_mask is read from tokens != pad_token_id, or positions come from the columns."""
+    decode_path(monkeypatch, path)
+    m = ours(seed=13)
+    prompts = [[5, 77, 3, 44, 9], [77, 7, 81], [90]]                                # [3] rows, 5 / 3 / 1 tokens
+    base = m.generate(prompts, max_new_tokens=10, temperature=0.0, skip_mask=[False, True, False, False])
+    long = list(range(1, 24))                                                       # 23 tokens: 18-22 more padding
+    other = m.generate([prompts[2], long, prompts[0], prompts[1]], max_new_tokens=10, temperature=0.0,
+                       skip_mask=[False, True, False, False], pad_token_id=77)
+    rows = [2, 3, 0]                                                                # where prompts[0..2] went
+    assert torch.equal(other.tokens[rows], base.tokens)
+    torch.testing.assert_close(other.logprobs[rows], base.logprobs, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("skip, temperature, top_p", [(None, 1.0, 1.0), ([False, False, True, False], 0.7, 0.9),
                                                       ([True, False, True, False], 1.3, 0.6)])
 def test_sampled_logprobs_equal_teacher_forced(skip, temperature, top_p):
