@@ -1060,6 +1060,50 @@ def test_gold_roundtrip_through_boxed(data_dir, name):
     assert not bad, f"{len(bad)} of {len(golds)} golds of {name} do not grade equal to themselves: {bad[:10]}"
 
 
+ALL_GOLD_FILES = ["gsm8k/train.jsonl", "gsm8k/test.jsonl", "svamp/reft/svamp_nl.json", "svamp/SVAMP.json",
+                  "math/math500_test.jsonl", "math/math12k_train.jsonl"] + [
+    f"eval_suite/understand-r1-zero_jsonl/{n}.jsonl" for n in ("aime", "amc", "minerva", "olympiad_bench")]
+
+# what a model may write around or inside any answer without changing it (the gold g written differently)
+DRESSINGS = {"$..$": lambda g: f"${g}$", "\\(..\\)": lambda g: f"\\({g}\\)", "\\displaystyle": "\\displaystyle {}".format,
+             "spaces": lambda g: " " + g.replace(" ", "  ") + " ", "\\dfrac": lambda g: g.replace("\\frac", "\\dfrac"),
+             "\\left( \\right)": lambda g: re.sub(r"(?<!\\)\(", r"\\left(", re.sub(r"(?<!\\)\)", r"\\right)", g))}
+
+
+def _forms(v) -> list[str]:
+    """Other writings of the rational v: an integer as \\frac{2n}{2}; a fraction as p/q, \\dfrac, unreduced, with
+    the sign on the numerator, and as its exact decimal when it has one (3/4 -> 0.75)."""
+    sg, p, q = "-" if v < 0 else "", abs(v.numerator), v.denominator
+    if q == 1:
+        return [f"{sg}\\frac{{{2 * p}}}{{2}}"]
+    out = [f"{sg}{p}/{q}", f"{sg}\\dfrac{{{p}}}{{{q}}}", f"{sg}\\frac{{{3 * p}}}{{{3 * q}}}", f"\\frac{{{sg}{p}}}{{{q}}}"]
+    d = next((d for d in range(1, 12) if (v * 10 ** d).denominator == 1), None)
+    if d:
+        digits = str(abs(v.numerator) * 10 ** d // q).rjust(d + 1, "0")                 # 3/4, d = 2 -> "075"
+        out.append(f"{sg}{digits[:-d]}.{digits[-d:]}")
+    return out
+
+
+def test_golds_grade_equal_to_their_equivalent_writings(data_dir):
+    """Metamorphic, over every distinct real gold: dressed in $..$, \\(..\\), \\displaystyle, doubled spaces, \\dfrac or
+    \\left( \\right) it still grades equal to itself; a rational gold (12, -0.25, \\frac{3}{4}, 7/2) grades equal to
+    each of its other writings (_forms) and each of them, taken as the gold, to the original. Breaks if a
+    normalisation rule (delimiters, \\displaystyle, \\dfrac, \\left) or the exact rational comparison is lost."""
+    from fractions import Fraction
+    golds = sorted({g for name in ALL_GOLD_FILES for g in _golds(data_dir, name) if g and g != "None"})
+    bad = [(k, g) for g in golds for k, dress in DRESSINGS.items() if not grade(dress(g), g)]
+    n = 0
+    for g in golds:
+        m = re.fullmatch(r"(-?)\\frac\{(\d+)\}\{(\d+)\}|(-?\d+(?:\.\d+)?)|(-?\d+)/(\d+)", g)
+        if not m or m[3] == "0" or m[6] == "0":
+            continue
+        v = (Fraction(int(m[2]), int(m[3])) * (-1 if m[1] else 1) if m[2] else Fraction(m[4]) if m[4]
+             else Fraction(int(m[5]), int(m[6])))
+        n += 1
+        bad += [(f, g) for f in _forms(v) if not (grade(f, g) and grade(g, f))]
+    assert len(golds) > 6000 and n > 3000 and not bad, (len(golds), n, bad[:10])
+
+
 def test_exact_fractions_match_printed_float_golds(data_dir):
     """SVAMP (ReFT) golds such as 0.6666666666666666 are printed floats: the exact fraction must match them."""
     from fractions import Fraction
