@@ -1065,8 +1065,9 @@ ALL_GOLD_FILES = ["gsm8k/train.jsonl", "gsm8k/test.jsonl", "svamp/reft/svamp_nl.
     f"eval_suite/understand-r1-zero_jsonl/{n}.jsonl" for n in ("aime", "amc", "minerva", "olympiad_bench")]
 
 # what a model may write around or inside any answer without changing it (the gold g written differently)
-DRESSINGS = {"$..$": lambda g: f"${g}$", "\\(..\\)": lambda g: f"\\({g}\\)", "\\displaystyle": "\\displaystyle {}".format,
-             "spaces": lambda g: " " + g.replace(" ", "  ") + " ", "\\dfrac": lambda g: g.replace("\\frac", "\\dfrac"),
+DRESSINGS = {"$..$": lambda g: f"${g}$", "\\(..\\)": lambda g: f"\\({g}\\)",
+             "\\displaystyle": "\\displaystyle {}".format, "spaces": lambda g: " " + g.replace(" ", "  ") + " ",
+             "\\dfrac": lambda g: g.replace("\\frac", "\\dfrac"),
              "\\left( \\right)": lambda g: re.sub(r"(?<!\\)\(", r"\\left(", re.sub(r"(?<!\\)\)", r"\\right)", g))}
 
 
@@ -1076,7 +1077,8 @@ def _forms(v) -> list[str]:
     sg, p, q = "-" if v < 0 else "", abs(v.numerator), v.denominator
     if q == 1:
         return [f"{sg}\\frac{{{2 * p}}}{{2}}"]
-    out = [f"{sg}{p}/{q}", f"{sg}\\dfrac{{{p}}}{{{q}}}", f"{sg}\\frac{{{3 * p}}}{{{3 * q}}}", f"\\frac{{{sg}{p}}}{{{q}}}"]
+    out = [f"{sg}{p}/{q}", f"{sg}\\dfrac{{{p}}}{{{q}}}", f"{sg}\\frac{{{3 * p}}}{{{3 * q}}}",
+           f"\\frac{{{sg}{p}}}{{{q}}}"]
     d = next((d for d in range(1, 12) if (v * 10 ** d).denominator == 1), None)
     if d:
         digits = str(abs(v.numerator) * 10 ** d // q).rjust(d + 1, "0")                 # 3/4, d = 2 -> "075"
