@@ -624,7 +624,8 @@ class Rollouts:
     logp_mu: torch.Tensor        # [S, Tn] log mu_t(y_t | s_t), recorded at sampling time
     rewards: torch.Tensor        # [S] 0/1
     texts: list[str]
-    skip: list[bool] | None = None   # the step's skip mask; none skipped: mu_t = pi_theta_old = pi_theta (on-policy)
+    skip: list[bool] | None = None   # the step's skip mask; all False: mu_t = pi_theta (on-policy, rho = 1 exactly);
+    # None (not recorded: Rollouts built by hand): rho = pi_theta / the recorded logp_mu, as for a nested mu_t
 
 
 def sampling_kwargs(cfg: Config, tok: Tokenizer) -> dict:
