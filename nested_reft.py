@@ -19,6 +19,10 @@ from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 from pathlib import Path
 
+try:
+    import fcntl                                  # POSIX file locks (lock_run_dir); absent on Windows
+except ImportError:
+    fcntl = None
 import torch
 import torch.nn.functional as F
 
@@ -905,6 +909,28 @@ def open_run_dir(run_dir: Path, resume: str, world: int, main_rank: bool) -> tup
     return state, str(ckpt)
 
 
+def lock_run_dir(run_dir: Path, hold: contextlib.ExitStack) -> None:
+    """Hold <run>/.lock (an exclusive flock, with this pid in it) until `hold` closes, i.e. until train returns: a
+    second process on the same run folder (a --resume of a run still running, a duplicate launch) stops with one
+    line instead of interleaving its writes with the first's, and a resume never deletes the temp files of a save
+    in progress. The OS drops the lock when the process dies, however it dies. No lock where the OS or the file
+    system has none (no fcntl, some network file systems)."""
+    if fcntl is None:
+        return
+    f = hold.enter_context(open(run_dir / ".lock", "a+", encoding="utf-8"))
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise UserError(f"out_dir {run_dir}: in use by another process (pid {f.read().strip() or '?'}): wait for "
+                        f"it to end, or stop it") from None
+    except OSError:                                  # locks not supported here
+        return
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+
+
 def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | None = None) -> dict:
     """Algorithm 1 end to end: SFT warm-up (sft_epochs), `steps` ReFT steps, optional evaluation.
 
@@ -914,6 +940,11 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
     after ReFT step N, as an interrupted run would (for time-limited jobs and the resume test).
     Returns the summary dict.
     """
+    with contextlib.ExitStack() as hold:            # the run folder's lock (lock_run_dir), released on return
+        return _train(cfg, resume, quiet, stop_after, hold)
+
+
+def _train(cfg: Config, resume: str, quiet: bool, stop_after: int | None, hold: contextlib.ExitStack) -> dict:
     run_dir = Path(resume or cfg.out_dir)
     device, dtype = resolve_device(cfg)
     device = distributed.init(device)            # torchrun: this rank's GPU (nccl) or the CPU (gloo); else as is
@@ -922,6 +953,8 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
         if getattr(cfg, key) % world:
             raise UserError(f"config key '{key}' = {getattr(cfg, key)}: expected a multiple of the number of "
                             f"processes ({world}), each takes an equal share")
+    if resume and main_rank and run_dir.is_dir():
+        lock_run_dir(run_dir, hold)                          # before open_run_dir deletes what a kill left
     state, start_dir = open_run_dir(run_dir, resume, world, main_rank)
     from_sft = bool(resume) and state is None             # interrupted before the first checkpoint: ReFT from sft/
     log = MetricsLog(run_dir / "metrics.jsonl", cfg.log_every, quiet, enabled=main_rank)
@@ -943,6 +976,7 @@ def train(cfg: Config, resume: str = "", quiet: bool = False, stop_after: int | 
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:                        # a file where a parent folder should be, no permission, ...
             raise UserError(f"out_dir {run_dir}: cannot create the run folder ({e.strerror}: {e.filename})") from None
+        lock_run_dir(run_dir, hold)
         write_json_atomic(run_dir / "run_config.json", asdict(cfg))
 
     if run_sft:

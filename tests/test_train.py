@@ -1387,7 +1387,8 @@ def test_resume_deletes_the_copies_a_killed_save_leaves(workspace, tmp_path, mon
             nr.save_checkpoint(run, model, tok, opt, sched, {"step": 1})
     assert len(list(run.glob(".checkpoint.tmp.tmp-*"))) == 1
     nr.train(cfg, resume=str(run), quiet=True)
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "metrics.jsonl", "run_config.json", "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoint", "metrics.jsonl", "run_config.json",
+                                                     "summary.json"]
 
 
 def test_the_sft_save_is_one_rename_and_resume_cleans_what_a_kill_leaves(workspace, tmp_path, monkeypatch):
@@ -1422,8 +1423,33 @@ def test_the_sft_save_is_one_rename_and_resume_cleans_what_a_kill_leaves(workspa
         (run / ".metrics.jsonl.x1y2.tmp").write_text("{")    # a killed atomic write elsewhere
         with pytest.raises(nr.UserError, match="nothing to continue"):
             nr.train(cfg, resume=str(run), quiet=True)
-        assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "run_config.json"]
+        assert sorted(p.name for p in run.iterdir()) == [".lock", "metrics.jsonl", "run_config.json"]
     assert kill_at > 2 and replaces[-1] == "sft"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file locks")
+def test_a_run_folder_in_use_by_another_process_is_refused(workspace, tmp_path):
+    """train holds <run>/.lock while it runs: another process's --resume of the same folder (or a new run in a
+    folder another one holds) is the one-line error naming that process, and deletes nothing of its (the
+    checkpoint.old beside checkpoint/ of a save in progress stays); once the lock is free the resume goes on."""
+    import fcntl
+    run, new = tmp_path / "run", tmp_path / "new"
+    cfg = tiny_config(workspace, run, sft_epochs=0, steps=1)
+    nr.train(cfg, quiet=True)
+    new.mkdir()
+    for d in (run, new):
+        with open(d / ".lock", "a+") as f:                  # another process's lock (flock: per open file)
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            f.truncate(0)
+            f.write("4242\n")
+            f.flush()
+            (run / "checkpoint.old").mkdir(exist_ok=True)    # its save, between the renames
+            with pytest.raises(nr.UserError, match=rf"out_dir {re.escape(str(d))}: in use by another process "
+                                                   r"\(pid 4242\)"):
+                nr.train(cfg, resume=str(run), quiet=True) if d == run else nr.train(replace(cfg, out_dir=str(new)))
+            assert (run / "checkpoint.old").is_dir()
+    nr.train(cfg, resume=str(run), quiet=True)              # free again: the resume runs (and tidies up)
+    assert not (run / "checkpoint.old").exists() and (run / ".lock").read_text() == f"{os.getpid()}\n"
 
 
 @pytest.mark.parametrize("kill_at", [1, 2])
