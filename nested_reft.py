@@ -482,7 +482,9 @@ def load_model(cfg: Config, device: torch.device, model_dir: str = "") -> tuple[
     if not tok_dir and cfg.dataset == "synthetic":      # the demo task: its own BPE, trained deterministically
         return model, synthetic_tokenizer()
     if not tok_dir:
-        raise UserError("config: set 'tokenizer' (a dir with tokenizer.json) when 'model' is empty")
+        raise UserError("config: set 'tokenizer' (a dir with tokenizer.json) when 'model' is empty (the demo's own "
+                        "tokenizer comes only with dataset 'synthetic'; for another dataset save it once: python -c "
+                        "\"import data; data.synthetic_tokenizer().save('DIR')\", then --tokenizer=DIR)")
     tok = Tokenizer.load(tok_dir)
     check_tokenizer_fits(tok.vocab_size, model.config.vocab_size, f"tokenizer {tok_dir}", "the model")
     return model, tok

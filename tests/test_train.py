@@ -18,7 +18,7 @@ import torch
 
 import nested_reft as nr
 import qwen2
-from data import Tokenizer, chat_prompt, load_dataset, sft_example, train_tokenizer
+from data import Tokenizer, chat_prompt, load_dataset, sft_example, synthetic_tokenizer, train_tokenizer
 from qwen2 import Qwen2, Qwen2Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -425,6 +425,17 @@ class Planted:
 
     def __reduce__(self):
         return Path.touch, (self.path,)
+
+
+def test_a_random_model_on_a_real_dataset_names_the_demo_tokenizer(tmp_path):
+    """The tiny model on another dataset (the first thing a new training set is tried on): the demo's tokenizer
+    comes only with dataset 'synthetic', and the error says how to get it for any other."""
+    cfg = nr.Config(model_config="configs/tiny_model.json", dataset="gsm8k", out_dir=str(tmp_path / "run"))
+    with pytest.raises(nr.UserError, match=r"set 'tokenizer'.*data.synthetic_tokenizer\(\).save\('DIR'\)"):
+        nr.load_model(cfg, torch.device("cpu"))
+    synthetic_tokenizer().save(tmp_path / "tok")                         # ... and the way it names works
+    model, tok = nr.load_model(replace(cfg, tokenizer=str(tmp_path / "tok")), torch.device("cpu"))
+    assert tok.vocab_size <= model.config.vocab_size
 
 
 def test_run_folder_errors(workspace, tmp_path):
