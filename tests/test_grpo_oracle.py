@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import grpo
 from grpo import group_advantages, policy_loss
 
 CAP = 20.0  # README "Overflow guard": log rho capped at 20 before exp
@@ -48,7 +49,10 @@ def ref_f(rho, variant, lam):
         return rho
     if variant == "practical":
         return np.ones_like(rho)
-    return lam * np.minimum(1.0, rho)
+    if variant == "retrace":
+        return lam * np.minimum(1.0, rho)
+    raise NotImplementedError(f"variant {variant!r} (grpo.VARIANTS) has no reference here: add its f to ref_f and "
+                              f"its d f / d log pi to ref_df_dlogp")
 
 
 def ref_df_dlogp(rho, drho, variant, lam):
@@ -58,7 +62,9 @@ def ref_df_dlogp(rho, drho, variant, lam):
         return drho
     if variant == "practical":
         return np.ones_like(rho)
-    return np.where(rho < 1.0, lam * drho, 0.0)
+    if variant == "retrace":
+        return np.where(rho < 1.0, lam * drho, 0.0)
+    raise NotImplementedError(f"variant {variant!r} (grpo.VARIANTS) has no reference here: add it to ref_df_dlogp")
 
 
 def ref_kl_k3(logp, ref_logp):
@@ -109,7 +115,10 @@ def ref_weights(mask, aggregation, max_len=None):
     if aggregation == "seq_mean":
         n = m.sum(axis=1, keepdims=True)
         return np.divide(m, B * n, out=np.zeros_like(m), where=n > 0)
-    return m / (B * max_len)
+    if aggregation == "dr_grpo":
+        return m / (B * max_len)
+    raise NotImplementedError(f"aggregation {aggregation!r} (grpo.AGGREGATIONS) has no reference here: add it to "
+                              f"ref_weights")
 
 
 def ref_policy_loss(logp, logmu, adv, mask, **kw):
@@ -178,9 +187,9 @@ def check(case, **kw):
 
 @pytest.mark.parametrize("beta", [0.0, 0.07])
 @pytest.mark.parametrize("clip_eps", [None, 0.2])
-@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean", "dr_grpo"])
+@pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)     # the registries: a variant or an aggregation added
 @pytest.mark.parametrize("grad", ["detached", "surrogate"])
-@pytest.mark.parametrize("variant", ["base", "practical", "retrace"])
+@pytest.mark.parametrize("variant", grpo.VARIANTS)             # to grpo fails here until the reference has it too
 def test_policy_loss_matches_oracle_on_random_cases(variant, grad, aggregation, clip_eps, beta):
     rng = np.random.default_rng([zlib.crc32(f"{variant} {grad} {aggregation}".encode()), clip_eps is None, beta > 0])
     for i in range(25):
