@@ -896,8 +896,11 @@ def open_run_dir(run_dir: Path, resume: str, world: int, main_rank: bool) -> tup
         return None, ""
     if not has_state:
         return None, str(sft_dir)
-    try:      # weights_only: tensors, numbers, strings and containers only; a pickled object (code) is refused
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=True, mmap=world > 1)
+    try:      # weights_only: tensors, numbers, strings and containers only; a pickled object (code) is refused.
+        # map_location cpu: a GPU run's AdamW moments were saved as on cuda:0; without it every torchrun rank put
+        # its copy on cuda:0 (and kept it there all run), and a CPU machine could not read them at all.
+        # load_state_dict moves each to its parameter's device.
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=True, mmap=world > 1, map_location="cpu")
     except Exception as e:    # damaged bytes raise what they lead the unpickler to: RuntimeError, EOFError,
         # UnpicklingError, UnicodeDecodeError, KeyError ("hello world"), IndexError ("abc"), struct.error ("r"), ...
         raise UserError(f"{ckpt / 'trainer_state.pt'}: not a readable trainer state ({e})") from None
@@ -999,10 +1002,15 @@ def _train(cfg: Config, resume: str, quiet: bool, stop_after: int | None, hold: 
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1 + rank)       # rollout sampling (own per rank)
     step, totals = 0, {"tokens": 0, "rollout_tokens": 0, "runtime": 0.0, "rollout_s": 0.0}
     if state is not None:
-        sched = resume_optimizer(model, opt, state["optimizer"], cfg, cfg.lr, cfg.steps, state["step"])
+        rng = state["sample_rng_ranks"][rank] if world > 1 else state["sample_rng"]
+        if rng.numel() != gen.get_state().numel():   # a CUDA generator's state is 16 bytes, a CPU one's 5056
+            raise UserError(f"--resume {run_dir}: its sampling state is not one of a {device.type} generator (the "
+                            f"run was saved on another device type): resume it on the device type it ran on")
+        # popped: the host copy of the AdamW state is freed once loaded onto the parameters' device
+        sched = resume_optimizer(model, opt, state.pop("optimizer"), cfg, cfg.lr, cfg.steps, state["step"])
         order.load_state_dict(state["data_order"])
         skipper.load_state_dict(state["skip_sampler"])
-        gen.set_state(state["sample_rng_ranks"][rank] if world > 1 else state["sample_rng"])
+        gen.set_state(rng)
         step, totals = state["step"], state["totals"]
         log.truncate(("reft", "eval"), step)
     elif from_sft:

@@ -362,6 +362,32 @@ def test_resume_reproduces_an_uninterrupted_run(workspace, tmp_path, coin_reward
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_state_saved_on_a_gpu_resumes_on_the_cpu(workspace, tmp_path, coin_reward, monkeypatch):
+    """A GPU run's trainer_state.pt holds its AdamW moments as cuda:0 tensors (emulated here: the same file with every
+    storage tagged cuda:0). torch.load maps them to the CPU and load_state_dict moves them to the parameters: the run
+    resumes on a machine without that GPU, as it would have gone on, and no torchrun rank piles its copy onto cuda:0.
+    A sampling state of the other device type's generator (a CUDA one is 16 bytes) is one line, not set_state's."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    nr.train(tiny_config(workspace, full), quiet=True)
+    nr.train(tiny_config(workspace, part), quiet=True, stop_after=2)
+    f = part / "checkpoint" / "trainer_state.pt"
+    state = torch.load(f, weights_only=True)
+    torch.save({**state, "sample_rng": torch.zeros(16, dtype=torch.uint8)}, f)
+    with pytest.raises(nr.UserError, match="not one of a cpu generator.*device type it ran on"):
+        nr.train(tiny_config(workspace, part), resume=str(part), quiet=True)
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, f)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA device"):
+            torch.load(f, weights_only=True)                                # what resume read it with before
+    nr.train(tiny_config(workspace, part), resume=str(part), quiet=True)
+    a, b = read_metrics(full), read_metrics(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [(r["loss"], r["ratio_mean"], r["grad_norm"]) for r in a] == [(r["loss"], r["ratio_mean"], r["grad_norm"])
+                                                                         for r in b]
+
+
 def test_resume_with_more_steps_decays_over_the_new_total(workspace, tmp_path, coin_reward):
     """README: --steps given with --resume goes further and a linear schedule then decays over the new total, and
     the other optimizer keys given with it apply too, from the first resumed step on (it ran at the saved
