@@ -484,15 +484,19 @@ def logprobs_from_logits(logits, tokens, temperature=1.0, top_p=1.0, valid_vocab
         raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)}: "
                          f"expected [B, T, V] and [B, T]")
     check_logit_args(logits.shape[-1], temperature, top_p, valid_vocab_size, eos_token_ids, min_new_tokens)
-    logp = process_logits(logits, temperature, top_p, valid_vocab_size)
-    out = logp.gather(-1, tokens[..., None]).squeeze(-1)
-    m = min(min_new_tokens, logits.shape[-2])
-    if m > 0 and len(eos_token_ids):
+    T = logits.shape[-2]
+    m = min(min_new_tokens, T) if len(eos_token_ids) else 0                # positions t < m: EOS banned
+    # each position's log-softmax once: fixed-length rollouts (m = T) scored every position twice, and the unbanned
+    # pass, overwritten, still held its [T, V] fp32 output for the backward
+    parts = []
+    if m > 0:
         banned = torch.as_tensor(list(eos_token_ids), dtype=torch.long, device=logits.device)
         head = process_logits(logits[..., :m, :], temperature, top_p, valid_vocab_size, banned)
-        out = out.clone()
-        out[..., :m] = head.gather(-1, tokens[..., :m, None]).squeeze(-1)
-    return out
+        parts.append(head.gather(-1, tokens[..., :m, None]).squeeze(-1))
+    if m < T or not parts:
+        tail = process_logits(logits[..., m:, :], temperature, top_p, valid_vocab_size)
+        parts.append(tail.gather(-1, tokens[..., m:, None]).squeeze(-1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
 
 def sample_from_logprobs(logp, temperature, generator=None):

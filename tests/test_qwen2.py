@@ -823,6 +823,24 @@ def test_logprobs_from_logits_refuses_tokens_of_another_shape():
     assert logprobs_from_logits(logits[0], tokens[0, :1].expand(3)).shape == (3,)    # [T, V] and [T] still work
 
 
+@pytest.mark.parametrize("m", [0, 2, 5, 9])
+def test_logprobs_from_logits_scores_each_position_once(m, monkeypatch):
+    """With EOS banned before min_new_tokens = m each position's log-softmax is taken once, with or without the ban:
+    fixed-length rollouts (m >= T) took every [T, V] log-softmax twice, the overwritten one held for the backward.
+    The values are those of scoring each position on its own."""
+    logits, tokens = torch.randn(2, 5, 10, dtype=torch.float64), torch.randint(0, 10, (2, 5))
+    eos, kw = (3, 7), dict(temperature=0.7, top_p=0.9, valid_vocab_size=9)
+    scored = []
+    real = qwen2.process_logits
+    monkeypatch.setattr(qwen2, "process_logits", lambda x, *a, **k: scored.append(x.shape[-2]) or real(x, *a, **k))
+    got = logprobs_from_logits(logits, tokens, eos_token_ids=eos, min_new_tokens=m, **kw)
+    assert sum(scored) == 5
+    for t in range(5):
+        banned = torch.tensor(eos) if t < m else None
+        one = real(logits[:, t], banned_ids=banned, **kw).gather(-1, tokens[:, t, None])[:, 0]
+        assert torch.equal(got[:, t], one)
+
+
 def test_chunked_prefill_with_padding_equals_full_forward():
     """The cache path with T > 1 after cached columns (padded_causal_mask with start > 0)."""
     m = ours(seed=12)
