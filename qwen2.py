@@ -222,6 +222,18 @@ def apply_rope(x, cos, sin):                                            # x [B, 
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
+def masked_attention(q, k, v, mask, repeat_kv=None):
+    """SDPA of q [B, H, T, hd] over k, v [B, Hkv, S, hd] (GQA: query head h reads kv head h // (H / Hkv)) with a
+    mask [B or 1, 1, T, S] (bool, True = attend, or additive float). repeat_kv (None: off the CPU) repeats K/V per
+    query head instead of enable_gqa: on CUDA enable_gqa with an attn_mask runs only in the math kernel, which
+    materialises the [B, H, T, S] scores in fp32 (the training forward always has a mask: ~0.7 GB a layer held for the
+    backward at 16 rows of 768 tokens, H = 12), while the memory-efficient kernel takes repeated K/V and a mask."""
+    G = q.shape[1] // k.shape[1]
+    if G > 1 and (q.device.type != "cpu" if repeat_kv is None else repeat_kv):
+        k, v, G = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), 1       # what enable_gqa means
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G > 1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
@@ -265,7 +277,7 @@ class Attention(nn.Module):
             else:
                 if mask is None:                                                 # chunk after cached columns
                     mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G > 1)
+                y = masked_attention(q, k, v, mask)
             y = y.transpose(1, 2).reshape(B, T, H * hd)                          # [B, T, H*hd]
         if w is not None:
             return w.o(y, residual)

@@ -841,6 +841,26 @@ def test_logprobs_from_logits_scores_each_position_once(m, monkeypatch):
         assert torch.equal(got[:, t], one)
 
 
+def test_masked_attention_repeats_kv_off_the_cpu(monkeypatch):
+    """GQA with a mask: K/V repeated per query head (what a CUDA device gets: its enable_gqa takes a mask only in the
+    math kernel, [B, H, T, S] fp32 scores) gives enable_gqa's values and gradients; the CPU keeps enable_gqa."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 5, 8, generator=g, dtype=torch.float64, requires_grad=True) for h in (6, 2, 2))
+    bool_mask = qwen2.padded_causal_mask(torch.tensor([[False, True, True, True, True], [True] * 5]), 5, 0)
+    for mask in (bool_mask, torch.zeros(2, 1, 5, 5, dtype=torch.float64).masked_fill(~bool_mask, float("-inf"))):
+        outs = [qwen2.masked_attention(q, k, v, mask, repeat_kv=r) for r in (False, True)]
+        grads = [torch.autograd.grad(o.square().sum(), (q, k, v)) for o in outs]
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-12)
+        for a, b in zip(*grads):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    seen = []
+    monkeypatch.setattr(qwen2.F, "scaled_dot_product_attention",
+                        lambda q, k, v, attn_mask, enable_gqa: seen.append((k.shape[1], enable_gqa)))
+    for dev in ("cpu", "meta"):                                            # meta: a device that is not the CPU
+        qwen2.masked_attention(*(t.detach().to(dev) for t in (q, k, v)), bool_mask.to(dev))
+    assert seen == [(2, True), (6, False)]
+
+
 def test_chunked_prefill_with_padding_equals_full_forward():
     """The cache path with T > 1 after cached columns (padded_causal_mask with start > 0)."""
     m = ours(seed=12)
