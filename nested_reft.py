@@ -440,7 +440,9 @@ def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
         except ValueError as e:
             raise UserError(str(e)) from None
     if cfg.dtype == "auto":
-        bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+        # bf16 in hardware (Ampere on): a pre-Ampere GPU's emulated bf16 is slower than fp32 (and its test
+        # allocates a tensor on cuda:0, a context there for every torchrun rank)
+        bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
         return dev, torch.bfloat16 if bf16 else torch.float32
     return dev, getattr(torch, cfg.dtype)
 

@@ -362,6 +362,18 @@ def test_resume_reproduces_an_uninterrupted_run(workspace, tmp_path, coin_reward
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.parametrize("major", [7, 8, 9])
+def test_auto_dtype_is_bf16_on_a_gpu_that_has_it_in_hardware(workspace, tmp_path, monkeypatch, major):
+    """dtype auto: bf16 autocast from Ampere (compute capability 8) on; a V100 (7.0) runs bf16 only emulated (torch's
+    is_bf16_supported() says True there, after allocating a test tensor on cuda:0): float32 there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or major >= 8)
+    cfg = tiny_config(workspace, tmp_path / "run", device="auto", dtype="auto")
+    assert nr.resolve_device(cfg) == (torch.device("cuda"), torch.bfloat16 if major >= 8 else torch.float32)
+    assert nr.resolve_device(replace(cfg, dtype="float32"))[1] == torch.float32
+
+
 def test_a_state_saved_on_a_gpu_resumes_on_the_cpu(workspace, tmp_path, coin_reward, monkeypatch):
     """A GPU run's trainer_state.pt holds its AdamW moments as cuda:0 tensors (emulated here: the same file with every
     storage tagged cuda:0). torch.load maps them to the CPU and load_state_dict moves them to the parameters: the run
