@@ -4,10 +4,13 @@
 import pytest
 import torch
 
+import eval as E
 import nested_reft as nr
+from data import load_dataset
 from qwen2 import Qwen2
 from test_qwen2 import PROMPTS, left_pad, ours, teacher_forced
-from test_train import fixed_rollouts, read_metrics, tiny_config, workspace  # noqa: F401  (workspace: a fixture)
+from test_train import (coin_reward, fixed_rollouts, read_metrics, tiny_config,  # noqa: F401  (fixtures:
+                        workspace)                                                 # coin_reward, workspace)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: these checks need a GPU")
 
@@ -135,3 +138,38 @@ def test_training_run_on_the_gpu(workspace, tmp_path):
     nr.train(cfg, quiet=True)
     for row in read_metrics(tmp_path / "fp32"):
         assert abs(row["ratio_min"] - 1) < 1e-4 and abs(row["ratio_max"] - 1) < 1e-4
+
+
+def test_resume_on_the_gpu_goes_on_as_an_uninterrupted_run(workspace, tmp_path, coin_reward):  # noqa: F811
+    """A GPU run's checkpoint: AdamW moments saved as CUDA tensors (read back through the CPU, map_location) and the
+    CUDA sampling generator's state (16 bytes: seed, offset), restored into a CUDA generator. The resumed run draws
+    the same masks and rollouts and takes the same steps as an uninterrupted one (to GPU round-off: the embedding
+    backward sums with atomics)."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    nr.train(tiny_config(workspace, full, device="cuda", dtype="auto"), quiet=True)
+    nr.train(tiny_config(workspace, part, device="cuda", dtype="auto"), quiet=True, stop_after=2)
+    state = torch.load(part / "checkpoint" / "trainer_state.pt", weights_only=True, map_location="cpu")
+    assert state["sample_rng"].numel() == torch.Generator(DEV).get_state().numel()   # the GPU generator's
+    nr.train(tiny_config(workspace, part, device="cuda", dtype="auto"), resume=str(part), quiet=True)
+    a, b = read_metrics(full), read_metrics(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4] and any(r["grad_norm"] > 0 for r in a)
+    for ra, rb in zip(a, b):
+        assert (ra["skip"], ra["reward_mean"], ra["completion_len"]) == (rb["skip"], rb["reward_mean"],
+                                                                        rb["completion_len"])
+        for key in ("loss", "ratio_mean", "grad_norm"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
+
+
+def test_evaluate_on_the_gpu_grades_as_on_the_cpu(workspace):  # noqa: F811
+    """eval.evaluate (greedy, batched, left-padded prompts sorted by length) with the model on the GPU: in fp32 the
+    completions and grades of the CPU; under the training loop's bf16 autocast (run_eval) it runs and grades all."""
+    cfg = tiny_config(workspace, workspace / "unused")
+    examples = load_dataset("gsm8k", workspace / "data", "train")[:7]
+    cpu, tok = nr.load_model(cfg, CPU)
+    gpu, _ = nr.load_model(cfg, DEV)
+    _, want = E.evaluate(cpu, tok, examples, batch_size=3, max_new_tokens=8)
+    _, got = E.evaluate(gpu, tok, examples, batch_size=3, max_new_tokens=8)
+    assert got == want
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, bf16 = E.evaluate(gpu, tok, examples, batch_size=3, max_new_tokens=8)
+    assert [r["question"] for r in bf16] == [r["question"] for r in want] and all(r["num_tokens"] > 0 for r in bf16)
