@@ -796,6 +796,27 @@ def test_generate_argument_errors():
     assert out.tokens.shape[0] == 1                 # numpy ids and numbers, sets of ids: fine
 
 
+@pytest.mark.parametrize("path", ["plain", "packed"])
+def test_generate_runs_in_inference_mode_and_returns_ordinary_tensors(path, monkeypatch):
+    """generate() samples under torch.inference_mode (no autograd bookkeeping per op) but returns ordinary tensors: a
+    loss can save them for its backward and write into them, and the model (whose RoPE frequencies generate may
+    have cached first) still trains. Inference tensors would fail each of these with a RuntimeError."""
+    decode_path(monkeypatch, path)
+    m, seen = ours(), []
+    monkeypatch.setattr(qwen2, "sample_from_logprobs", lambda logp, *a, _f=qwen2.sample_from_logprobs:
+                        seen.append(torch.is_inference_mode_enabled()) or _f(logp, *a))
+    out = m.generate([[1, 2, 3], [4]], max_new_tokens=3)
+    assert seen == [True] * 3
+    assert not any(getattr(out, f).is_inference() for f in ("tokens", "mask", "logprobs", "prompt_tokens",
+                                                             "prompt_mask"))
+    w = torch.ones(2, requires_grad=True)
+    (torch.where(out.mask, out.logprobs, 0.0) * w[:, None]).sum().backward()   # logprobs saved for the backward
+    torch.testing.assert_close(w.grad, torch.where(out.mask, out.logprobs, 0.0).sum(1))
+    out.tokens[:, 0] = 5                                                     # written in place
+    m(torch.cat([out.prompt_tokens, out.tokens], 1)).logsumexp(-1).sum().backward()
+    assert m.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
 def test_forward_refuses_out_of_range_ids_before_touching_the_cache():
     """An id outside [0, vocab) in forward (teacher forcing, a decode step) is a ValueError naming the range (was
     torch's "index out of range in self"), raised before a cache is appended to: it can be used again."""
