@@ -82,8 +82,10 @@ class Tokenizer:
     `hf_files`: name -> text of the HF_TOKENIZER_FILES found beside it (load), written back by save.
     """
 
-    def __init__(self, tk: _HFTokenizer, source: str = "<memory>", hf_files: dict[str, str] | None = None):
+    def __init__(self, tk: _HFTokenizer, source: str = "<memory>", hf_files: dict[str, str] | None = None,
+                 tokenizer_json: str | None = None):
         self.tk, self.hf_files = tk, dict(hf_files or {})
+        self.tokenizer_json = tokenizer_json    # the text of the tokenizer.json it was read from, written back as is
         vocab = tk.get_vocab(with_added_tokens=True)
         missing = [t for t in (ENDOFTEXT, IM_START, IM_END) if t not in vocab]
         if missing:
@@ -100,9 +102,11 @@ class Tokenizer:
         tj, vj, mt = d / "tokenizer.json", d / "vocab.json", d / "merges.txt"
         if not (tj.is_file() or (vj.is_file() and mt.is_file())):
             raise FileNotFoundError(f"{d}: no tokenizer found; expected tokenizer.json, or vocab.json + merges.txt")
+        text = None
         try:
             if tj.is_file():
-                tk = _HFTokenizer.from_file(str(tj))
+                text = tj.read_text(encoding="utf-8")
+                tk = _HFTokenizer.from_str(text)
             else:
                 tk = _HFTokenizer(BPE.from_file(str(vj), str(mt)))
                 _byte_level_pipeline(tk)
@@ -115,7 +119,7 @@ class Tokenizer:
                 hf_files[name] = (d / name).read_text(encoding="utf-8")
             except UnicodeDecodeError as e:
                 raise ValueError(f"{d / name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        return cls(tk, str(tj if tj.is_file() else d), hf_files)
+        return cls(tk, str(tj if tj.is_file() else d), hf_files, tokenizer_json=text)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special tokens written in the text (e.g. <|im_end|>) become their ids."""
@@ -137,8 +141,11 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write `path`/tokenizer.json and the hf_files, each atomically (temp file in the same dir, then
-        os.replace)."""
-        write_text_atomic(Path(path) / "tokenizer.json", self.tk.to_str())     # creates `path` if missing
+        os.replace). A tokenizer read from a tokenizer.json writes that file's text back unchanged: re-serialised by
+        tokenizers >= 0.20, the BPE merges of a released file ("a b" strings) would become ["a", "b"] pairs, which
+        tokenizers < 0.20 (transformers < 4.45, and the vLLM releases built on it) cannot read."""
+        text = self.tokenizer_json if self.tokenizer_json is not None else self.tk.to_str()
+        write_text_atomic(Path(path) / "tokenizer.json", text)                 # creates `path` if missing
         for name, text in self.hf_files.items():
             write_text_atomic(Path(path) / name, text)
 

@@ -180,6 +180,23 @@ def test_save_and_load_tokenizer_json(tok, tmp_path, data_dir):
         assert tok2.encode(t) == tok.encode(t)
 
 
+def test_a_released_tokenizer_json_is_written_back_unchanged(demo_tok, tmp_path):
+    """The released Qwen2.5 tokenizer.json stores its BPE merges as "a b" strings; tokenizers >= 0.20 re-serialises
+    them as ["a", "b"] pairs, which tokenizers < 0.20 (transformers < 4.45, vLLM built on it) cannot read. A run's
+    checkpoint must be a drop-in replacement for the model it started from: the file is written back byte for byte."""
+    d = json.loads(demo_tok.tk.to_str())
+    d["model"]["merges"] = [" ".join(m) if isinstance(m, list) else m for m in d["model"]["merges"]]   # legacy form
+    text = json.dumps(d, ensure_ascii=False, indent=2)                        # indented, as the released file
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    (src / "tokenizer.json").write_text(text, encoding="utf-8")
+    tok = Tokenizer.load(src)
+    assert tok.encode(CORPUS[7]) == demo_tok.encode(CORPUS[7])
+    tok.save(out)
+    assert (out / "tokenizer.json").read_text(encoding="utf-8") == text
+    assert all(isinstance(m, str) for m in json.loads(text)["model"]["merges"])
+
+
 def test_tokenizer_json_wins_over_vocab_and_merges(demo_tok, data_dir, tmp_path):
     """A folder with tokenizer.json AND vocab.json + merges.txt (a transformers save_pretrained of a slow+fast
     tokenizer) is read from tokenizer.json, the complete description: here the small demo tokenizer, not the
