@@ -70,7 +70,9 @@ def _add_tokens(tk: _HFTokenizer, tokens: list[tuple[str, bool]]) -> None:
 # The Hugging Face files that travel with a tokenizer: Tokenizer.load reads them and save writes them back, so a
 # checkpoint folder of a run is a drop-in replacement for the model it started from (the chat template and special
 # tokens for transformers' AutoTokenizer and vLLM; generation_config.json holds the model's EOS ids and defaults).
-HF_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+# chat_template.jinja: where transformers' save_pretrained writes the chat template since mid-2025 (5.x too), no
+# longer inside tokenizer_config.json, so a model saved by current transformers carries its template only there.
+HF_TOKENIZER_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "added_tokens.json",
                       "generation_config.json", "vocab.json", "merges.txt")
 
 

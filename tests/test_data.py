@@ -164,6 +164,25 @@ def test_hf_tokenizer_files_travel_with_the_tokenizer(tmp_path):
     assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == chat_prompt("What is 2 plus 3?")
 
 
+def test_a_chat_template_in_chat_template_jinja_travels_with_the_tokenizer(tmp_path):
+    """transformers (since mid-2025, 5.x too) saves the chat template to chat_template.jinja, not into
+    tokenizer_config.json: a run started from a model saved that way must write it into its checkpoints too, or
+    AutoTokenizer (and vLLM's chat API) loses the template there."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    tok = data.train_tokenizer([chat_prompt("What is 2 plus 3?") + "5 \\boxed{5}"], 300)
+    tok.save(src)
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    (src / "chat_template.jinja").write_text(template)
+    Tokenizer.load(src).save(out)
+    assert (out / "chat_template.jinja").read_text() == template
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(out))
+    msgs = [{"role": "system", "content": data.QWEN_MATH_SYSTEM}, {"role": "user", "content": "What is 2 plus 3?"}]
+    assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == chat_prompt("What is 2 plus 3?")
+
+
 def test_save_and_load_tokenizer_json(tok, tmp_path, data_dir):
     tok.save(tmp_path)
     # tokenizer.json plus the files found beside the source, unchanged; no temp file left behind
