@@ -1064,6 +1064,7 @@ def _train(cfg: Config, resume: str, quiet: bool, stop_after: int | None, hold: 
         if step == stop_after:
             return {"steps": step, "interrupted": True}
 
+    del opt, sched, ref_model      # in the last checkpoint: freed for the final evaluation (AdamW: 2x the fp32 weights)
     summary = {"steps": step, "runtime": totals["runtime"], "tok_s": totals["tokens"] / max(totals["runtime"], 1e-9),
                "rollout_tok_s": totals["rollout_tokens"] / max(totals["rollout_s"], 1e-9), **totals}
     if main_rank:

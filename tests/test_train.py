@@ -885,6 +885,25 @@ def test_reft_step_is_invariant_to_group_order_duplication_and_micro_batches(wor
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_the_final_evaluation_runs_without_the_optimizer_and_the_reference(workspace, tmp_path, monkeypatch):
+    """Once the last checkpoint is written, the AdamW state (twice the fp32 weights: 12 GB at 1.5B) and the KL
+    reference model are freed before the final evaluation, which needs the memory for its long generations."""
+    made, make_optimizer = [], nr.make_optimizer
+    monkeypatch.setattr(nr, "make_optimizer", lambda *a: made.extend(map(weakref.ref, out := make_optimizer(*a)))
+                        or out)
+    monkeypatch.setattr(nr.distributed, "frozen_copy", lambda *a, _f=nr.distributed.frozen_copy:
+                        made.append(weakref.ref(out := _f(*a))) or out)
+    seen = []
+    monkeypatch.setattr(nr, "run_eval", lambda *a, **kw: seen.append([r() is None for r in made]) or
+                        {"benchmarks": {"gsm8k": {"n": 2, "accuracy": 0.5, "seconds": 0.0}}, "macro": 0.5})
+    data = tmp_path / "data"
+    shutil.copytree(workspace / "data", data)
+    (data / "gsm8k" / "test.jsonl").write_text((data / "gsm8k" / "train.jsonl").read_text())
+    nr.train(tiny_config(workspace, tmp_path / "run", data_dir=str(data), steps=2, beta=0.1,
+                         eval_benchmarks="gsm8k"), quiet=True)
+    assert len(made) == 5 and seen == [[True] * 5]          # SFT's AdamW + schedule, ReFT's, the reference model
+
+
 def test_bf16_autocast_step_and_run_on_the_cpu(workspace, tmp_path, coin_reward):
     """dtype=bfloat16 is the GPU's training path (fp32 master weights and AdamW state, bf16 autocast for the
     matmuls, a bf16 KV cache for the rollouts), and autocast runs the same code on the CPU: one reft_step on fixed
