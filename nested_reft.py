@@ -190,7 +190,7 @@ class Config:
                               "ReFT from skip_ratio / skip_border) instead of the full one, as LayerDrop: makes a "
                               "model trained from scratch robust to layer skipping (CPU demo); 0 = the paper",
                               "ours (demo only)")
-    max_seq_len: int = _f(1024, "SFT: truncate prompt + CoT to this many tokens", "ours")
+    max_seq_len: int = _f(1024, "SFT: truncate prompt + CoT to this many tokens (the examples cut are counted)", "ours")
     # --- ReFT (GRPO) stage
     steps: int = _f(500, "T: number of ReFT optimizer steps", "[U] one fixed number for all datasets")
     prompts_per_step: int = _f(64, "prompts per step (each with `group_size` rollouts)", "[U] ours: 64")
@@ -580,6 +580,10 @@ def sft_steps(n: int, epochs: float, batch_size: int) -> int:
 
 def sft(model: Qwen2, tok: Tokenizer, examples: list[Example], cfg: Config, device, dtype, log) -> None:
     pairs = [sft_example(tok, ex, max_len=cfg.max_seq_len) for ex in examples]
+    cut = sum(ids[-1] != tok.im_end_id for ids, _ in pairs)       # cut short: the end (answer, <|im_end|>) is lost
+    if cut and log.enabled and not log.quiet:
+        print(f"note: {cut} of {len(pairs)} SFT examples are longer than max_seq_len={cfg.max_seq_len} tokens and "
+              f"are cut short (their answer and <|im_end|> are not learned): raise max_seq_len to keep them whole")
     steps = sft_steps(len(pairs), cfg.sft_epochs, cfg.sft_batch_size)
     opt, sched = make_optimizer(model, cfg, cfg.sft_lr, steps)
     order, t0 = DataOrder(len(pairs), cfg.seed), time.perf_counter()
@@ -615,7 +619,8 @@ def sft(model: Qwen2, tok: Tokenizer, examples: list[Example], cfg: Config, devi
         grad_norm = optimizer_step(model, opt, sched, cfg.grad_clip, "SFT")
         loss_sum = distributed.all_reduce_sum(loss_sum)      # the whole batch's loss (all ranks)
         log({"stage": "sft", "step": step, "steps": steps, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr,
-             "skip": skipped_layers(skip) if skip else [], "runtime": time.perf_counter() - t0})
+             "skip": skipped_layers(skip) if skip else [], "runtime": time.perf_counter() - t0,
+             **({"examples": len(pairs), "cut": cut} if step == 1 else {})})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -799,13 +804,13 @@ class MetricsLog:
 
 
 def sft_summary(log: MetricsLog) -> dict | None:
-    """The SFT warm-up as metrics.jsonl logged it (kept across resumes): its steps, runtime and first / last
-    batch loss; None when the run had no warm-up (sft_epochs = 0)."""
+    """The SFT warm-up as metrics.jsonl logged it (kept across resumes): its steps, runtime, first / last batch
+    loss and how many of its examples max_seq_len cut short; None when the run had no warm-up (sft_epochs = 0)."""
     rows = [r for r in log.rows() if r.get("stage") == "sft"]
     if not rows:
         return None
     return {"steps": rows[-1]["step"], "runtime": rows[-1]["runtime"], "loss_first": rows[0]["loss"],
-            "loss_last": rows[-1]["loss"]}
+            "loss_last": rows[-1]["loss"], "examples": rows[0].get("examples"), "cut": rows[0].get("cut")}
 
 
 def progress_line(row: dict) -> str:

@@ -181,6 +181,20 @@ def test_cli_value_error_is_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_sft_examples_cut_by_max_seq_len_are_counted_and_announced(workspace, tmp_path, capsys):
+    """An SFT example longer than max_seq_len loses its end (the boxed answer, <|im_end|>): the run says how many
+    (one note line; the first SFT row and summary.json's sft record them) instead of training on them silently."""
+    tok = Tokenizer.load(workspace / "tok")
+    examples = load_dataset("gsm8k", workspace / "data", "train")
+    L = sorted(len(sft_example(tok, ex)[0]) for ex in examples)[len(examples) // 2]     # the median length
+    want = sum(len(sft_example(tok, ex)[0]) > L for ex in examples)
+    summary = nr.train(tiny_config(workspace, tmp_path / "run", max_seq_len=L, steps=1))
+    assert 0 < want < len(examples) and summary["sft"]["cut"] == want and summary["sft"]["examples"] == len(examples)
+    assert f"note: {want} of {len(examples)} SFT examples are longer than max_seq_len={L} tokens" in \
+        capsys.readouterr().out
+    assert read_metrics(tmp_path / "run", "sft")[0]["cut"] == want
+
+
 def test_data_order_reshuffles_each_epoch_and_resumes():
     a = nr.DataOrder(5, seed=3)
     first, second = a.take(5), a.take(5)
@@ -201,7 +215,7 @@ def test_end_to_end_sft_then_nested_reft(workspace, tmp_path, coin_reward):
     sft_rows, rows = read_metrics(run, "sft"), read_metrics(run)
     assert len(sft_rows) == 3 and len(rows) == 4 and summary["steps"] == 4   # ceil(24 * 1 / 8) SFT steps
     assert summary["sft"] == {"steps": 3, "runtime": sft_rows[-1]["runtime"], "loss_first": sft_rows[0]["loss"],
-                              "loss_last": sft_rows[-1]["loss"]}
+                              "loss_last": sft_rows[-1]["loss"], "examples": 24, "cut": 0}
     assert json.loads((run / "summary.json").read_text())["sft"] == summary["sft"]
     for r in rows:
         assert len(r["skip"]) == 1 and r["skip"][0] in (1, 2)                # k = round(.25 * 4) = 1, e = 1
