@@ -844,7 +844,7 @@ def test_logprobs_from_logits_refuses_tokens_of_another_shape():
     assert logprobs_from_logits(logits[0], tokens[0, :1].expand(3)).shape == (3,)    # [T, V] and [T] still work
 
 
-@pytest.mark.parametrize("m", [0, 2, 5, 9])
+@pytest.mark.parametrize("m", [0, 1, 2, 5, 9])     # 1: one banned position, the rest unbanned
 def test_logprobs_from_logits_scores_each_position_once(m, monkeypatch):
     """With EOS banned before min_new_tokens = m each position's log-softmax is taken once, with or without the ban:
     fixed-length rollouts (m >= T) took every [T, V] log-softmax twice, the overwritten one held for the backward.
@@ -879,7 +879,29 @@ def test_masked_attention_repeats_kv_off_the_cpu(monkeypatch):
                         lambda q, k, v, attn_mask, enable_gqa: seen.append((k.shape[1], enable_gqa)))
     for dev in ("cpu", "meta"):                                            # meta: a device that is not the CPU
         qwen2.masked_attention(*(t.detach().to(dev) for t in (q, k, v)), bool_mask.to(dev))
-    assert seen == [(2, True), (6, False)]
+    for r in (True, False):                                                # an explicit repeat_kv wins on the CPU
+        qwen2.masked_attention(*(t.detach() for t in (q, k, v)), bool_mask, repeat_kv=r)
+    assert seen == [(2, True), (6, False), (6, False), (2, True)]
+
+
+def test_logprobs_from_logits_of_no_positions():
+    """Zero positions ([B, 0, V], e.g. a batch with nothing to score) give [B, 0], with or without an EOS ban."""
+    logits, tokens = torch.randn(2, 0, 10), torch.zeros(2, 0, dtype=torch.long)
+    for kw in ({}, dict(eos_token_ids=(3,), min_new_tokens=2)):
+        assert logprobs_from_logits(logits, tokens, **kw).shape == (2, 0)
+
+
+def test_a_cpu_forward_keeps_enable_gqa(monkeypatch):
+    """Attention leaves masked_attention's choice to the device: on the CPU a padded (masked) forward passes the
+    unrepeated Hkv heads with enable_gqa (repeating K/V is for CUDA's memory-efficient kernel only)."""
+    m = ours(seed=5)
+    ids, am = left_pad(PROMPTS)
+    seen, real = [], qwen2.F.scaled_dot_product_attention
+    monkeypatch.setattr(qwen2.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((k.shape[1], kw.get("enable_gqa"))) or real(q, k, v, **kw))
+    with torch.no_grad():
+        m(ids, attention_mask=am)
+    assert seen and set(seen) == {(m.config.num_key_value_heads, True)}
 
 
 def test_chunked_prefill_with_padding_equals_full_forward():
