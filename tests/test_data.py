@@ -205,7 +205,7 @@ def test_a_released_tokenizer_json_is_written_back_unchanged(demo_tok, tmp_path)
     checkpoint must be a drop-in replacement for the model it started from: the file is written back byte for byte."""
     d = json.loads(demo_tok.tk.to_str())
     d["model"]["merges"] = [" ".join(m) if isinstance(m, list) else m for m in d["model"]["merges"]]   # legacy form
-    text = json.dumps(d, ensure_ascii=False, indent=2)                        # indented, as the released file
+    text = json.dumps(d, ensure_ascii=False, indent=2) + "\n"   # indented, as the released file; the last byte kept too
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
     (src / "tokenizer.json").write_text(text, encoding="utf-8")
