@@ -192,7 +192,13 @@ def test_sft_examples_cut_by_max_seq_len_are_counted_and_announced(workspace, tm
     assert 0 < want < len(examples) and summary["sft"]["cut"] == want and summary["sft"]["examples"] == len(examples)
     assert f"note: {want} of {len(examples)} SFT examples are longer than max_seq_len={L} tokens" in \
         capsys.readouterr().out
-    assert read_metrics(tmp_path / "run", "sft")[0]["cut"] == want
+    rows = read_metrics(tmp_path / "run", "sft")
+    assert rows[0]["cut"] == want and len(rows) > 1 and not any("cut" in r for r in rows[1:])   # the first row only
+    cfg = tiny_config(workspace, tmp_path / "again", max_seq_len=L, sft_epochs=0.5)
+    model, tok = nr.load_model(cfg, torch.device("cpu"))
+    for log in (nr.MetricsLog(tmp_path / "q.jsonl", quiet=True), nr.MetricsLog(tmp_path / "r1.jsonl", enabled=False)):
+        nr.sft(model, tok, examples, cfg, torch.device("cpu"), torch.float32, log)   # quiet; a torchrun rank > 0
+        assert "note:" not in capsys.readouterr().out
 
 
 def test_data_order_reshuffles_each_epoch_and_resumes():
@@ -398,9 +404,10 @@ def test_a_state_saved_on_a_gpu_resumes_on_the_cpu(workspace, tmp_path, coin_rew
     nr.train(tiny_config(workspace, part), quiet=True, stop_after=2)
     f = part / "checkpoint" / "trainer_state.pt"
     state = torch.load(f, weights_only=True)
-    torch.save({**state, "sample_rng": torch.zeros(16, dtype=torch.uint8)}, f)
-    with pytest.raises(nr.UserError, match="not one of a cpu generator.*device type it ran on"):
-        nr.train(tiny_config(workspace, part), resume=str(part), quiet=True)
+    for rng in (torch.zeros(16, dtype=torch.uint8), torch.cat([state["sample_rng"]] * 2)):   # shorter, longer
+        torch.save({**state, "sample_rng": rng}, f)
+        with pytest.raises(nr.UserError, match="not one of a cpu generator.*device type it ran on"):
+            nr.train(tiny_config(workspace, part), resume=str(part), quiet=True)
     with monkeypatch.context() as m:
         m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
         torch.save(state, f)
@@ -1446,6 +1453,23 @@ def test_recover_checkpoint_takes_the_newer_folder(tmp_path):
     assert not (tmp_path / "checkpoint").exists()
 
 
+def test_recover_checkpoint_deletes_only_the_temp_copies_of_killed_saves(tmp_path):
+    """What recover_checkpoint deletes, and only that: the save_pretrained temp folders of checkpoint.tmp and sft
+    (.checkpoint.tmp.tmp-*, .sft.tmp-*) and the .NAME.*.tmp files of killed atomic writes in the run folder,
+    checkpoint/ and sft/. Other dot folders, a user's *.tmp file, a folder named like a temp file and a temp file
+    deeper down are not the saves' to delete."""
+    for d in ("checkpoint", "sft", "notes", ".sft-backup", ".sft.tmp-x1", ".checkpoint.tmp.tmp-y2", ".keep.tmp"):
+        (tmp_path / d).mkdir()
+    gone = [".run_config.json.a1.tmp", "checkpoint/.trainer_state.pt.b2.tmp", "sft/.tokenizer.json.c3.tmp"]
+    kept = ["notes.tmp", "checkpoint/step", "sft/config.json", "notes/.draft.d4.tmp"]
+    for f in gone + kept:
+        (tmp_path / f).write_text("x")
+    nr.recover_checkpoint(tmp_path)
+    assert not any((tmp_path / f).exists() for f in gone + [".sft.tmp-x1", ".checkpoint.tmp.tmp-y2"])
+    assert all((tmp_path / f).is_file() for f in kept)
+    assert all((tmp_path / d).is_dir() for d in (".sft-backup", ".keep.tmp"))
+
+
 def test_resume_deletes_the_copies_a_killed_save_leaves(workspace, tmp_path, monkeypatch):
     """The last step's save killed after its renames (checkpoint.old beside checkpoint/) and a save killed inside
     Qwen2.save_pretrained (its temp folder .checkpoint.tmp.tmp-*, weights half written), before summary.json:
@@ -1532,6 +1556,40 @@ def test_a_run_folder_in_use_by_another_process_is_refused(workspace, tmp_path):
             assert (run / "checkpoint.old").is_dir()
     nr.train(cfg, resume=str(run), quiet=True)              # free again: the resume runs (and tidies up)
     assert not (run / "checkpoint.old").exists() and (run / ".lock").read_text() == f"{os.getpid()}\n"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file locks")
+def test_lock_run_dir_holds_an_exclusive_lock_until_its_stack_closes(tmp_path, monkeypatch):
+    """lock_run_dir: exclusive (a second taker, even a shared one, is refused), the pid readable by others while it is
+    held (flushed), held until the ExitStack closes, not only until the call returns. Where the file system has no
+    locks (flock's OSError) the run goes on without one."""
+    import contextlib
+    import fcntl
+    with contextlib.ExitStack() as hold:
+        nr.lock_run_dir(tmp_path, hold)
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+        with pytest.raises(nr.UserError, match=rf"in use by another process \(pid {os.getpid()}\)"):
+            nr.lock_run_dir(tmp_path, contextlib.ExitStack())
+        with open(tmp_path / ".lock") as f, pytest.raises(BlockingIOError):
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    with open(tmp_path / ".lock") as f:                         # released by the stack
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        monkeypatch.setattr(fcntl, "flock", lambda *a: (_ for _ in ()).throw(OSError(37, "No locks available")))
+        with contextlib.ExitStack() as hold:
+            nr.lock_run_dir(tmp_path, hold)                     # no lock here: no error either
+
+
+def test_a_failed_train_releases_the_run_folder_at_once(workspace, tmp_path):
+    """train's lock is released when it returns or raises, not when the exception (which keeps train's frame) is
+    collected: a retry in the same process (a notebook holds the last traceback) is not "in use". A new run in an
+    existing empty folder locks it once (not as a resume and again as a new run)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = tiny_config(workspace, run, sft_epochs=0, steps=1)
+    with pytest.raises(nr.UserError, match="nothing to continue") as e:
+        nr.train(cfg, resume=str(run), quiet=True)
+    nr.train(cfg, quiet=True)                                   # e (and its traceback) alive
+    assert e.value and (run / "summary.json").is_file()
 
 
 @pytest.mark.parametrize("kill_at", [1, 2])
