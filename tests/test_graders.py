@@ -460,6 +460,11 @@ def test_not_equivalent_reversed(pred, gold):
     assert not grade(gold, pred)
 
 
+def case_ids(cases) -> list[str]:
+    """Test ids of a (pred, gold, expected) table: pred==gold or pred!=gold."""
+    return [f"{p!r}{'==' if e else '!='}{g!r}" for p, g, e in cases]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # second adversarial review: each wrong verdict it found (False) next to nearby forms that must keep passing
 # (True); checked in the stated direction only
@@ -625,8 +630,7 @@ REVIEW_CASES = [
 ]
 
 
-@pytest.mark.parametrize("pred,gold,expected", REVIEW_CASES,
-                         ids=[f"{p!r}{'==' if e else '!='}{g!r}" for p, g, e in REVIEW_CASES])
+@pytest.mark.parametrize("pred,gold,expected", REVIEW_CASES, ids=case_ids(REVIEW_CASES))
 def test_review_cases(pred, gold, expected):
     assert grade(pred, gold) is expected, (normalize(pred), normalize(gold))
 
@@ -686,8 +690,7 @@ MUTATION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("pred,gold,expected", MUTATION_CASES,
-                         ids=[f"{p!r}{'==' if e else '!='}{g!r}" for p, g, e in MUTATION_CASES])
+@pytest.mark.parametrize("pred,gold,expected", MUTATION_CASES, ids=case_ids(MUTATION_CASES))
 def test_mutation_cases(pred, gold, expected):
     assert grade(pred, gold) is expected, (normalize(pred), normalize(gold))
 
@@ -814,8 +817,7 @@ DIFFERENTIAL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("pred,gold,expected", DIFFERENTIAL_CASES,
-                         ids=[f"{p!r}{'==' if e else '!='}{g!r}" for p, g, e in DIFFERENTIAL_CASES])
+@pytest.mark.parametrize("pred,gold,expected", DIFFERENTIAL_CASES, ids=case_ids(DIFFERENTIAL_CASES))
 def test_differential_cases(pred, gold, expected):
     assert grade(pred, gold) is expected, (normalize(pred), normalize(gold))
 
