@@ -354,6 +354,14 @@ def _weights_key(model: nn.Module) -> tuple:
     return tuple((p.data_ptr(), p._version, p.dtype) for p in ps), sample
 
 
+def pack_rows(batch: int) -> int:
+    """The row count a batch's decode weights are prepacked for. oneDNN picks the packed layout for a row count, but
+    it is valid for any: packed for 16, a matmul of 4-64 rows is as fast as packed for its own count (0.5B shape,
+    fp32 and bf16), so batches of any size share one packing; one row keeps its own (packed for 1: 10 % faster
+    alone, 40-70 % slower on 4 or more rows)."""
+    return 1 if batch == 1 else 16
+
+
 def native_bf16_matmul() -> bool:
     """Does this CPU multiply bf16 in hardware (AMX or AVX512-BF16, as oneDNN sees it)? Without, a bf16 matmul is
     emulated and several times slower than an fp32 one (bench/bench_sampler.py, README)."""
@@ -363,8 +371,8 @@ def native_bf16_matmul() -> bool:
 class DecodeLinear:
     """x [B, 1, in] -> x W^T + b for the decode step on CPU, W = the weights of `linears` (same input) concatenated
     along the output axis (one matmul instead of several). From PACK_MIN_BYTES on, W is prepacked ONCE into
-    oneDNN's blocked layout for `rows` input rows. Why: with a few rows F.linear reads a large weight at ~11-16
-    GB/s (Intel Xeon with AMX; fp32: MKL's small-M sgemm, bf16: oneDNN on an unpacked weight) and the prepacked
+    oneDNN's blocked layout for `rows` input rows (pack_rows). Why: with a few rows F.linear reads a large weight at
+    ~11-16 GB/s (Intel Xeon with AMX; fp32: MKL's small-M sgemm, bf16: oneDNN on an unpacked weight) and the prepacked
     matmul at ~25-31 GB/s, near the memory bandwidth. A smaller matrix is kept transposed, W^T [in, out] contiguous,
     and multiplied by torch.mm / addmm: lower fixed cost per call than oneDNN's, and MKL's fastest layout for a few
     rows (1.2-2.5x F.linear's [out, in] at 16 rows; bench/bench_sampler.py --sections k, README).
@@ -669,10 +677,11 @@ class Qwen2(nn.Module):
         Only on CPU with oneDNN, fp32/bf16, with whole parameters (not FSDP shards; inside distributed.gathered()
         they are whole); otherwise nothing (returns False). Costs one pass over the weights plus page faults on the
         copy (0.5B shape: ~5-15 decode steps' worth), paid once per weight update: later calls with the same
-        weights (_weights_key; any optimizer step drops the packing), dtype and batch size (evaluation, benchmarks)
-        reuse it. Holds the fused and prepacked copies for as long as the model lives and its weights are unchanged.
+        weights (_weights_key; any optimizer step drops the packing), dtype and batch kind (one row, or several of
+        any number: the smaller last batch of an evaluation or of a step's rollout chunks; pack_rows) reuse it.
+        Holds the fused and prepacked copies for as long as the model lives and its weights are unchanged.
         The weights must not change while a cache uses them."""
-        dtype, rows = cache.k.dtype, cache.k.shape[1]
+        dtype, rows = cache.k.dtype, pack_rows(cache.k.shape[1])
         if (self.device.type != "cpu" or not torch.backends.mkldnn.is_available()
                 or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")          # private op: may vanish
                 or dtype not in (torch.float32, torch.bfloat16)

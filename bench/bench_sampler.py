@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import collate_prompts  # noqa: E402
-from qwen2 import PACK_MIN_NEW_TOKENS, Qwen2, Qwen2Config, decode_packing, drop_decode_packing  # noqa: E402
+from qwen2 import PACK_MIN_NEW_TOKENS, Qwen2, Qwen2Config, decode_packing, drop_decode_packing, pack_rows  # noqa: E402
 
 clock = time.thread_time          # main() sets it from --clock
 
@@ -250,7 +250,7 @@ def section_k(args, bw):
         for name, n_out, n_in in (("q|k|v", qkv, D), ("o_proj", D, D), ("gate|up", 2 * I, D), ("down", D, I),
                                   ("lm_head", V, D)):
             w, x = torch.randn(n_out, n_in), torch.randn(B, n_in)
-            wt, packed = w.t().contiguous(), torch.ops.mkldnn._reorder_linear_weight(w, B)
+            wt, packed = w.t().contiguous(), torch.ops.mkldnn._reorder_linear_weight(w, pack_rows(B))
             t = best_of({"F.linear": lambda: F.linear(x, w), "mm W^T": lambda: torch.mm(x, wt),
                          "prepacked": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
                          "one row (mv)": lambda: torch.mv(w, x[0])}, args.reps)
