@@ -477,7 +477,9 @@ def process_logits(logits, temperature=1.0, top_p=1.0, valid_vocab_size=None, ba
     """logits [..., V] -> log-probs [..., V] float32 of the distribution the sampler draws from:
     ids >= valid_vocab_size and `banned_ids` (1-D long tensor, e.g. EOS before min_new_tokens) get -inf,
     then logits / temperature (temperature 0 = greedy: the log-probs are those of the temperature-1
-    distribution), then top-p: keep the smallest set of most likely ids whose mass reaches top_p, renormalise."""
+    distribution), then top-p: keep the smallest set of most likely ids whose mass reaches top_p, renormalise.
+    The arguments are not checked here (the sampler calls it every step): its callers check them once with
+    check_logit_args, as code calling it directly should (top_p = 0 gives NaN, valid_vocab_size = -1 masks an id)."""
     x = logits.float()
     if valid_vocab_size is not None and valid_vocab_size < x.shape[-1]:
         x = x.clone()

@@ -13,7 +13,13 @@ import qwen2
 
 from qwen2 import GenerateOutput, Qwen2, Qwen2Config, logprobs_from_logits, process_logits
 
-transformers = pytest.importorskip("transformers")
+
+
+def oracle():
+    """transformers, the independent oracle (test-only): a test that compares against it skips without it, the
+    others (and tests/test_cuda.py, which imports this module's helpers) run."""
+    return pytest.importorskip("transformers")
+
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, rope_theta=1000.0, rms_norm_eps=1e-5)
@@ -43,8 +49,8 @@ def decode_path(monkeypatch, path: str):
 
 
 def hf_model(seed=0, **kw):
-    cfg = transformers.Qwen2Config(**{**TINY, **kw}, attn_implementation="eager")
-    return randomize_(transformers.Qwen2ForCausalLM(cfg), seed).eval()
+    cfg = oracle().Qwen2Config(**{**TINY, **kw}, attn_implementation="eager")
+    return randomize_(oracle().Qwen2ForCausalLM(cfg), seed).eval()
 
 
 def left_pad(prompts, pad=0):
@@ -61,7 +67,7 @@ PROMPTS = [[5, 17, 3, 44, 9, 60, 2], [7, 7, 81], [90, 1, 33, 12, 56]]
 
 
 def test_config_from_hf_config_json(tmp_path):
-    hf = transformers.Qwen2Config(**TINY, tie_word_embeddings=True, max_position_embeddings=4096)
+    hf = oracle().Qwen2Config(**TINY, tie_word_embeddings=True, max_position_embeddings=4096)
     hf.save_pretrained(tmp_path)
     cfg = Qwen2Config.from_json(tmp_path / "config.json")
     assert cfg == Qwen2Config(**TINY, tie_word_embeddings=True, max_position_embeddings=4096)
@@ -83,7 +89,7 @@ def test_config_from_hf_config_json(tmp_path):
     # the special-token ids travel from config.json to a saved config.json (Qwen2.5-Math: 151643 / 151645)
     cfg = Qwen2Config.from_dict({**TINY, "bos_token_id": 1, "eos_token_id": [2, 1]})
     Qwen2(cfg).save_pretrained(tmp_path / "ids")
-    hf = transformers.AutoConfig.from_pretrained(tmp_path / "ids")
+    hf = oracle().AutoConfig.from_pretrained(tmp_path / "ids")
     assert (hf.bos_token_id, hf.eos_token_id) == (1, [2, 1]) and Qwen2Config.from_json(tmp_path / "ids") == cfg
 
 
@@ -203,7 +209,7 @@ def test_our_checkpoint_loads_in_transformers(tmp_path, tied, shard):
     else:
         assert files == ["config.json", "model.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name != "ck"]           # no temp dir left behind
-    hf = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32,
+    hf = oracle().Qwen2ForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32,
                                                        attn_implementation="eager").eval()
     ids = torch.randint(0, TINY["vocab_size"], (3, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -487,7 +493,7 @@ def test_attention_and_mlp_modules_alone():
     with torch.no_grad():
         a = layer.self_attn(x, cos, sin, None)
         torch.testing.assert_close(a + x, layer.self_attn(x, cos, sin, None, residual=x), rtol=0, atol=0)
-        hf = transformers.models.qwen2.modeling_qwen2.Qwen2MLP(transformers.Qwen2Config(**TINY))
+        hf = oracle().models.qwen2.modeling_qwen2.Qwen2MLP(oracle().Qwen2Config(**TINY))
         hf.load_state_dict(layer.mlp.state_dict(), strict=True)
         torch.testing.assert_close(layer.mlp(x), hf(x), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(layer.mlp(x) + x, layer.mlp(x, residual=x), rtol=0, atol=0)
@@ -979,7 +985,7 @@ def test_rope_table_equals_hf_rotary_embedding(dtype, theta):
     hd = TINY["hidden_size"] // TINY["num_attention_heads"]
     cfg = {**TINY, "rope_theta": theta, "max_position_embeddings": 4096}
     cos, sin = ours(**cfg).rope_table(4096, dtype, torch.device("cpu"))          # [4096, 1, hd]
-    rotary = transformers.models.qwen2.modeling_qwen2.Qwen2RotaryEmbedding(transformers.Qwen2Config(**cfg))
+    rotary = oracle().models.qwen2.modeling_qwen2.Qwen2RotaryEmbedding(oracle().Qwen2Config(**cfg))
     ref_cos, ref_sin = rotary(torch.zeros(1, dtype=dtype), torch.arange(4096)[None])   # [1, 4096, hd]
     assert cos.dtype == sin.dtype == dtype
     assert torch.equal(cos[:, 0], ref_cos[0])
