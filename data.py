@@ -82,6 +82,8 @@ class Tokenizer:
     eos_token_ids = (<|im_end|>, <|endoftext|>) and pad_token_id = <|endoftext|>, resolved by name, so the
     same code serves the real Qwen2 tokenizer (151645, 151643) and a small demo tokenizer.
     `hf_files`: name -> text of the HF_TOKENIZER_FILES found beside it (load), written back by save.
+    It reads `tk` once, when built: vocab_size, the special ids and what save writes do not follow later changes
+    to `tk` (added tokens, ...); wrap the changed one anew, Tokenizer(tk), which save then serialises.
     """
 
     def __init__(self, tk: _HFTokenizer, source: str = "<memory>", hf_files: dict[str, str] | None = None,

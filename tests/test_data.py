@@ -216,6 +216,23 @@ def test_a_released_tokenizer_json_is_written_back_unchanged(demo_tok, tmp_path)
     assert all(isinstance(m, str) for m in json.loads(text)["model"]["merges"])
 
 
+def test_a_changed_tokenizer_is_saved_once_wrapped_anew(demo_tok, tmp_path):
+    """Tokenizer reads its `tk` once: a token added to `tk` afterwards changes neither its vocab_size nor what it
+    saves (the loaded file, as documented); Tokenizer(tk) wraps the changed one, and its save writes the new token."""
+    demo_tok.save(tmp_path / "src")
+    tok = Tokenizer.load(tmp_path / "src")
+    size = tok.vocab_size
+    tok.tk.add_tokens(["<|my_tool|>"])
+    assert tok.vocab_size == size
+    tok.save(tmp_path / "stale")
+    assert Tokenizer.load(tmp_path / "stale").tk.token_to_id("<|my_tool|>") is None
+    fresh = Tokenizer(tok.tk)
+    fresh.save(tmp_path / "new")
+    back = Tokenizer.load(tmp_path / "new")
+    assert back.vocab_size == fresh.vocab_size == size + 1 and back.token_to_id("<|my_tool|>") == size
+    assert back.encode("a <|my_tool|> b") == fresh.encode("a <|my_tool|> b")
+
+
 def test_tokenizer_json_wins_over_vocab_and_merges(demo_tok, data_dir, tmp_path):
     """A folder with tokenizer.json AND vocab.json + merges.txt (a transformers save_pretrained of a slow+fast
     tokenizer) is read from tokenizer.json, the complete description: here the small demo tokenizer, not the
