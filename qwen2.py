@@ -357,8 +357,8 @@ def _weights_key(model: nn.Module) -> tuple:
 def pack_rows(batch: int) -> int:
     """The row count a batch's decode weights are prepacked for. oneDNN picks the packed layout for a row count, but
     it is valid for any: packed for 16, a matmul of 4-64 rows is as fast as packed for its own count (0.5B shape,
-    fp32 and bf16), so batches of any size share one packing; one row keeps its own (packed for 1: 10 % faster
-    alone, 40-70 % slower on 4 or more rows)."""
+    fp32 and bf16), and one row 8-10 % slower than packed for 1, which is 40-70 % slower on 4 rows or more. So a
+    packing for 16 serves every batch, and one made for a lone row (no packing yet) serves only lone rows."""
     return 1 if batch == 1 else 16
 
 
@@ -679,8 +679,8 @@ class Qwen2(nn.Module):
         Only on CPU with oneDNN, fp32/bf16, with whole parameters (not FSDP shards; inside distributed.gathered()
         they are whole); otherwise nothing (returns False). Costs one pass over the weights plus page faults on the
         copy (0.5B shape: ~5-15 decode steps' worth), paid once per weight update: later calls with the same
-        weights (_weights_key; any optimizer step drops the packing), dtype and batch kind (one row, or several of
-        any number: the smaller last batch of an evaluation or of a step's rollout chunks; pack_rows) reuse it.
+        weights (_weights_key; any optimizer step drops the packing) and dtype reuse it, whatever their number of
+        rows (the smaller last batch of an evaluation or of a step's rollout chunks; except pack_rows' lone row).
         Holds the fused and prepacked copies for as long as the model lives and its weights are unchanged.
         The weights must not change while a cache uses them."""
         dtype, rows = cache.k.dtype, pack_rows(cache.k.shape[1])
@@ -693,9 +693,10 @@ class Qwen2(nn.Module):
         # reuse the last packing while the weights are unchanged (_weights_key; any optimizer step also drops it).
         # One packing is kept per model.
         (ptrs, sample), packed = _weights_key(self), _PACKED.get(self)
-        key = (dtype, compute, rows, ptrs)
-        if packed is None or packed["key"] != key or not torch.equal(packed["sample"], sample):
-            packed = _PACKED[self] = {"key": key, "sample": sample, "layers": {},
+        key = (dtype, compute, ptrs)
+        if (packed is None or packed["key"] != key or not torch.equal(packed["sample"], sample)
+                or packed["rows"] < rows):                          # a lone row's packing, now several rows
+            packed = _PACKED[self] = {"key": key, "sample": sample, "rows": rows, "layers": {},
                                       "lm_head": DecodeLinear((self.lm_head,), dtype, rows, compute)}
         for i in cache.active:
             if i not in packed["layers"]:

@@ -1091,25 +1091,38 @@ def test_packed_decode_weights_are_reused_until_the_weights_change(monkeypatch):
         assert torch.equal(packed.tokens, plain.tokens) and not torch.equal(packed.tokens, before.tokens)
 
 
-def test_a_packing_serves_batches_of_any_size_and_one_row_packs_its_own(monkeypatch):
-    """The prepacked layout is a hint for a row count, valid for any: a packing made for 3 rows serves 2 and 5 rows
-    (the smaller last batch of an evaluation or of a step's rollout chunks does not pack again), a 1-row call packs
-    for 1 row; every one decodes what the parameters decode."""
+def test_a_packing_serves_batches_of_any_size(monkeypatch):
+    """The prepacked layout is a hint for a row count, valid for any: a packing made for 3 rows (packed for 16)
+    serves 2, 5 and 1 rows (the smaller last batch of an evaluation or of a step's rollout chunks does not pack
+    again); a lone row with no packing yet packs for 1 row, which the next batch of several rows replaces. Every
+    one decodes what the parameters decode."""
     decode_path(monkeypatch, "packed")
     m = ours(seed=16)
     if not m.pack_for_decode(m.new_cache(len(PROMPTS), 8, None)):
         pytest.skip("this torch build has no oneDNN weight packing (the plain decode path is used)")
+    assert qwen2.pack_rows(3) == qwen2.pack_rows(2) == 16 and qwen2.pack_rows(1) == 1
     first = qwen2.decode_packing(m)
-    assert first["key"][2] == qwen2.pack_rows(3) == 16 and qwen2.pack_rows(2) == 16 and qwen2.pack_rows(1) == 1
-    for prompts in (PROMPTS, PROMPTS[:2], PROMPTS + PROMPTS[:2], PROMPTS[1:2]):
+    assert first["rows"] == 16
+
+    def generate(prompts):
         monkeypatch.setattr(qwen2, "PACK_MIN_NEW_TOKENS", 1)
         packed = m.generate(prompts, max_new_tokens=5, temperature=0)
-        assert (qwen2.decode_packing(m) is first) == (len(prompts) > 1), len(prompts)
         monkeypatch.setattr(qwen2, "PACK_MIN_NEW_TOKENS", 10**9)
         plain = m.generate(prompts, max_new_tokens=5, temperature=0)
         assert torch.equal(packed.tokens, plain.tokens)
         torch.testing.assert_close(packed.logprobs, plain.logprobs, atol=1e-4, rtol=0)
-    assert qwen2.decode_packing(m)["key"][2] == 1                   # packed for one row
+
+    for prompts in (PROMPTS, PROMPTS[:2], PROMPTS + PROMPTS[:2], PROMPTS[1:2]):
+        generate(prompts)
+        assert qwen2.decode_packing(m) is first, len(prompts)
+    qwen2.drop_decode_packing(m)
+    generate(PROMPTS[1:2])
+    lone = qwen2.decode_packing(m)
+    assert lone["rows"] == 1
+    generate(PROMPTS[:1])
+    assert qwen2.decode_packing(m) is lone
+    generate(PROMPTS[:2])
+    assert qwen2.decode_packing(m)["rows"] == 16
 
 
 def test_packing_is_dropped_by_writes_the_value_sample_misses(monkeypatch):
